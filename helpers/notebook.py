@@ -1,0 +1,22 @@
+"""What every notebook does first: load the profile, resolve the data root, set up logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from . import paths
+from .params import Params, load, with_resolved_root
+
+
+def setup(params_path: str | Path) -> Params:
+    """Load ``params_path`` (relative paths are taken from the repository root), resolve the data root,
+    and log cache hits and misses to the notebook's output."""
+    path = Path(params_path)
+    if not path.is_absolute():
+        path = paths.REPO_ROOT / path
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)
+    params = with_resolved_root(load(path))
+    print(f"profile {params.profile}: {params.description}\ndata root: {params.data.root}")
+    return params

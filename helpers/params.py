@@ -1,0 +1,214 @@
+"""The one params schema, its validation, and the per-stage hash used by the cache.
+
+A profile (``params/<name>.yaml``) sets any subset of the fields below; missing fields take the
+defaults written here. An unknown key, a wrong type or an out-of-range value is an error that names
+the file and the key (``ParamsError``).
+
+Later pipeline stages add their own sections here; ``STAGE_INPUTS`` says which sections each cached
+stage reads, so changing a parameter recomputes exactly the stages that read it (and those after them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import paths
+
+
+class ParamsError(ValueError):
+    """A params file that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: str = "cifar10"  # names the default data root and the how-to-get-it message
+    root: str | None = None  # data root; None = $PATCHSEARCH_DATA_ROOT, then the dataset's default
+    train_split: str = "train"  # ImageFolder sub-folder of the (unlabelled) training set
+    val_split: str = "test"  # sub-folder of the validation set (CIFAR-10 calls it test)
+    image_size: int | None = None  # None = native size (must be uniform to cache); else resize+crop
+    train_per_class: int | None = None  # None = all images; else a seeded subset per class
+    val_per_class: int | None = None
+    seed: int = 0  # draws the subsets
+
+
+@dataclass(frozen=True)
+class AttackParams:
+    target_class: str = "bird"  # folder name of the attacker's target category
+    poison_rate: float = 0.5  # fraction of the target category that gets the trigger (paper: 50%)
+    trigger: str = "random"  # "random" (HTBA-style colour grid) or a path to a PNG file
+    trigger_seed: int = 10  # seeds the random colour grid
+    trigger_grid: int = 4  # HTBA triggers: a grid x grid random colour image, upsampled bilinearly
+    trigger_size: float = 50 / 224  # trigger side as a fraction of the image's shorter side (paper: 50 px at 224)
+    trigger_px: int | None = None  # if set, the trigger side in pixels on every image (the paper's 50 px)
+    n_copies: int = 1  # triggers pasted per poisoned image (paper Table 9 "repeated patches": 5)
+    train_margin: float = 0.25  # training poisons: top-left uniform in [m W, (1 - m) W - w]
+    val_margin: float = 0.10  # patched validation set: the same with this margin
+    seed: int = 0  # draws the poisoned images and the trigger locations
+
+
+@dataclass(frozen=True)
+class FigureParams:
+    n_examples: int = 16  # images per example grid
+    dpi: int = 150
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str
+    description: str = ""
+    data: DataParams = field(default_factory=DataParams)
+    attack: AttackParams = field(default_factory=AttackParams)
+    figures: FigureParams = field(default_factory=FigureParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sections each cached stage reads, upstream ones included: the stage's cache key hashes exactly these.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "attack": ("data", "attack"),
+}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:  # an int is a fine float; a bool is not a number here
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def _build(cls: type, raw: Any, where: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            name = f"{where}.{key}" if where else str(key)
+            raise ParamsError(f"{source}: unknown key '{name}' (known keys here: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{source}: missing required key '{name}'")
+            continue
+        value, annotation = raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            values[f.name] = _build(annotation, value, name, source)
+        elif not _type_ok(value, annotation):
+            raise ParamsError(
+                f"{source}: key '{name}' must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+            )
+        else:
+            values[f.name] = float(value) if annotation is float else value
+    return cls(**values)
+
+
+def _check_ranges(p: Params, source: str) -> None:
+    def bad(key: str, value: Any, rule: str) -> ParamsError:
+        return ParamsError(f"{source}: key '{key}' = {value!r} is out of range: {rule}")
+
+    a, d = p.attack, p.data
+    if not 0 < a.poison_rate <= 1:
+        raise bad("attack.poison_rate", a.poison_rate, "must be in (0, 1] (a fraction of the target category)")
+    if not 0 < a.trigger_size < 1:
+        raise bad("attack.trigger_size", a.trigger_size, "must be in (0, 1) (a fraction of the image side)")
+    for key in ("train_margin", "val_margin"):
+        if not 0 <= getattr(a, key) < 0.5:
+            raise bad(f"attack.{key}", getattr(a, key), "must be in [0, 0.5)")
+    for key in ("n_copies", "trigger_grid", "trigger_px"):
+        if getattr(a, key) is not None and getattr(a, key) < 1:
+            raise bad(f"attack.{key}", getattr(a, key), "must be at least 1")
+    for key in ("image_size", "train_per_class", "val_per_class"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise bad(f"data.{key}", value, "must be at least 1 or null")
+    if p.figures.n_examples < 1:
+        raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
+
+
+def from_dict(raw: Any, source: str = "<params>") -> Params:
+    params = _build(Params, raw, "", source)
+    _check_ranges(params, source)
+    return params
+
+
+def load(path: str | Path) -> Params:
+    """Read and validate a params file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    return from_dict(raw if raw is not None else {}, str(path))
+
+
+def dump(params: Params) -> str:
+    return yaml.safe_dump(params.to_dict(), sort_keys=False)
+
+
+def resolve_data_root(params: Params) -> Path:
+    """The data root: ``data.root``, else ``$PATCHSEARCH_DATA_ROOT``, else the dataset's default place."""
+    from .data import DataError  # the data layer owns the error type users see for missing data
+
+    d = params.data
+    how = paths.HOW_TO_GET_DATA.get(d.dataset, "set data.root or $PATCHSEARCH_DATA_ROOT")
+    explicit = d.root or os.environ.get(paths.DATA_ROOT_ENV)
+    if explicit:
+        root = Path(explicit).expanduser()
+        if not root.is_absolute():
+            root = paths.REPO_ROOT / root
+        if not root.is_dir():
+            source = "data.root" if d.root else f"${paths.DATA_ROOT_ENV}"
+            raise DataError(f"data root not found: {root} (from {source}); {how}")
+        return root.resolve()
+    candidates = paths.DEFAULT_DATA_ROOTS.get(d.dataset, [])
+    for root in candidates:
+        if root.is_dir():
+            return root.resolve()
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (unknown dataset)"
+    raise DataError(f"no data root for dataset '{d.dataset}': looked in {looked}; {how}")
+
+
+def with_resolved_root(params: Params) -> Params:
+    """The same params with ``data.root`` made absolute, so cache keys say which data they were made from."""
+    root = resolve_data_root(params)
+    return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(root)))
+
+
+def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    if stage not in STAGE_INPUTS:
+        raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_INPUTS)})")
+    full = params.to_dict()
+    return {section: full[section] for section in STAGE_INPUTS[stage]}
+
+
+def stage_hash(params: Params, stage: str) -> str:
+    blob = json.dumps(stage_params(params, stage), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

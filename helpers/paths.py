@@ -1,0 +1,58 @@
+"""Every path the project uses, in one place.
+
+Environment variables override the defaults so that tests, CI and users can redirect output:
+
+- ``PATCHSEARCH_DATA_ROOT``: the data root (a folder with ``train/`` and ``test/`` ImageFolder splits),
+  used when the params file leaves ``data.root`` empty.
+- ``PATCHSEARCH_ARTIFACTS``: where cached stage results go (default ``<repo>/artifacts``).
+- ``PATCHSEARCH_FIGURES``: where figures and tables go (default ``<repo>/figures``).
+- ``PATCHSEARCH_RUNS``: where executed notebooks go (default ``<repo>/runs``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PARAMS_DIR = REPO_ROOT / "params"
+
+DATA_ROOT_ENV = "PATCHSEARCH_DATA_ROOT"
+
+# Where a data set is looked for when neither the params file nor the environment names a root:
+# the shared read-only copy beside the checkout first, then what `make data` writes inside it.
+DEFAULT_DATA_ROOTS = {
+    "cifar10": [REPO_ROOT.parent / "shared" / "data" / "cifar10", REPO_ROOT / "data" / "cifar10"],
+    "imagenet100": [REPO_ROOT / "data" / "imagenet100"],
+}
+
+HOW_TO_GET_DATA = {
+    "cifar10": "run `make data` (downloads CIFAR-10 through torchvision and writes the JPEG ImageFolder "
+    "layout to data/cifar10), or point data.root / $PATCHSEARCH_DATA_ROOT at an existing copy",
+    "imagenet100": "build ImageNet-100 from ImageNet with UMBCvision/SSL-Backdoor's "
+    "scripts/create_imagenet_subset.py (train/ and val/ class folders), then set data.root or "
+    "$PATCHSEARCH_DATA_ROOT to it",
+}
+
+
+def _env_dir(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def artifacts_dir() -> Path:
+    return _env_dir("PATCHSEARCH_ARTIFACTS", REPO_ROOT / "artifacts")
+
+
+def figures_dir(profile: str) -> Path:
+    return _env_dir("PATCHSEARCH_FIGURES", REPO_ROOT / "figures") / profile
+
+
+def runs_dir() -> Path:
+    return _env_dir("PATCHSEARCH_RUNS", REPO_ROOT / "runs")
+
+
+def notebooks() -> list[Path]:
+    """The pipeline's notebooks (percent-format sources) in execution order."""
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))

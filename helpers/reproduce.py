@@ -1,0 +1,147 @@
+"""Runner: execute every notebook in order with papermill and regenerate ``figures/<profile>/``.
+
+    python -m helpers.reproduce --params params/cifar10.yaml [--data-root PATH] [--only 01_attack]
+
+The percent-format ``.py`` notebooks are the source; each executed copy goes to
+``runs/<profile>/<UTC time>/`` (never back over the sources) with the effective params beside it. At the
+end ``figures/<profile>/RECORD.md`` and ``record.json`` record the params, the commit and the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import io, paths
+from . import params as params_mod
+
+KERNEL_NAME = "python3"
+log = logging.getLogger("helpers.reproduce")
+
+
+def git_commit() -> str:
+    """The checked-out commit, with ``-dirty`` when the work tree differs from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def effective_params(params_path: Path, data_root: str | None) -> params_mod.Params:
+    p = params_mod.load(params_path)
+    if data_root:
+        p = dataclasses.replace(p, data=dataclasses.replace(p.data, root=data_root))
+    return params_mod.with_resolved_root(p)  # fails early, with how to get the data, if it is missing
+
+
+def run(params_path: Path, data_root: str | None = None, only: list[str] | None = None, progress: bool = True) -> Path:
+    import jupytext
+    import papermill
+
+    params = effective_params(params_path, data_root)
+    # The kernel must be this interpreter (the project's environment), whatever PATH says.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # Bars reach the terminal as logged lines: refresh them every few seconds, not ten times a second.
+    os.environ.setdefault("TQDM_MININTERVAL", "3")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = paths.runs_dir() / params.profile / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    effective = io.write_text(run_dir / "params.yaml", params_mod.dump(params))
+    notebooks = [nb for nb in paths.notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+    if not notebooks:
+        raise SystemExit(f"no notebook matches --only {only}")
+    timings = {}
+    for source in notebooks:
+        log.info("running %s (profile %s)", source.name, params.profile)
+        start = time.perf_counter()
+        papermill.execute_notebook(
+            jupytext.read(source),
+            str(run_dir / f"{source.stem}.ipynb"),
+            parameters={"params_path": str(effective)},
+            kernel_name=KERNEL_NAME,
+            cwd=str(paths.NOTEBOOKS_DIR),
+            progress_bar=progress,
+            log_output=progress,
+        )
+        timings[source.stem] = round(time.perf_counter() - start, 1)
+        log.info("%s done in %.1f s", source.name, timings[source.stem])
+    write_record(params, params_path, run_dir, timings)
+    return run_dir
+
+
+def write_record(params: params_mod.Params, params_path: Path, run_dir: Path, timings: dict[str, float]) -> None:
+    import torch
+
+    figures = paths.figures_dir(params.profile)
+    record = {
+        "profile": params.profile,
+        "params_file": str(Path(params_path).resolve().relative_to(paths.REPO_ROOT))
+        if Path(params_path).resolve().is_relative_to(paths.REPO_ROOT)
+        else str(params_path),
+        "commit": git_commit(),
+        "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "notebook_seconds": timings,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+        },
+        "run_dir": str(run_dir),
+        "params": params.to_dict(),
+    }
+    io.write_json(figures / "record.json", record)
+    lines = [
+        f"# Record of profile `{params.profile}`",
+        "",
+        f"- params file: `{record['params_file']}` (the full effective params are below and in record.json)",
+        f"- commit: `{record['commit']}`",
+        f"- finished: {record['finished_utc']}",
+        f"- machine: {record['machine']['platform']}, {record['machine']['cpus']} CPUs, torch "
+        f"{record['machine']['torch']}, CUDA {'yes' if record['machine']['cuda'] else 'no'}",
+        "",
+        "| notebook | seconds |",
+        "|---|---|",
+        *[f"| {name} | {sec} |" for name, sec in timings.items()],
+        "",
+        "```yaml",
+        params_mod.dump(params).rstrip(),
+        "```",
+        "",
+    ]
+    io.write_text(figures / "RECORD.md", "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"), help="params file (profile)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help=f"override data.root (else params, then ${paths.DATA_ROOT_ENV}, then the dataset's default place)",
+    )
+    parser.add_argument("--only", nargs="*", help="run only the notebooks whose names start with these")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or streamed cell output")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        run_dir = run(Path(args.params), args.data_root, args.only, progress=not args.quiet)
+    except (params_mod.ParamsError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    params = params_mod.load(args.params)
+    print(f"executed notebooks: {run_dir}\nfigures and tables: {paths.figures_dir(params.profile)}")
+
+
+if __name__ == "__main__":
+    main()

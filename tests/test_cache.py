@@ -1,0 +1,67 @@
+import dataclasses
+import logging
+
+import pytest
+import yaml
+
+from helpers import attack, cache, data, params, paths
+
+
+def replace(p, section, **changes):
+    return dataclasses.replace(p, **{section: dataclasses.replace(getattr(p, section), **changes)})
+
+
+def test_miss_then_hit_with_params_beside(tiny_params, caplog):
+    calls = []
+
+    def compute(out, final):
+        calls.append(final)
+        (out / "result.txt").write_text("42")
+
+    with caplog.at_level(logging.INFO, logger="helpers.cache"):
+        first = cache.cached_stage("data", tiny_params, compute)
+        second = cache.cached_stage("data", tiny_params, compute)
+    assert (first.hit, second.hit) == (False, True) and len(calls) == 1
+    assert calls[0] == first.path == paths.artifacts_dir() / "data" / first.key
+    assert (first.path / "result.txt").read_text() == "42"
+    assert yaml.safe_load((first.path / "params.yaml").read_text()) == params.stage_params(tiny_params, "data")
+    assert "cache miss data/" in caplog.text and "cache hit  data/" in caplog.text
+
+
+def test_failed_compute_leaves_nothing_behind(tiny_params):
+    def compute(out, final):
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.cached_stage("data", tiny_params, compute)
+    stage_root = paths.artifacts_dir() / "data"
+    assert list(stage_root.iterdir()) == []
+    assert cache.cached_stage("data", tiny_params, lambda out, final: None).hit is False
+
+
+def test_incomplete_folder_from_a_crash_is_recomputed(tiny_params):
+    stale = cache.stage_dir(tiny_params, "data")
+    stale.mkdir(parents=True)
+    (stale / "partial.npy").write_text("garbage")  # no params.yaml: never completed
+    result = cache.cached_stage("data", tiny_params, lambda out, final: (out / "ok").write_text("1"))
+    assert result.hit is False and (result.path / "ok").exists() and not (result.path / "partial.npy").exists()
+
+
+def test_changing_a_parameter_recomputes_exactly_the_stages_that_read_it(tiny_params):
+    def run(p):
+        d = data.load_data(p, progress=False)
+        a = attack.run_attack(p, d, progress=False)
+        return d.stage_path, a.path
+
+    data_dir, attack_dir = run(tiny_params)
+    # attack change: the data stage is reused, the attack recomputed
+    d2, a2 = run(replace(tiny_params, "attack", poison_rate=1.0))
+    assert d2 == data_dir and a2 != attack_dir
+    # a section no stage reads: both reused
+    d3, a3 = run(replace(tiny_params, "figures", dpi=10))
+    assert (d3, a3) == (data_dir, attack_dir)
+    # data change: both recomputed
+    d4, a4 = run(replace(tiny_params, "data", val_per_class=2))
+    assert d4 != data_dir and a4 != attack_dir
+    assert len(list((paths.artifacts_dir() / "attack").iterdir())) == 3

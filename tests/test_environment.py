@@ -1,0 +1,51 @@
+"""The pins agree everywhere: requirements/, environment.yml, constraints."""
+
+import re
+
+import yaml
+
+from helpers import paths
+
+REQ = paths.REPO_ROOT / "requirements"
+
+
+def pins(path):
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-r"):
+            continue
+        name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line).groups()
+        out[name.lower()] = version
+    return out
+
+
+def test_every_requirement_is_pinned_exactly():
+    for name in ("base.txt", "cpu.txt", "gpu.txt", "constraints.txt"):
+        for line in (REQ / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            assert not line or line.startswith("-r") or "==" in line, f"{name}: unpinned '{line}'"
+
+
+def test_constraints_agree_with_base():
+    constraints, base = pins(REQ / "constraints.txt"), pins(REQ / "base.txt")
+    assert set(constraints) == {"torch", "torchvision"}
+    assert all(base[k] == v for k, v in constraints.items())
+
+
+def test_environment_yml_matches_the_gpu_pins():
+    env = yaml.safe_load((paths.REPO_ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    env_pins = dict(line.lower().split("==") for line in pip_section)
+    expected = pins(REQ / "base.txt") | pins(REQ / "gpu.txt")
+    assert env_pins == expected
+    assert "faiss-cpu" not in env_pins  # both wheels ship the `faiss` module: never both
+    assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
+
+
+def test_faiss_cpu_and_gpu_never_together():
+    cpu, gpu = pins(REQ / "cpu.txt"), pins(REQ / "gpu.txt")
+    assert "faiss-cpu" in cpu and "faiss-gpu" not in cpu
+    assert "faiss-gpu" in gpu and "faiss-cpu" not in gpu
+    assert cpu["faiss-cpu"] == gpu["faiss-gpu"]
+    assert not any(name.startswith("faiss") for name in pins(REQ / "base.txt"))

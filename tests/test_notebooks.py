@@ -1,0 +1,41 @@
+"""Notebook pairs agree, and every notebook runs end to end on the smoke profile (papermill)."""
+
+import json
+
+import jupytext
+import pytest
+
+from helpers import paths, reproduce
+
+
+def cells(notebook):
+    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in notebook.cells]
+
+
+@pytest.mark.parametrize("source", paths.notebooks(), ids=lambda p: p.name)
+def test_pair_is_in_sync(source):
+    pair = source.with_suffix(".ipynb")
+    assert pair.is_file(), f"{pair.name} missing: run `make sync`"
+    assert cells(jupytext.read(source)) == cells(jupytext.read(pair)), f"{pair.name} out of sync: run `make sync`"
+
+
+@pytest.mark.parametrize("source", paths.notebooks(), ids=lambda p: p.name)
+def test_one_literal_parameters_cell(source):
+    tagged = [c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].source.strip().startswith("params_path = ")
+
+
+@pytest.mark.notebooks
+def test_smoke_profile_runs_every_notebook(tmp_path):
+    run_dir = reproduce.run(paths.PARAMS_DIR / "smoke.yaml", progress=False)
+    executed = sorted(p.stem for p in run_dir.glob("*.ipynb"))
+    assert executed == [p.stem for p in paths.notebooks()]
+    figures = paths.figures_dir("smoke")
+    for name in ("trigger", "poisoned_train", "patched_val", "trigger_locations"):
+        assert (figures / f"01_attack_{name}.png").stat().st_size > 1000
+    counts = dict(line.split(",", 1) for line in (figures / "01_attack_counts.csv").read_text().splitlines()[1:])
+    assert counts["poisoned_images"] == "20" and counts["train_images"] == "400"
+    assert counts["val_patched_images"] == "180"
+    record = json.loads((figures / "record.json").read_text())
+    assert record["profile"] == "smoke" and record["params_file"] == "params/smoke.yaml"
+    assert set(record["notebook_seconds"]) == set(executed)

@@ -1,0 +1,108 @@
+import dataclasses
+
+import pytest
+
+from helpers import data, params, paths
+from helpers.params import ParamsError
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cifar10", "imagenet100"])
+def test_every_profile_validates(profile):
+    p = params.load(paths.PARAMS_DIR / f"{profile}.yaml")
+    assert p.profile == profile
+
+
+def test_profiles_set_every_key_explicitly():
+    """A profile spells out every field, so a reader sees the whole setting in one file."""
+    for path in paths.PARAMS_DIR.glob("*.yaml"):
+        raw = params.yaml.safe_load(path.read_text())
+        for section in ("data", "attack"):
+            fields = {f.name for f in dataclasses.fields(type(getattr(params.load(path), section)))}
+            assert set(raw[section]) == fields, f"{path.name}: {section} misses {fields - set(raw[section])}"
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("profile: x\nattack:\n  poison_rat: 0.5\n")
+    with pytest.raises(ParamsError, match=r"p.yaml: unknown key 'attack.poison_rat'"):
+        params.load(path)
+    path.write_text("profile: x\nattak: {}\n")
+    with pytest.raises(ParamsError, match=r"unknown key 'attak'"):
+        params.load(path)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("attack:\n  poison_rate: half", "attack.poison_rate"),
+        ("attack:\n  n_copies: 1.5", "attack.n_copies"),
+        ("attack:\n  n_copies: true", "attack.n_copies"),
+        ("data:\n  train_per_class: '10'", "data.train_per_class"),
+        ("data: 3", "data"),
+        ("profile: 7", "profile"),
+    ],
+)
+def test_wrong_type_is_named(tmp_path, yaml_text, key):
+    path = tmp_path / "p.yaml"
+    path.write_text(("profile: x\n" if not yaml_text.startswith("profile") else "") + yaml_text + "\n")
+    with pytest.raises(ParamsError, match=rf"p.yaml: .*'{key}'"):
+        params.load(path)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("attack", "poison_rate", 0.0),
+        ("attack", "poison_rate", 1.5),
+        ("attack", "trigger_size", 1.0),
+        ("attack", "train_margin", 0.5),
+        ("attack", "n_copies", 0),
+        ("data", "image_size", 0),
+    ],
+)
+def test_out_of_range_is_named(section, key, value):
+    with pytest.raises(ParamsError, match=rf"'{section}.{key}' = .* out of range"):
+        params.from_dict({"profile": "x", section: {key: value}}, "src")
+
+
+def test_missing_profile_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="missing required key 'profile'"):
+        params.from_dict({}, "src")
+    with pytest.raises(ParamsError, match="params file not found"):
+        params.load(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("profile: [unclosed\n")
+    with pytest.raises(ParamsError, match="bad.yaml: not valid YAML"):
+        params.load(tmp_path / "bad.yaml")
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    p = params.from_dict({"profile": "x", "attack": {"poison_rate": 1}, "data": {"image_size": None}})
+    assert p.attack.poison_rate == 1.0 and isinstance(p.attack.poison_rate, float)
+
+
+def test_data_root_precedence(tmp_path, monkeypatch, tiny_root):
+    other = tmp_path / "other"
+    other.mkdir()
+    p = params.from_dict({"profile": "x", "data": {"root": str(tiny_root)}})
+    monkeypatch.setenv("PATCHSEARCH_DATA_ROOT", str(other))
+    assert params.resolve_data_root(p) == tiny_root.resolve()  # the params file wins
+    p_default = params.from_dict({"profile": "x"})
+    assert params.resolve_data_root(p_default) == other.resolve()  # then the environment
+    monkeypatch.setenv("PATCHSEARCH_DATA_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(data.DataError, match=r"data root not found: .*missing \(from \$PATCHSEARCH_DATA_ROOT\)"):
+        params.resolve_data_root(p_default)
+
+
+def test_absent_default_root_says_how_to_get_the_data(monkeypatch, tmp_path):
+    monkeypatch.setitem(paths.DEFAULT_DATA_ROOTS, "cifar10", [tmp_path / "none"])
+    with pytest.raises(data.DataError, match="no data root for dataset 'cifar10'.*make data"):
+        params.resolve_data_root(params.from_dict({"profile": "x"}))
+
+
+def test_stage_hash_reads_only_its_sections():
+    base = params.from_dict({"profile": "x"})
+    other_attack = dataclasses.replace(base, attack=dataclasses.replace(base.attack, poison_rate=1.0))
+    other_figures = dataclasses.replace(base, figures=dataclasses.replace(base.figures, dpi=10), profile="y")
+    assert params.stage_hash(base, "data") == params.stage_hash(other_attack, "data")
+    assert params.stage_hash(base, "attack") != params.stage_hash(other_attack, "attack")
+    assert params.stage_hash(base, "attack") == params.stage_hash(other_figures, "attack")
