@@ -57,6 +57,49 @@ class AttackParams:
 
 
 @dataclass(frozen=True)
+class SSLParams:
+    method: str = "mocov2"  # mocov2 | byol | simclr | mocov3
+    arch: str = "resnet18"  # resnet18 | resnet10 | vit
+    width: int = 64  # ResNet first-stage channels (64 = the standard ResNet-18)
+    stem: str = "cifar"  # cifar (3x3 conv, no max-pool) | imagenet (7x7 stride 2 + max-pool)
+    stem_stride: int = 1  # stride of the CIFAR stem's conv (2 halves every feature map: cheaper, coarser)
+    vit_patch: int = 4
+    vit_dim: int = 192
+    vit_depth: int = 12
+    vit_heads: int = 3
+    epochs: int = 200
+    batch_size: int = 256  # per process
+    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
+    lr: float = 0.06  # per 256 images (linear scaling), cosine schedule after warm-up
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    proj_dim: int = 128
+    proj_hidden: int = 512
+    temperature: float = 0.2
+    queue_size: int = 4096  # MoCo-v2 negatives
+    momentum: float = 0.99  # momentum encoder (BYOL and MoCo-v3: its start value, cosine to 1)
+    symmetric: bool = True  # MoCo-v2: also the loss with the views swapped
+    crop_min_scale: float = 0.2  # random resized crop scale range [crop_min_scale, 1]
+    blur_p: float = 0.0  # Gaussian blur probability (MoCo-v2 at 224 px: 0.5)
+    icutmix: bool = False  # i-CutMix (the notebooks also train it on purpose as a baseline)
+    threads: int | None = None  # torch threads; None = torch's default
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])  # labelled share for the probe
+    probe_seeds: int = 5  # label subsets (and probe initialisations) per fraction: mean and std
+    probe_epochs: int = 200  # full-batch steps of the linear probe on frozen features
+    probe_lr: float = 0.1
+    probe_weight_decay: float = 1e-4
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 512  # feature extraction
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class FigureParams:
     n_examples: int = 16  # images per example grid
     dpi: int = 150
@@ -68,6 +111,8 @@ class Params:
     description: str = ""
     data: DataParams = field(default_factory=DataParams)
     attack: AttackParams = field(default_factory=AttackParams)
+    ssl: SSLParams = field(default_factory=SSLParams)
+    eval: EvalParams = field(default_factory=EvalParams)
     figures: FigureParams = field(default_factory=FigureParams)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,11 +123,18 @@ class Params:
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "data": ("data",),
     "attack": ("data", "attack"),
+    "ssl_clean": ("data", "ssl"),
+    "ssl_poisoned": ("data", "attack", "ssl"),
+    "eval_clean": ("data", "attack", "ssl", "eval"),  # the patched validation set needs the attack
+    "eval_poisoned": ("data", "attack", "ssl", "eval"),
 }
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
@@ -95,6 +147,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     return "null" if annotation is type(None) else annotation.__name__
@@ -125,6 +179,8 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
             )
         else:
             values[f.name] = float(value) if annotation is float else value
+            if typing.get_origin(annotation) is list and typing.get_args(annotation)[0] is float:
+                values[f.name] = [float(v) for v in value]
     return cls(**values)
 
 
@@ -147,6 +203,23 @@ def _check_ranges(p: Params, source: str) -> None:
         value = getattr(d, key)
         if value is not None and value < 1:
             raise bad(f"data.{key}", value, "must be at least 1 or null")
+    s, e = p.ssl, p.eval
+    choices = {
+        "method": ("mocov2", "byol", "simclr", "mocov3"),
+        "arch": ("resnet18", "resnet10", "vit"),
+        "stem": ("cifar", "imagenet"),
+        "optimizer": ("sgd", "adamw"),
+    }
+    for key, allowed in choices.items():
+        if getattr(s, key) not in allowed:
+            raise ParamsError(f"{source}: key 'ssl.{key}' = {getattr(s, key)!r} must be one of {', '.join(allowed)}")
+    for key in ("width", "epochs", "batch_size", "stem_stride", "vit_patch", "proj_dim", "queue_size"):
+        if getattr(s, key) < 1:
+            raise bad(f"ssl.{key}", getattr(s, key), "must be at least 1")
+    if not 0 < s.crop_min_scale <= 1:
+        raise bad("ssl.crop_min_scale", s.crop_min_scale, "must be in (0, 1]")
+    if not e.label_fractions or not all(0 < f <= 1 for f in e.label_fractions):
+        raise bad("eval.label_fractions", e.label_fractions, "must be fractions in (0, 1]")
     if p.figures.n_examples < 1:
         raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
 

@@ -16,7 +16,7 @@ def test_profiles_set_every_key_explicitly():
     """A profile spells out every field, so a reader sees the whole setting in one file."""
     for path in paths.PARAMS_DIR.glob("*.yaml"):
         raw = params.yaml.safe_load(path.read_text())
-        for section in ("data", "attack"):
+        for section in ("data", "attack", "ssl", "eval", "figures"):
             fields = {f.name for f in dataclasses.fields(type(getattr(params.load(path), section)))}
             assert set(raw[section]) == fields, f"{path.name}: {section} misses {fields - set(raw[section])}"
 

@@ -1,0 +1,164 @@
+"""The CPU-scale study of issue 3: which settings make the backdoor take on this machine?
+
+    python -m helpers.study --run NAME [--run NAME ...]        # train (cached) and evaluate
+    python -m helpers.study --list
+
+Every run is the base profile (``params/cifar10.yaml``) with the overrides in ``RUNS``. Each trains a
+clean and a poisoned model (the clean one is shared by runs that differ only in the attack: the cache
+key does not read the attack) and evaluates every ``--eval-every`` epochs: kNN and 10%-label linear probe
+accuracy on clean data, FP and ASR on patched data, and how concentrated the poisons are in k-means
+clusters. Rows go to ``artifacts/study/curves.csv``; the notebook plots them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cluster, evaluate, io, paths
+from . import params as params_mod
+from .attack import patched_val_pixels, poisoned_train_pixels, run_attack
+from .cache import stage_dir
+from .data import load_data
+from .train import augment_config, train_stage
+
+# name -> overrides of the base profile (section -> key -> value)
+RUNS: dict[str, dict] = {
+    # the paper's attack scaled to 32 px, fast backbone
+    "paper-s2": {"attack": {"trigger_size": 0.2232, "poison_rate": 0.5}, "ssl": {"stem_stride": 2}},
+    # a stronger attack: 12 px trigger (14% of the area), every bird poisoned, crops that keep it
+    "strong-s2": {
+        "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4},
+    },
+    "strong-s2-paper-crop": {"attack": {"trigger_size": 0.375, "poison_rate": 1.0}, "ssl": {"stem_stride": 2}},
+    "huge-s2": {"attack": {"trigger_size": 0.5, "poison_rate": 1.0}, "ssl": {"stem_stride": 2, "crop_min_scale": 0.4}},
+    "strong-s1": {
+        "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
+        "ssl": {"stem_stride": 1, "crop_min_scale": 0.4},
+    },
+    "strong-s2-byol": {
+        "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "byol", "lr": 0.2},
+    },
+    "strong-s2-simclr": {
+        "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "simclr", "temperature": 0.5},
+    },
+}
+
+
+def with_overrides(params: params_mod.Params, overrides: dict) -> params_mod.Params:
+    raw = params.to_dict()
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values}
+    return params_mod.from_dict(raw, "study overrides")
+
+
+class CurveEvaluator:
+    """Evaluates a model during training on a fixed validation subset (the curve points)."""
+
+    def __init__(
+        self, params, name: str, variant: str, out: Path, every: int, val_per_class: int = 200, clusters: int = 100
+    ) -> None:
+        self.params, self.name, self.variant, self.out, self.every = params, name, variant, out, every
+        self.clusters = clusters
+        data = load_data(params, progress=False)
+        attack = run_attack(params, data, progress=False)
+        rng = np.random.default_rng(0)
+        val_idx = np.sort(
+            np.concatenate(
+                [
+                    rng.choice(members, min(val_per_class, len(members)), replace=False)
+                    for members in (np.flatnonzero(data.val.labels == c) for c in np.unique(data.val.labels))
+                ]
+            )
+        )
+        patched_all = patched_val_pixels(data, attack)
+        keep = np.isin(attack.val_idx, val_idx)
+        self.val_pixels, self.val_labels = data.val.tensor()[val_idx], data.val.labels[val_idx]
+        self.patched_pixels, self.patched_labels = patched_all[keep], data.val.labels[attack.val_idx[keep]]
+        self.train_pixels = (
+            data.train.tensor() if variant == "clean" else poisoned_train_pixels(data, attack, params.data.image_size)
+        )
+        self.train_labels = data.train.labels
+        self.poison_mask = attack.poison_mask(len(data.train.labels))
+        self.target, self.n_classes = attack.target_index, len(data.train.classes)
+        self.start = time.perf_counter()
+
+    def __call__(self, epoch: int, model: torch.nn.Module, history: list[dict]) -> None:
+        if epoch % self.every and epoch != self.params.ssl.epochs:
+            return
+        cfg = augment_config(self.params.ssl, self.train_pixels.shape[-1])
+        sets = [("train", self.train_pixels), ("val", self.val_pixels), ("patched", self.patched_pixels)]
+        feats = {k: evaluate.extract_features(model.backbone, px, cfg.mean, cfg.std) for k, px in sets}
+        row = {
+            "run": self.name,
+            "variant": self.variant,
+            "epoch": epoch,
+            "train_minutes": sum(h["seconds"] for h in history) / 60,
+        }
+        for name in ("knn", "probe10"):
+            if name == "knn":
+                pv = evaluate.knn_predict(feats["train"], self.train_labels, feats["val"], self.n_classes)
+                pp = evaluate.knn_predict(feats["train"], self.train_labels, feats["patched"], self.n_classes)
+            else:
+                subset = evaluate.label_subset(self.train_labels, 0.1, 0)
+                probe = evaluate.LinearProbe(self.n_classes).fit(feats["train"][subset], self.train_labels[subset])
+                pv, pp = probe.predict(feats["val"]), probe.predict(feats["patched"])
+            clean = evaluate.attack_metrics(pv, self.val_labels, self.target)
+            patched = evaluate.attack_metrics(pp, self.patched_labels, self.target)
+            row |= {
+                f"{name}_acc": clean["acc"],
+                f"{name}_clean_fp": clean["fp"],
+                f"{name}_patched_fp": patched["fp"],
+                f"{name}_asr": patched["asr"],
+            }
+        clustering = cluster.kmeans(feats["train"], min(self.clusters, len(feats["train"]) // 4), seed=0)
+        row |= cluster.poison_concentration(clustering.assignment, self.poison_mask)
+        curves = self.out / "curves.csv"
+        table = pd.concat([pd.read_csv(curves), pd.DataFrame([row])]) if curves.is_file() else pd.DataFrame([row])
+        io.write_text(curves, table.to_csv(index=False))
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+
+def run_study(names: list[str], base: Path, every: int, variants: list[str]) -> None:
+    out = paths.artifacts_dir() / "study"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        params = params_mod.with_resolved_root(with_overrides(params_mod.load(base), RUNS[name]))
+        io.write_text(out / f"{name}.yaml", params_mod.dump(params))
+        for variant in variants:
+            evaluator = CurveEvaluator(params, name, variant, out, every)
+            stage = f"ssl_{variant}"
+            if (stage_dir(params, stage) / "params.yaml").is_file():
+                print(f"{name} {variant}: cached, skipped", flush=True)
+                continue
+            train_stage(params, variant, on_epoch_end=evaluator)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], choices=sorted(RUNS))
+    parser.add_argument("--base", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument("--every", type=int, default=5, help="evaluate every this many epochs")
+    parser.add_argument("--variant", action="append", choices=["clean", "poisoned"])
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.list or not args.run:
+        for name, overrides in RUNS.items():
+            print(f"{name}: {overrides}")
+        return
+    run_study(args.run, Path(args.base), args.every, args.variant or ["clean", "poisoned"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""SSL training loop: vectorised augmentation on the device, per-epoch atomic checkpoints, exact resume,
+torch DDP through ``torchrun`` (gloo on CPU, NCCL on GPU); a single process needs no launcher.
+
+    torchrun --nproc_per_node 2 -m helpers.train --params params/cifar10.yaml --variant poisoned
+
+Randomness is drawn from generators seeded by (seed, epoch, rank), so a run killed at any point and
+resumed from its last checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import io
+from .attack import poisoned_train_pixels, run_attack
+from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, BatchAugment
+from .cache import cached_stage, stage_dir
+from .data import load_data
+from .models import build_backbone
+from .params import Params, SSLParams
+from .ssl import build_method
+
+
+def device_for_run() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model(p: SSLParams, image_size: int) -> torch.nn.Module:
+    backbone = build_backbone(
+        p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
+    )
+    kw = {"dim": p.proj_dim, "hidden": p.proj_hidden}
+    if p.method in ("mocov2", "simclr", "mocov3"):
+        kw["temperature"] = p.temperature
+    if p.method in ("mocov2", "byol", "mocov3"):
+        kw["m"] = p.momentum
+    if p.method == "mocov2":
+        kw |= {"queue_size": p.queue_size, "symmetric": p.symmetric}
+    return build_method(p.method, backbone, **kw)
+
+
+def augment_config(p: SSLParams, image_size: int) -> AugmentConfig:
+    imagenet = image_size > 64
+    return AugmentConfig(
+        size=image_size,
+        crop_scale=(p.crop_min_scale, 1.0),
+        blur_p=p.blur_p,
+        mean=IMAGENET_MEAN if imagenet else AugmentConfig.mean,
+        std=IMAGENET_STD if imagenet else AugmentConfig.std,
+    )
+
+
+def _optimizer(model: torch.nn.Module, p: SSLParams, world: int) -> torch.optim.Optimizer:
+    lr = p.lr * p.batch_size * world / 256  # linear scaling rule: ssl.lr is per 256 images
+    params = [q for q in model.parameters() if q.requires_grad]
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=p.weight_decay)
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
+    raise ValueError(f"ssl.optimizer must be sgd or adamw, got {p.optimizer!r}")
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    io.atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train_ssl(
+    pixels: torch.Tensor,
+    p: SSLParams,
+    checkpoint_dir: Path,
+    progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+    on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train ``p.method`` on ``pixels`` (uint8 ``N x 3 x H x W``). Resumes from ``checkpoint_dir/last.pt``.
+
+    ``on_step(epoch, step)`` is called before every step (tests use it to kill a run mid-epoch);
+    ``on_epoch_end(epoch, model, history)`` after every epoch's checkpoint (the study evaluates there)."""
+    rank, world = dist_info()
+    device = device_for_run()
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    torch.manual_seed(p.seed)  # the initial weights
+    image_size = pixels.shape[-1]
+    model = build_model(p, image_size).to(device).to(memory_format=torch.channels_last)
+    augment = BatchAugment(augment_config(p, image_size))
+    optimizer = _optimizer(model, p, world)
+    base_lr = optimizer.param_groups[0]["lr"]
+    per_step = p.batch_size * world
+    steps = len(pixels) // per_step
+    if steps == 0:
+        raise ValueError(f"ssl.batch_size = {p.batch_size} x {world} processes exceeds the {len(pixels)} images")
+    total, warmup = p.epochs * steps, p.warmup_epochs * steps
+    checkpoint = checkpoint_dir / "last.pt"
+    start_epoch, history = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+    trainer = model
+    if world > 1:
+        trainer = torch.nn.parallel.DistributedDataParallel(model)  # BN buffers follow rank 0
+    model.train()
+    for epoch in range(start_epoch, p.epochs):
+        g = epoch_generator(p.seed, epoch, 0)
+        order = torch.randperm(len(pixels), generator=g)  # the same on every rank
+        g_rank = epoch_generator(p.seed, epoch, 1 + rank)  # augmentation and mixing: per rank
+        start, losses = time.perf_counter(), []
+        bar = tqdm(
+            range(steps), desc=f"{p.method} epoch {epoch + 1}/{p.epochs}", disable=not progress or rank > 0, leave=False
+        )
+        for step in bar:
+            if on_step:
+                on_step(epoch, step)
+            global_step = epoch * steps + step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step, total, warmup, base_lr)
+            if hasattr(model, "set_progress"):
+                model.set_progress(global_step / total)
+            idx = order[step * per_step + rank * p.batch_size : step * per_step + (rank + 1) * p.batch_size]
+            batch = pixels[idx].to(device, non_blocking=True)
+            v1 = augment(batch, g_rank).contiguous(memory_format=torch.channels_last)
+            v2 = augment(batch, g_rank).contiguous(memory_format=torch.channels_last)
+            loss = trainer(v1, v2, mix_generator=g_rank if p.icutmix else None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.momentum_update()
+            losses.append(loss.item())
+            rate = (step + 1) * per_step / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{rate:.0f}")
+        seconds = time.perf_counter() - start
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": sum(losses) / len(losses),
+                "seconds": seconds,
+                "images_per_s": steps * per_step / seconds,
+            }
+        )
+        if progress and rank == 0:
+            tqdm.write(
+                f"{p.method} epoch {epoch + 1}/{p.epochs}: loss {history[-1]['loss']:.4f}, "
+                f"{history[-1]['images_per_s']:.0f} img/s"
+            )
+        if rank == 0:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                },
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model, history)
+            model.train()
+        if world > 1:
+            dist.barrier()
+    return model, history
+
+
+def train_stage(
+    params: Params,
+    variant: str,
+    icutmix: bool | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
+) -> Path:
+    """The cached ``ssl_clean`` / ``ssl_poisoned`` stage: train on the clean or the poisoned training set
+    and return the stage folder (``backbone.pt``, ``history.csv``). Checkpoints live beside it in
+    ``<hash>.partial/`` until the model is complete, so a killed run resumes where it stopped."""
+    if variant not in ("clean", "poisoned"):
+        raise ValueError(f"variant must be 'clean' or 'poisoned', got {variant!r}")
+    if icutmix is not None:
+        params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=icutmix))
+    stage = f"ssl_{variant}"
+    work = stage_dir(params, stage).with_suffix(".partial")
+    rank, _ = dist_info()
+
+    def training_pixels() -> torch.Tensor:
+        data = load_data(params, progress=progress)
+        if variant == "clean":
+            return data.train.tensor()
+        return poisoned_train_pixels(data, run_attack(params, data, progress), params.data.image_size)
+
+    if rank > 0:  # other DDP ranks train alongside rank 0, which alone writes the stage folder
+        if not (stage_dir(params, stage) / "params.yaml").is_file():
+            train_ssl(training_pixels(), params.ssl, work, progress=False)
+        return stage_dir(params, stage)
+
+    def compute(out: Path, final: Path) -> None:
+        model, history = train_ssl(training_pixels(), params.ssl, work, progress, on_epoch_end=on_epoch_end)
+        torch.save({"backbone": model.backbone.state_dict(), "history": history}, out / "backbone.pt")
+        io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
+
+    result = cached_stage(stage, params, compute)
+    shutil.rmtree(work, ignore_errors=True)
+    return result.path
+
+
+def load_backbone(params: Params, stage_path: Path, image_size: int) -> torch.nn.Module:
+    """The trained backbone of an ``ssl_*`` stage folder, in eval mode, on the run's device."""
+    p = params.ssl
+    backbone = build_backbone(
+        p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
+    )
+    state = torch.load(stage_path / "backbone.pt", map_location="cpu", weights_only=False)
+    backbone.load_state_dict(state["backbone"])
+    return backbone.to(device_for_run()).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train one SSL model of a profile (``--variant clean|poisoned``), under torchrun or alone."""
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--variant", choices=["clean", "poisoned"], default="poisoned")
+    parser.add_argument("--icutmix", action="store_true")
+    args = parser.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from .notebook import setup
+
+    params = setup(args.params)
+    result = train_stage(params, args.variant, icutmix=args.icutmix)
+    if dist_info()[0] == 0:
+        print(f"model: {result}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
