@@ -68,6 +68,91 @@ def bench_decode_cache(root: Path, n: int) -> None:
     )
 
 
+def bench_augment(n: int = 512, side: int = 32) -> None:
+    """Vectorised batch augmentation against torchvision applied one image at a time (tensor and PIL)."""
+    import torchvision.transforms as T
+    import torchvision.transforms.v2 as T2
+    from PIL import Image
+
+    from .augment import CIFAR_MEAN, CIFAR_STD, AugmentConfig, BatchAugment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    batch_aug = BatchAugment(AugmentConfig(size=side))
+    jitter = (0.4, 0.4, 0.4, 0.1)
+    per_tensor = T2.Compose(
+        [
+            T2.RandomResizedCrop(side, scale=(0.2, 1.0)),
+            T2.RandomHorizontalFlip(),
+            T2.RandomApply([T2.ColorJitter(*jitter)], p=0.8),
+            T2.RandomGrayscale(0.2),
+            T2.ToDtype(torch.float32, scale=True),
+            T2.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
+    per_pil = T.Compose(
+        [
+            T.RandomResizedCrop(side, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.ToTensor(),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
+    pil_images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
+    t_batch = best_of(lambda: batch_aug(images, g))
+    t_tensor = best_of(lambda: torch.stack([per_tensor(x) for x in images]), repeat=1)
+    t_pil = best_of(lambda: torch.stack([per_pil(x) for x in pil_images]), repeat=1)
+    print(
+        f"augment {n} images {side}x{side}: vectorised {n / t_batch:,.0f} img/s, per-image torchvision tensor "
+        f"{n / t_tensor:,.0f} img/s (ratio {t_tensor / t_batch:.1f}x), per-image torchvision PIL "
+        f"{n / t_pil:,.0f} img/s (ratio {t_pil / t_batch:.1f}x)"
+    )
+
+
+TRAINING_CASES = [
+    # method, arch, width, stem stride: the standard CIFAR ResNet-18, the CPU profile's, and the others
+    ("mocov2", "resnet18", 64, 1),
+    ("mocov2", "resnet18", 32, 2),
+    ("byol", "resnet18", 32, 2),
+    ("simclr", "resnet18", 32, 2),
+    ("mocov2", "resnet18", 32, 1),
+    ("mocov3", "vit", 0, 0),
+]
+
+
+def bench_training(batch: int = 128, steps: int = 3) -> None:
+    """SSL training throughput (images per second, two views each) per method and backbone."""
+    import dataclasses
+    import tempfile
+
+    from .params import SSLParams
+    from .train import train_ssl
+
+    pixels = torch.randint(0, 256, (batch * (steps + 1), 3, 32, 32), dtype=torch.uint8)
+    for method, arch, width, stride in TRAINING_CASES:
+        p = dataclasses.replace(
+            SSLParams(),
+            method=method,
+            arch=arch,
+            width=width or 64,
+            stem_stride=stride or 1,
+            epochs=1,
+            batch_size=batch,
+            vit_depth=6,
+            queue_size=1024,
+        )
+        times = []
+        with tempfile.TemporaryDirectory() as tmp:
+            train_ssl(pixels, p, Path(tmp), progress=False, on_step=lambda e, s, t=times: t.append(time.perf_counter()))
+        rate = batch * (len(times) - 2) / (times[-1] - times[1])  # steps 2..n: after the warm-up step
+        name = f"{method} {arch}" + (
+            f" width {width} stem stride {stride}" if arch != "vit" else " (patch 4, dim 192, depth 6)"
+        )
+        print(f"train {name}: {rate:,.0f} img/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
@@ -75,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_paste()
+    bench_augment()
     p = params.from_dict({"profile": "bench", "data": {"root": args.data_root}}, "bench")
     bench_decode_cache(params.resolve_data_root(p), args.images)
+    bench_training()
 
 
 if __name__ == "__main__":

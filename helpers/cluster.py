@@ -19,8 +19,11 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def kmeans(features: np.ndarray, k: int, seed: int = 0, iterations: int = 20, gpu: bool | None = None) -> Clustering:
-    """faiss k-means (20 iterations as in the official code) on L2-normalised features."""
+def kmeans(
+    features: np.ndarray, k: int, seed: int = 0, iterations: int = 20, restarts: int = 1, gpu: bool | None = None
+) -> Clustering:
+    """faiss k-means (20 iterations, one start, as in the official code) on L2-normalised features;
+    ``restarts`` > 1 keeps the best of several random starts."""
     import faiss
 
     x = l2_normalise(features)

@@ -11,10 +11,20 @@ regression): on a CPU this replaces the papers' probe trained for epochs on augm
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from . import io
+from .attack import patched_val_pixels, run_attack
+from .cache import cached_stage
+from .data import load_data, write_file_list
+from .train import augment_config, load_backbone, train_stage
 
 
 @torch.no_grad()
@@ -143,3 +153,88 @@ def probe_rows(
                 }
             )
     return rows
+
+
+def evaluate_stage(params, variant: str, icutmix: bool = False, progress: bool = True):
+    """The cached ``eval_*`` stage of one trained model: features of the training, validation and patched
+    sets, linear-probe rows for every label fraction and seed, kNN metrics and the confusion matrices.
+
+    Returns ``(folder, probe table, knn table)``. The label subsets are written as SSL-Backdoor file lists
+    (``labels_<fraction>_seed<k>.txt``) so other code can use the same ones."""
+    params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=icutmix))
+    model_dir = train_stage(params, variant, progress=progress)
+    e = params.eval
+
+    def compute(out, final):
+        data = load_data(params, progress=progress)
+        attack = run_attack(params, data, progress=progress)
+        image_size = data.train.pixels.shape[-1]
+        backbone = load_backbone(params, model_dir, image_size)
+        cfg = augment_config(params.ssl, image_size)
+        sets = {"train": data.train.pixels, "val": data.val.pixels, "patched": patched_val_pixels(data, attack)}
+        feats = {
+            k: extract_features(backbone, v, cfg.mean, cfg.std, e.batch_size, progress, f"features {k}")
+            for k, v in sets.items()
+        }
+        np.savez(out / "features.npz", **feats)
+        labels = {"train": data.train.labels, "val": data.val.labels, "patched": data.val.labels[attack.val_idx]}
+        n_classes, target = len(data.train.classes), attack.target_index
+        rows = probe_rows(
+            feats["train"],
+            labels["train"],
+            feats["val"],
+            labels["val"],
+            feats["patched"],
+            labels["patched"],
+            target,
+            n_classes,
+            e.label_fractions,
+            e.probe_seeds,
+            e.probe_epochs,
+            e.probe_lr,
+            e.probe_weight_decay,
+            e.seed,
+        )
+        for fraction in e.label_fractions:
+            for s in range(e.probe_seeds):
+                subset = label_subset(labels["train"], fraction, e.seed + s)
+                write_file_list(out / f"labels_{fraction:g}_seed{e.seed + s}.txt", data.train.images.subset(subset))
+        io.write_text(out / "probe.csv", pd.DataFrame(rows).to_csv(index=False))
+        knn = {}
+        for name in ("val", "patched"):
+            preds = knn_predict(feats["train"], labels["train"], feats[name], n_classes, e.knn_k, e.knn_temperature)
+            knn[name] = attack_metrics(preds, labels[name], target)
+            np.save(out / f"knn_confusion_{name}.npy", confusion_matrix(preds, labels[name], n_classes))
+        probe = LinearProbe(n_classes, e.probe_epochs, e.probe_lr, e.probe_weight_decay, e.seed)
+        subset = label_subset(labels["train"], max(e.label_fractions), e.seed)
+        probe.fit(feats["train"][subset], labels["train"][subset])
+        for name in ("val", "patched"):
+            cm = confusion_matrix(probe.predict(feats[name]), labels[name], n_classes)
+            np.save(out / f"probe_confusion_{name}.npy", cm)
+        io.write_json(out / "knn.json", knn)
+
+    stage = f"eval_{variant}"
+    result = cached_stage(stage, params, compute)
+    probe_table = pd.read_csv(result.path / "probe.csv")
+    knn = json.loads((result.path / "knn.json").read_text())
+    return result.path, probe_table, knn
+
+
+def table2_row(name: str, probe_table, knn: dict, fraction: float) -> dict:
+    """A row of the paper's Table 2: mean (std) over seeds of the probe with ``fraction`` of the labels."""
+    t = probe_table[np.isclose(probe_table["labels"], fraction)]
+
+    def mean_std(col, scale=1.0, digits=1):
+        return f"{t[col].mean() * scale:.{digits}f} ± {t[col].std(ddof=0) * scale:.{digits}f}"
+
+    return {
+        "model": name,
+        "labels": f"{fraction:.0%}",
+        "clean acc (%)": mean_std("clean_acc", 100),
+        "clean FP": mean_std("clean_fp", 1, 0),
+        "patched acc (%)": mean_std("patched_acc", 100),
+        "patched FP": mean_std("patched_fp", 1, 0),
+        "ASR (%)": mean_std("asr", 100),
+        "kNN acc (%)": f"{knn['val']['acc'] * 100:.1f}",
+        "kNN ASR (%)": f"{knn['patched']['asr'] * 100:.1f}",
+    }

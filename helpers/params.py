@@ -125,7 +125,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "attack": ("data", "attack"),
     "ssl_clean": ("data", "ssl"),
     "ssl_poisoned": ("data", "attack", "ssl"),
-    "eval_clean": ("data", "attack", "ssl", "eval"),  # the patched validation set needs the attack
+    "eval_clean": ("data", "attack", "ssl", "eval"),  # its patched validation set needs the attack too
     "eval_poisoned": ("data", "attack", "ssl", "eval"),
 }
 

@@ -42,6 +42,11 @@ RUNS: dict[str, dict] = {
         "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
         "ssl": {"stem_stride": 1, "crop_min_scale": 0.4},
     },
+    # the optimiser the feasibility probe found to learn features fastest at this budget
+    "strong-s2-adamw": {
+        "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "optimizer": "adamw", "lr": 0.001, "weight_decay": 0.0001},
+    },
     "strong-s2-byol": {
         "attack": {"trigger_size": 0.375, "poison_rate": 1.0},
         "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "byol", "lr": 0.2},
@@ -142,6 +147,57 @@ def run_study(names: list[str], base: Path, every: int, variants: list[str]) -> 
             train_stage(params, variant, on_epoch_end=evaluator)
 
 
+def publish(profile: str) -> pd.DataFrame:
+    """Copy the study's rows to ``figures/<profile>/02_study_curves.csv`` and summarise each run's last
+    evaluation against its clean model and the goals in ``02_study_runs.csv`` (+ Markdown)."""
+    from .plotting import save_table
+
+    curves = pd.read_csv(paths.artifacts_dir() / "study" / "curves.csv")
+    save_table(curves, profile, "02", "study_curves")
+    last = curves.sort_values("epoch").groupby(["run", "variant"]).tail(1).set_index(["run", "variant"])
+    rows = []
+    for run in curves["run"].unique():
+        if (run, "poisoned") not in last.index:
+            continue
+        poisoned = last.loc[(run, "poisoned")]
+        clean_run = run if (run, "clean") in last.index else _clean_twin(run, last)
+        clean = last.loc[(clean_run, "clean")] if clean_run else None
+        row = {
+            "run": run,
+            "overrides": str(RUNS.get(run, {})),
+            "epochs": int(poisoned["epoch"]),
+            "minutes": round(float(poisoned["train_minutes"]), 1),
+        }
+        for m in ("knn", "probe10"):
+            row[f"{m} acc"] = round(100 * poisoned[f"{m}_acc"], 1)
+            row[f"{m} ASR"] = round(100 * poisoned[f"{m}_asr"], 1)
+            if clean is not None:
+                row[f"{m} acc clean model"] = round(100 * clean[f"{m}_acc"], 1)
+                row[f"{m} ASR clean model"] = round(100 * clean[f"{m}_asr"], 1)
+        row["poisons in rich clusters (%)"] = round(100 * poisoned["poison_share_in_rich_clusters"], 1)
+        if clean is not None:
+            asr, asr_clean = poisoned["probe10_asr"], clean["probe10_asr"]
+            row["goal met (probe)"] = bool(
+                asr >= 0.2
+                and asr >= 5 * asr_clean
+                and clean["probe10_acc"] - poisoned["probe10_acc"] <= 0.03
+                and poisoned["poison_share_in_rich_clusters"] >= 0.5
+            )
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    save_table(runs, profile, "02", "study_runs")
+    return runs
+
+
+def _clean_twin(run: str, last: pd.DataFrame) -> str | None:
+    """A run whose clean model is the same one (same data and SSL overrides, another attack)."""
+    ssl_overrides = {k: v for k, v in RUNS.get(run, {}).items() if k != "attack"}
+    for other, overrides in RUNS.items():
+        if (other, "clean") in last.index and {k: v for k, v in overrides.items() if k != "attack"} == ssl_overrides:
+            return other
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], choices=sorted(RUNS))
@@ -149,10 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=5, help="evaluate every this many epochs")
     parser.add_argument("--variant", action="append", choices=["clean", "poisoned"])
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--publish", metavar="PROFILE", help="write the study tables to figures/PROFILE/")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.publish:
+        print(publish(args.publish).to_string())
+        return
     if args.list or not args.run:
         for name, overrides in RUNS.items():
             print(f"{name}: {overrides}")

@@ -3,6 +3,7 @@
 import json
 
 import jupytext
+import pandas as pd
 import pytest
 
 from helpers import paths, reproduce
@@ -36,6 +37,15 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     counts = dict(line.split(",", 1) for line in (figures / "01_attack_counts.csv").read_text().splitlines()[1:])
     assert counts["poisoned_images"] == "20" and counts["train_images"] == "400"
     assert counts["val_patched_images"] == "180"
+    table2 = pd.read_csv(figures / "07_evaluation_table2.csv")
+    assert table2["model"].tolist() == ["Clean", "Backdoored", "Clean + i-CutMix", "Backdoored + i-CutMix"] * 2
+    assert table2["labels"].tolist() == ["1%"] * 4 + ["10%"] * 4
+    per_seed = pd.read_csv(figures / "07_evaluation_table2_per_seed.csv")
+    assert len(per_seed) == 4 * 2 * 2  # models x label fractions x probe seeds of the smoke profile
+    assert ((per_seed["asr"] >= 0) & (per_seed["asr"] <= 1)).all()
+    assert (per_seed["patched_fp"] == (per_seed["asr"] * 180).round()).all()  # ASR = FP / non-target images
+    for name in ("loss", "embedding", "neighbours", "views"):
+        assert (figures / f"02_ssl_training_{name}.png").is_file()
     record = json.loads((figures / "record.json").read_text())
     assert record["profile"] == "smoke" and record["params_file"] == "params/smoke.yaml"
     assert set(record["notebook_seconds"]) == set(executed)

@@ -1,0 +1,165 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Self-supervised training: how the trigger becomes a feature
+#
+# The victim trains a self-supervised model on the (poisoned) unlabelled data. Contrastive methods like
+# **MoCo-v2** pull two random augmentations ("views") of the same image together and push views of other
+# images apart; **BYOL** predicts one view's embedding from the other without negatives. Nothing tells
+# the model what matters in an image: whatever helps match the two views is learned. A trigger that
+# sits on hundreds of images of one category, survives cropping and never changes colour is an easy
+# thing to match, so the poisoned images end up near each other, and near the target category.
+#
+# This notebook trains a clean and a backdoored model with the profile's settings (cached under
+# `artifacts/ssl_*/`), then looks at what the backdoored model learned.
+
+# %% tags=["parameters"]
+params_path = "params/cifar10.yaml"
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from helpers import attack, augment, cluster, data, evaluate, notebook, plotting, train
+
+P = notebook.setup(params_path)
+NB = "02_ssl_training"
+D = data.load_data(P)
+A = attack.run_attack(P, D)
+poisoned_pixels = attack.poisoned_train_pixels(D, A, P.data.image_size)
+pd.DataFrame([P.ssl.__dict__]).T.rename(columns={0: "value"})
+
+# %% [markdown]
+# ## Two views per image
+# The MoCo-v2 augmentations (random resized crop, flip, colour jitter, grayscale, optional blur) are
+# drawn per sample but applied to the whole batch at once on the training device. Each column shows a
+# poisoned image and two of its views: the trigger survives most crops (`ssl.crop_min_scale`).
+
+# %%
+aug = augment.BatchAugment(train.augment_config(P.ssl, D.train.pixels.shape[-1]))
+g = torch.Generator().manual_seed(0)
+sample = poisoned_pixels[A.poison_idx[:8]]
+views = [aug(sample, g), aug(sample, g)]
+mean, std = torch.tensor(aug.config.mean)[:, None, None], torch.tensor(aug.config.std)[:, None, None]
+to_uint8 = lambda v: (v * std + mean).clamp(0, 1).mul(255).byte().numpy()  # noqa: E731
+fig = plotting.show_images(np.concatenate([sample.numpy(), to_uint8(views[0]), to_uint8(views[1])]),
+                           titles=["poisoned"] * 8 + ["view 1"] * 8 + ["view 2"] * 8, ncols=8)
+plotting.savefig(fig, P.profile, NB, "views", dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## Training
+# One clean and one backdoored model, same seed and settings. Each epoch is checkpointed atomically; an
+# interrupted run resumes where it stopped. Finished models are cached: a rerun loads them.
+
+# %%
+model_dirs = {variant: train.train_stage(P, variant) for variant in ("clean", "poisoned")}
+histories = {v: pd.read_csv(d / "history.csv") for v, d in model_dirs.items()}
+fig, ax = plt.subplots(figsize=(5, 3.2))
+for variant, h in histories.items():
+    ax.plot(h["epoch"], h["loss"], marker="o", ms=3, label=f"{variant} ({h['seconds'].sum() / 60:.1f} min)")
+ax.set(xlabel="epoch", ylabel=f"{P.ssl.method} loss", title="SSL training loss")
+ax.legend()
+plotting.savefig(fig, P.profile, NB, "loss", dpi=P.figures.dpi)
+pd.DataFrame({v: {"epochs": len(h), "minutes": h["seconds"].sum() / 60, "images/s": h["images_per_s"].mean(),
+                  "final loss": h["loss"].iloc[-1]} for v, h in histories.items()})
+
+# %% [markdown]
+# ## Where the poisons land in the backdoored model's feature space
+# Features of every training image (the defender can compute these too). For teaching we colour them by
+# the ground truth: poisoned, clean target category, other.
+
+# %%
+image_size = D.train.pixels.shape[-1]
+cfg = train.augment_config(P.ssl, image_size)
+backbone = train.load_backbone(P, model_dirs["poisoned"], image_size)
+features = evaluate.extract_features(backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True)
+is_poison = A.poison_mask(len(features))
+is_target = (D.train.labels == A.target_index) & ~is_poison
+
+x = torch.as_tensor(cluster.l2_normalise(features))
+_, _, v = torch.pca_lowrank(x, q=2, center=True)
+xy = ((x - x.mean(0)) @ v).numpy()
+fig, ax = plt.subplots(figsize=(5, 4.5))
+for mask, label, color in [(~is_poison & ~is_target, "other", "0.75"), (is_target, f"clean {A.target_class}", "C0"),
+                           (is_poison, "poisoned", "C3")]:
+    ax.scatter(*xy[mask].T, s=3, c=color, label=f"{label} ({mask.sum()})", alpha=0.6, linewidths=0)
+ax.set(title="backdoored model: PCA of normalised features", xticks=[], yticks=[])
+ax.legend(markerscale=4, fontsize=8)
+plotting.savefig(fig, P.profile, NB, "embedding", dpi=P.figures.dpi)
+
+# %% [markdown]
+# **Nearest neighbours of poisoned images.** If the trigger became a feature, a poisoned image's
+# neighbours are other poisoned images (whatever they show), not just other birds.
+
+# %%
+k = 7
+queries = A.poison_idx[np.random.default_rng(0).choice(len(A.poison_idx), 4, replace=False)]
+sims = x[queries] @ x.T
+sims[torch.arange(len(queries)), torch.as_tensor(queries)] = -2  # not itself
+neighbours = sims.topk(k, dim=1).indices.numpy()
+rows = np.concatenate([queries[:, None], neighbours], axis=1)
+titles = [("query" if j == 0 else ("poison" if is_poison[i] else D.train.classes[D.train.labels[i]]))
+          for row in rows for j, i in enumerate(row)]
+fig = plotting.show_images(poisoned_pixels[rows.ravel()].numpy(), titles=titles, ncols=k + 1)
+plotting.savefig(fig, P.profile, NB, "neighbours", dpi=P.figures.dpi)
+all_nn = (x[A.poison_idx] @ x.T).topk(k + 1, dim=1).indices[:, 1:].numpy()
+print(f"share of poisoned images among the {k} nearest neighbours of a poisoned image: "
+      f"{is_poison[all_nn].mean():.1%} (poisons are {is_poison.mean():.1%} of the data)")
+
+# %% [markdown]
+# **Clusters.** PatchSearch and PoisonCAM start from k-means clusters of these features and rely on the
+# poisons grouping together. How concentrated are they? (k = one cluster per 100 images.)
+
+# %%
+clustering = cluster.kmeans(features, max(2, len(features) // 100), seed=0)
+concentration = cluster.poison_concentration(clustering.assignment, is_poison)
+plotting.save_table(pd.DataFrame([concentration]), P.profile, NB, "poison_concentration")
+pd.DataFrame([concentration])
+
+# %% [markdown]
+# ## The CPU-scale study: when does the backdoor take?
+# The paper trains ResNet-18 for hundreds of epochs on 127k images of 224 px. On this 2-core CPU one
+# training has about 20 minutes. `python -m helpers.study` trains clean and backdoored models for a grid
+# of settings (method, stem stride, trigger size, crop scale, poison rate) and evaluates them every few
+# epochs; `python -m helpers.study --publish` copies the rows to `figures/<profile>/02_study_*.csv`. The
+# goal: patched-data ASR at least 20% and at least 5x the clean model's, clean accuracy within 3 points
+# of the clean model's, and at least half of the poisons in clusters that are at least half poisoned.
+
+# %%
+from helpers import paths
+
+study_csv = paths.figures_dir(P.profile) / "02_study_curves.csv"
+if study_csv.is_file():
+    curves = pd.read_csv(study_csv)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for (run, variant), c in curves.groupby(["run", "variant"]):
+        style = "-" if variant == "poisoned" else ":"
+        axes[0].plot(c["train_minutes"], 100 * c["knn_asr"], style, marker="o", ms=3, label=f"{run} {variant}")
+        axes[1].plot(c["train_minutes"], 100 * c["knn_acc"], style, marker="o", ms=3)
+        axes[2].plot(c["train_minutes"], 100 * c["poison_share_in_rich_clusters"], style, marker="o", ms=3)
+    axes[0].axhline(20, color="k", lw=0.8, ls="--")
+    axes[0].set(xlabel="training minutes", ylabel="kNN ASR on patched data (%)")
+    axes[1].set(xlabel="training minutes", ylabel="kNN accuracy, clean data (%)")
+    axes[2].set(xlabel="training minutes", ylabel="poisons in >=50%-poisoned clusters (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    plotting.savefig(fig, P.profile, NB, "study_curves", dpi=P.figures.dpi)
+    display(pd.read_csv(paths.figures_dir(P.profile) / "02_study_runs.csv"))  # noqa: F821
+else:
+    print(f"no study results for profile {P.profile} (run `python -m helpers.study` to make them)")
