@@ -173,7 +173,7 @@ def publish(profile: str) -> pd.DataFrame:
             "run": run,
             "overrides": str(RUNS.get(run, {})),
             "epochs": int(poisoned["epoch"]),
-            "minutes": round(float(poisoned["train_minutes"]), 1),
+            "train minutes (CPU shared by 2-4 runs)": round(float(poisoned["train_minutes"]), 1),
         }
         for m in ("knn", "probe10"):
             row[f"{m} acc"] = round(100 * poisoned[f"{m}_acc"], 1)
@@ -193,6 +193,9 @@ def publish(profile: str) -> pd.DataFrame:
         rows.append(row)
     runs = pd.DataFrame(rows)
     save_table(runs, profile, "02", "study_runs")
+    for run in runs["run"]:  # the full params each run was trained with, beside its numbers
+        source = paths.artifacts_dir() / "study" / f"{run}.yaml"
+        io.write_text(paths.figures_dir(profile) / f"02_study_params_{run}.yaml", source.read_text())
     return runs
 
 
