@@ -162,6 +162,9 @@ from helpers import paths
 study_csv = paths.figures_dir(P.profile) / "02_study_curves.csv"
 if study_csv.is_file():
     curves = pd.read_csv(study_csv)
+    # Rows marked "poisoned (superseded)" came from a first evaluator that fitted kNN on the poisoned
+    # training images, which inflates ASR: their accuracy and cluster columns stand, their ASR does not.
+    curves.loc[curves["labelled_set"] != "clean", ["knn_asr"]] = np.nan
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for (run, variant), c in curves.groupby(["run", "variant"]):
         style = "-" if variant == "poisoned" else ":"
