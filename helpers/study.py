@@ -39,20 +39,37 @@ RUNS: dict[str, dict] = {
     "paper-s2": {"data": DATA, "attack": PAPER_ATTACK, "ssl": {"stem_stride": 2, "crop_min_scale": 0.2, **SGD}},
     "strong-s2": {"data": DATA, "attack": STRONG_ATTACK, "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, **SGD}},
     # the optimiser the feasibility probe found to learn features fastest at this budget
-    "strong-s2-adamw": {"data": DATA, "attack": STRONG_ATTACK,
-                        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, **ADAMW}},
+    "strong-s2-adamw": {
+        "data": DATA,
+        "attack": STRONG_ATTACK,
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, **ADAMW},
+    },
     # the paper's attack strength with the same training
-    "paper-attack-s2-adamw": {"data": DATA, "attack": PAPER_ATTACK,
-                              "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, **ADAMW}},
-    "strong-s2-adamw-paper-crop": {"data": DATA, "attack": STRONG_ATTACK,
-                                   "ssl": {"stem_stride": 2, "crop_min_scale": 0.2, **ADAMW}},
-    "strong-s1-adamw": {"data": DATA, "attack": STRONG_ATTACK,
-                        "ssl": {"stem_stride": 1, "crop_min_scale": 0.4, **ADAMW}},
-    "strong-s2-byol": {"data": DATA, "attack": STRONG_ATTACK,
-                       "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "byol", **ADAMW}},
-    "strong-s2-simclr": {"data": DATA, "attack": STRONG_ATTACK,
-                         "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "simclr", "temperature": 0.5,
-                                 **ADAMW}},
+    "paper-attack-s2-adamw": {
+        "data": DATA,
+        "attack": PAPER_ATTACK,
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, **ADAMW},
+    },
+    "strong-s2-adamw-paper-crop": {
+        "data": DATA,
+        "attack": STRONG_ATTACK,
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.2, **ADAMW},
+    },
+    "strong-s1-adamw": {
+        "data": DATA,
+        "attack": STRONG_ATTACK,
+        "ssl": {"stem_stride": 1, "crop_min_scale": 0.4, **ADAMW},
+    },
+    "strong-s2-byol": {
+        "data": DATA,
+        "attack": STRONG_ATTACK,
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "byol", **ADAMW},
+    },
+    "strong-s2-simclr": {
+        "data": DATA,
+        "attack": STRONG_ATTACK,
+        "ssl": {"stem_stride": 2, "crop_min_scale": 0.4, "method": "simclr", "temperature": 0.5, **ADAMW},
+    },
 }
 
 
