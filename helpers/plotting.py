@@ -20,7 +20,10 @@ def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 
     """Write ``figures/<profile>/<notebook>_<name>.png`` and ``.pdf`` (atomically)."""
     png = figure_path(profile, notebook, name, ".png")
     io.atomic_write(png, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
-    io.atomic_write(png.with_suffix(".pdf"), lambda p: fig.savefig(p, bbox_inches="tight", format="pdf"))
+    io.atomic_write(  # no creation date: an unchanged figure stays byte-identical across runs
+        png.with_suffix(".pdf"),
+        lambda p: fig.savefig(p, bbox_inches="tight", format="pdf", metadata={"CreationDate": None}),
+    )
     return png
 
 

@@ -34,7 +34,9 @@ def git_commit() -> str:
         return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # figures/ holds this run's own outputs: only changes to the code and params make a record dirty
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures")
+    return commit + ("-dirty" if dirty else "")
 
 
 def effective_params(params_path: Path, data_root: str | None) -> params_mod.Params:
