@@ -45,10 +45,14 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def build_model(p: SSLParams, image_size: int) -> torch.nn.Module:
-    backbone = build_backbone(
+def backbone_for(p: SSLParams, image_size: int) -> torch.nn.Module:
+    return build_backbone(
         p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
     )
+
+
+def build_model(p: SSLParams, image_size: int) -> torch.nn.Module:
+    backbone = backbone_for(p, image_size)
     kw = {"dim": p.proj_dim, "hidden": p.proj_hidden}
     if p.method in ("mocov2", "simclr", "mocov3"):
         kw["temperature"] = p.temperature
@@ -233,10 +237,7 @@ def train_stage(
 
 def load_backbone(params: Params, stage_path: Path, image_size: int) -> torch.nn.Module:
     """The trained backbone of an ``ssl_*`` stage folder, in eval mode, on the run's device."""
-    p = params.ssl
-    backbone = build_backbone(
-        p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
-    )
+    backbone = backbone_for(params.ssl, image_size)
     state = torch.load(stage_path / "backbone.pt", map_location="cpu", weights_only=False)
     backbone.load_state_dict(state["backbone"])
     return backbone.to(device_for_run()).eval()
