@@ -118,13 +118,11 @@ class CurveEvaluator:
         if epoch % self.every and epoch != self.params.ssl.epochs:
             return
         cfg = augment_config(self.params.ssl, self.train_pixels.shape[-1])
-        sets = [
-            ("train", self.train_pixels),
-            ("labelled", self.labelled_pixels),
-            ("val", self.val_pixels),
-            ("patched", self.patched_pixels),
-        ]
+        sets = [("labelled", self.labelled_pixels), ("val", self.val_pixels), ("patched", self.patched_pixels)]
+        if self.variant != "clean":  # a clean model trained on the labelled images themselves: no second pass
+            sets.append(("train", self.train_pixels))
         feats = {k: evaluate.extract_features(model.backbone, px, cfg.mean, cfg.std) for k, px in sets}
+        feats.setdefault("train", feats["labelled"])
         row = {
             "run": self.name,
             "variant": self.variant,
