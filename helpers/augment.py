@@ -166,14 +166,22 @@ class BatchAugment:
         self.config = config
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.photometric(self.geometric(images, generator), generator)
+
+    def geometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random resized crop and flip of uint8 images: float images in [0, 1] of the output size."""
         c = self.config
         batch, _, height, width = images.shape
-        device = images.device
         x = images.float().div_(255)
         crops = sample_crops(batch, height, width, c.crop_scale, c.crop_ratio, generator)
         flips = torch.rand(batch, generator=generator) < c.flip_p
-        grid = crop_flip_grid(crops, flips, height, width, c.size).to(device)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = crop_flip_grid(crops, flips, height, width, c.size).to(images.device)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def photometric(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Colour jitter, grayscale and blur of float images in [0, 1], then normalisation."""
+        c = self.config
+        batch, device = len(x), x.device
 
         jitter = torch.rand(batch, generator=generator) < c.jitter_p
         factors = torch.stack(

@@ -153,6 +153,65 @@ def bench_training(batch: int = 128, steps: int = 3) -> None:
         print(f"train {name}: {rate:,.0f} img/s")
 
 
+def _cluster_model(width: int = 32, stride: int = 2, k: int = 100, seed: int = 0):
+    """A randomly initialised ResNet-18 of the cifar10 profile's shape with k cluster centres taken from
+    its own features (no trained model needed: speed does not depend on the weights)."""
+    from .cam import ClusterClassifier, Normaliser
+    from .models import ResNet
+
+    torch.manual_seed(seed)
+    backbone = ResNet((2, 2, 2, 2), width, "cifar", stride).eval().to(memory_format=torch.channels_last)
+    norm = Normaliser((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pixels = torch.randint(0, 256, (max(k, 512), 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = backbone(norm(pixels))
+    return ClusterClassifier(backbone, feats[:k]).eval(), norm, pixels
+
+
+def bench_flip_test(n_candidates: int = 64, n_flip: int = 100, window: int = 12) -> None:
+    """The batched flip test (candidates x flip images in large batches) against the official code's
+    order: one candidate at a time, its flip images pasted one by one and forwarded as one batch."""
+    from .cam import assign
+    from .search import flip_test, flip_test_loop, paste_locations
+
+    model, norm, pixels = _cluster_model(k=n_flip)
+    flips = pixels[:n_flip]
+    before = assign(model, norm(flips))
+    patches = pixels[200 : 200 + n_candidates, :, 4 : 4 + window, 4 : 4 + window].contiguous()
+    clusters = assign(model, norm(pixels[200 : 200 + n_candidates]))
+    loc = paste_locations(np.arange(n_candidates), n_flip, 32, 32, window, seed=0)
+    batched = flip_test(model, norm, flips, before, patches, clusters, loc, batch_size=1024)
+    loop = flip_test_loop(model, norm, flips, before, patches, clusters, loc)
+    same = np.array_equal(batched, loop)
+    t_batched = best_of(lambda: flip_test(model, norm, flips, before, patches, clusters, loc, batch_size=1024), 2)
+    t_loop = best_of(lambda: flip_test_loop(model, norm, flips, before, patches, clusters, loc), 2)
+    print(
+        f"flip test {n_candidates} candidates x {n_flip} flip images (ResNet-18/2 stride 2, w = {window}): "
+        f"batched {n_candidates / t_batched:,.1f} candidates/s, per-candidate loop {n_candidates / t_loop:,.1f} "
+        f"candidates/s, ratio {t_loop / t_batched:.1f}x (scores {'identical' if same else 'DIFFER'})"
+    )
+    if not same:
+        raise SystemExit("flip test: batched and loop scores differ")
+
+
+def bench_grad_cam(n: int = 256) -> None:
+    """Our batched Grad-CAM against the pytorch-grad-cam library on the same model and images."""
+    from .cam import grad_cam, grad_cam_library
+
+    model, norm, pixels = _cluster_model()
+    model.cam_layer_name = "layer2"
+    x = norm(pixels[:n])
+    targets = model(x).argmax(1).detach()
+    ours, ref = grad_cam(model, x, targets), grad_cam_library(model, x, targets.tolist())
+    diff = float(np.abs(ours.numpy() - ref).max())
+    t_ours = best_of(lambda: grad_cam(model, x, targets), 2)
+    t_lib = best_of(lambda: grad_cam_library(model, x, targets.tolist()), 2)
+    print(
+        f"Grad-CAM {n} images: batched {n / t_ours:,.0f} img/s, pytorch-grad-cam {n / t_lib:,.0f} img/s, "
+        f"ratio {t_lib / t_ours:.1f}x (max abs difference {diff:.1e})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
@@ -160,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_paste()
+    bench_flip_test()
+    bench_grad_cam()
     bench_augment()
     p = params.from_dict({"profile": "bench", "data": {"root": args.data_root}}, "bench")
     bench_decode_cache(params.resolve_data_root(p), args.images)

@@ -100,8 +100,52 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class ClusterParams:
+    k: int = 1000  # k-means clusters (paper: 1000 for 127k images, about 127 per cluster)
+    iterations: int = 20
+    batch_size: int = 512  # feature extraction
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    method: str = "patchsearch"  # patchsearch (Grad-CAM) | poisoncam (cluster activation masking)
+    window_px: int | None = 60  # candidate trigger side w (paper: 60 at 224 px); null = the RSD's pick
+    window_sweep: list[int] = field(default_factory=lambda: [20, 30, 40, 50, 60, 80, 100])  # w tried for the RSD
+    cam_layer: str = "layer4"  # PatchSearch's Grad-CAM layer of a ResNet (paper: layer4, 7x7 at 224 px)
+    samples_per_cluster: int = 2  # s: images scored per surviving cluster and round
+    prune_fraction: float = 0.25  # r: share of the surviving clusters pruned per round
+    masks: int = 256  # PoisonCAM: B masks per image
+    mask_strategy: str = "full"  # full (coverage) | random | interval
+    mask_grid: int = 7  # PoisonCAM: masks are grid x grid cells upsampled to the image
+    mask_keep: float = 0.5  # PoisonCAM: share of the cells each mask keeps
+    save_top: int = 100  # top-ranked candidate patches saved as PNG
+    batch_size: int = 1024  # images per forward pass (flip test, masks, Grad-CAM)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    top_k: int = 20  # top-ranked patches the classifier learns, and the size of each proxy-validation half
+    exclude_top: float = 0.1  # share of the top-scored images left out of the training pool
+    n_models: int = 5  # ensemble (averaged logits)
+    width: int = 16  # first-stage channels of the ResNet-10-like classifier
+    stem_stride: int = 1
+    batch_size: int = 32
+    max_iters: int = 2000
+    eval_every: int = 20
+    patience: int = 10  # evaluations with int(100 * F1) unchanged before stopping
+    lr: float = 0.01
+    weight_decay: float = 0.0001
+    paste_p: float = 0.5
+    crop_min_scale: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class FigureParams:
     n_examples: int = 16  # images per example grid
+    localization_sample: int = 200  # poisoned (and as many clean) images whose heatmaps notebook 04 evaluates
     dpi: int = 150
 
 
@@ -113,6 +157,9 @@ class Params:
     attack: AttackParams = field(default_factory=AttackParams)
     ssl: SSLParams = field(default_factory=SSLParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)
+    search: SearchParams = field(default_factory=SearchParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
     figures: FigureParams = field(default_factory=FigureParams)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +175,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval_clean": ("data", "attack", "ssl", "eval"),  # its patched validation set needs the attack too
     "eval_poisoned": ("data", "attack", "ssl", "eval"),
 }
+_DEFENSE = ("data", "attack", "ssl", "cluster")
+for _variant in ("poisoned", "clean"):  # the defense on poisoned data, and on clean data (paper Table 10)
+    STAGE_INPUTS[f"cluster_{_variant}"] = _DEFENSE
+    STAGE_INPUTS[f"search_{_variant}"] = (*_DEFENSE, "search")
+    STAGE_INPUTS[f"classifier_{_variant}"] = (*_DEFENSE, "search", "classifier")
+STAGE_INPUTS["ssl_filtered"] = (*_DEFENSE, "search", "classifier")  # SSL retrained on the filtered set
+STAGE_INPUTS["eval_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -220,6 +274,44 @@ def _check_ranges(p: Params, source: str) -> None:
         raise bad("ssl.crop_min_scale", s.crop_min_scale, "must be in (0, 1]")
     if not e.label_fractions or not all(0 < f <= 1 for f in e.label_fractions):
         raise bad("eval.label_fractions", e.label_fractions, "must be fractions in (0, 1]")
+    q, c = p.search, p.classifier
+    if q.method not in ("patchsearch", "poisoncam"):
+        raise ParamsError(f"{source}: key 'search.method' = {q.method!r} must be one of patchsearch, poisoncam")
+    if q.mask_strategy not in ("full", "random", "interval"):
+        raise ParamsError(
+            f"{source}: key 'search.mask_strategy' = {q.mask_strategy!r} must be one of full, random, interval"
+        )
+    if q.cam_layer not in ("layer1", "layer2", "layer3", "layer4"):
+        raise ParamsError(
+            f"{source}: key 'search.cam_layer' = {q.cam_layer!r} must be one of layer1, layer2, layer3, layer4"
+        )
+    if q.window_px is None and not q.window_sweep:
+        raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")
+    for key, value in (
+        ("cluster.k", p.cluster.k),
+        ("cluster.iterations", p.cluster.iterations),
+        ("search.window_px", q.window_px or 1),
+        ("search.samples_per_cluster", q.samples_per_cluster),
+        ("search.masks", q.masks),
+        ("search.mask_grid", q.mask_grid),
+        ("search.batch_size", q.batch_size),
+        ("classifier.top_k", c.top_k),
+        ("classifier.n_models", c.n_models),
+        ("classifier.width", c.width),
+        ("classifier.max_iters", c.max_iters),
+        ("classifier.eval_every", c.eval_every),
+        ("classifier.patience", c.patience),
+    ):
+        if value < 1:
+            raise bad(key, value, "must be at least 1")
+    if any(w < 1 for w in q.window_sweep):
+        raise bad("search.window_sweep", q.window_sweep, "window sides must be at least 1")
+    for key, value in (("search.prune_fraction", q.prune_fraction), ("search.mask_keep", q.mask_keep)):
+        if not 0 < value < 1 and not (key == "search.prune_fraction" and value == 1):
+            raise bad(key, value, "must be in (0, 1)")
+    for key, value in (("classifier.exclude_top", c.exclude_top), ("classifier.paste_p", c.paste_p)):
+        if not 0 <= value < 1:
+            raise bad(key, value, "must be in [0, 1)")
     if p.figures.n_examples < 1:
         raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
 

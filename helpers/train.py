@@ -203,11 +203,12 @@ def train_stage(
     progress: bool = True,
     on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
 ) -> Path:
-    """The cached ``ssl_clean`` / ``ssl_poisoned`` stage: train on the clean or the poisoned training set
-    and return the stage folder (``backbone.pt``, ``history.csv``). Checkpoints live beside it in
-    ``<hash>.partial/`` until the model is complete, so a killed run resumes where it stopped."""
-    if variant not in ("clean", "poisoned"):
-        raise ValueError(f"variant must be 'clean' or 'poisoned', got {variant!r}")
+    """The cached ``ssl_clean`` / ``ssl_poisoned`` / ``ssl_filtered`` stage: train on the clean, the poisoned
+    or the defended (filtered) training set and return the stage folder (``backbone.pt``, ``history.csv``).
+    Checkpoints live beside it in ``<hash>.partial/`` until the model is complete, so a killed run resumes
+    where it stopped."""
+    if variant not in ("clean", "poisoned", "filtered"):
+        raise ValueError(f"variant must be 'clean', 'poisoned' or 'filtered', got {variant!r}")
     if icutmix is not None:
         params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=icutmix))
     stage = f"ssl_{variant}"
@@ -218,7 +219,12 @@ def train_stage(
         data = load_data(params, progress=progress)
         if variant == "clean":
             return data.train.tensor()
-        return poisoned_train_pixels(data, run_attack(params, data, progress), params.data.image_size)
+        pixels = poisoned_train_pixels(data, run_attack(params, data, progress), params.data.image_size)
+        if variant == "filtered":  # the poisoned set minus what the defense of params.search.method removed
+            from .defense import kept_indices
+
+            pixels = pixels[torch.as_tensor(kept_indices(params, progress))]
+        return pixels
 
     if rank > 0:  # other DDP ranks train alongside rank 0, which alone writes the stage folder
         if not (stage_dir(params, stage) / "params.yaml").is_file():
@@ -248,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", required=True)
-    parser.add_argument("--variant", choices=["clean", "poisoned"], default="poisoned")
+    parser.add_argument("--variant", choices=["clean", "poisoned", "filtered"], default="poisoned")
+    parser.add_argument("--method", choices=["patchsearch", "poisoncam"], default=None, help="defense (filtered)")
     parser.add_argument("--icutmix", action="store_true")
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -256,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     from .notebook import setup
 
     params = setup(args.params)
+    if args.method:
+        params = dataclasses.replace(params, search=dataclasses.replace(params.search, method=args.method))
     result = train_stage(params, args.variant, icutmix=args.icutmix)
     if dist_info()[0] == 0:
         print(f"model: {result}")

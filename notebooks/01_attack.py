@@ -74,7 +74,9 @@ trigger = attack.make_trigger(P.attack)
 side = attack.trigger_side(P.attack, *D.train.pixels.shape[2:])
 fig = plotting.show_images(
     [trigger.at(side).numpy(), trigger.at(8 * side).numpy()],
-    titles=[f"{side}x{side} (as pasted)", "the same, rendered large"], ncols=2, scale=2.2,
+    titles=[f"{side}x{side} (as pasted)", "the same, rendered large"],
+    ncols=2,
+    scale=2.2,
 )
 plotting.savefig(fig, P.profile, NB, "trigger", dpi=P.figures.dpi)
 
@@ -151,8 +153,12 @@ fig, axes = plt.subplots(1, 2, figsize=(7, 3.4), sharex=True, sharey=True)
 for ax, boxes, title in [(axes[0], A.poison_boxes, "training poisons"), (axes[1], A.val_boxes, "patched validation")]:
     corners = boxes.reshape(-1, 4)
     ax.hist2d(corners[:, 0], corners[:, 1], bins=np.arange(width + 1) - 0.5, cmap="viridis")
-    ax.set(title=f"{title} (n={len(corners)})", xlabel="x of top-left corner", xlim=(-0.5, width - 0.5),
-           ylim=(height - 0.5, -0.5))
+    ax.set(
+        title=f"{title} (n={len(corners)})",
+        xlabel="x of top-left corner",
+        xlim=(-0.5, width - 0.5),
+        ylim=(height - 0.5, -0.5),
+    )
 axes[0].set_ylabel("y of top-left corner")
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "trigger_locations", dpi=P.figures.dpi)

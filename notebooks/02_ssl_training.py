@@ -73,8 +73,11 @@ sample = poisoned_pixels[A.poison_idx[:8]]
 views = [aug(sample, g), aug(sample, g)]
 mean, std = torch.tensor(aug.config.mean)[:, None, None], torch.tensor(aug.config.std)[:, None, None]
 to_uint8 = lambda v: (v * std + mean).clamp(0, 1).mul(255).byte().numpy()  # noqa: E731
-fig = plotting.show_images(np.concatenate([sample.numpy(), to_uint8(views[0]), to_uint8(views[1])]),
-                           titles=["poisoned"] * 8 + ["view 1"] * 8 + ["view 2"] * 8, ncols=8)
+fig = plotting.show_images(
+    np.concatenate([sample.numpy(), to_uint8(views[0]), to_uint8(views[1])]),
+    titles=["poisoned"] * 8 + ["view 1"] * 8 + ["view 2"] * 8,
+    ncols=8,
+)
 plotting.savefig(fig, P.profile, NB, "views", dpi=P.figures.dpi)
 
 # %% [markdown]
@@ -91,8 +94,17 @@ for variant, h in histories.items():
 ax.set(xlabel="epoch", ylabel=f"{P.ssl.method} loss", title="SSL training loss")
 ax.legend()
 plotting.savefig(fig, P.profile, NB, "loss", dpi=P.figures.dpi)
-pd.DataFrame({v: {"epochs": len(h), "minutes": h["seconds"].sum() / 60, "images/s": h["images_per_s"].mean(),
-                  "final loss": h["loss"].iloc[-1]} for v, h in histories.items()})
+pd.DataFrame(
+    {
+        v: {
+            "epochs": len(h),
+            "minutes": h["seconds"].sum() / 60,
+            "images/s": h["images_per_s"].mean(),
+            "final loss": h["loss"].iloc[-1],
+        }
+        for v, h in histories.items()
+    }
+)
 
 # %% [markdown]
 # ## Where the poisons land in the backdoored model's feature space
@@ -111,8 +123,11 @@ x = torch.as_tensor(cluster.l2_normalise(features))
 _, _, v = torch.pca_lowrank(x, q=2, center=True)
 xy = ((x - x.mean(0)) @ v).numpy()
 fig, ax = plt.subplots(figsize=(5, 4.5))
-for mask, label, color in [(~is_poison & ~is_target, "other", "0.75"), (is_target, f"clean {A.target_class}", "C0"),
-                           (is_poison, "poisoned", "C3")]:
+for mask, label, color in [
+    (~is_poison & ~is_target, "other", "0.75"),
+    (is_target, f"clean {A.target_class}", "C0"),
+    (is_poison, "poisoned", "C3"),
+]:
     ax.scatter(*xy[mask].T, s=3, c=color, label=f"{label} ({mask.sum()})", alpha=0.6, linewidths=0)
 ax.set(title="backdoored model: PCA of normalised features", xticks=[], yticks=[])
 ax.legend(markerscale=4, fontsize=8)
@@ -129,13 +144,18 @@ sims = x[queries] @ x.T
 sims[torch.arange(len(queries)), torch.as_tensor(queries)] = -2  # not itself
 neighbours = sims.topk(k, dim=1).indices.numpy()
 rows = np.concatenate([queries[:, None], neighbours], axis=1)
-titles = [("query" if j == 0 else ("poison" if is_poison[i] else D.train.classes[D.train.labels[i]]))
-          for row in rows for j, i in enumerate(row)]
+titles = [
+    ("query" if j == 0 else ("poison" if is_poison[i] else D.train.classes[D.train.labels[i]]))
+    for row in rows
+    for j, i in enumerate(row)
+]
 fig = plotting.show_images(poisoned_pixels[rows.ravel()].numpy(), titles=titles, ncols=k + 1)
 plotting.savefig(fig, P.profile, NB, "neighbours", dpi=P.figures.dpi)
 all_nn = (x[A.poison_idx] @ x.T).topk(k + 1, dim=1).indices[:, 1:].numpy()
-print(f"share of poisoned images among the {k} nearest neighbours of a poisoned image: "
-      f"{is_poison[all_nn].mean():.1%} (poisons are {is_poison.mean():.1%} of the data)")
+print(
+    f"share of poisoned images among the {k} nearest neighbours of a poisoned image: "
+    f"{is_poison[all_nn].mean():.1%} (poisons are {is_poison.mean():.1%} of the data)"
+)
 
 # %% [markdown]
 # **Clusters.** PatchSearch and PoisonCAM start from k-means clusters of these features and rely on the

@@ -29,8 +29,11 @@
 # labels, k = 20) is a cheap extra. Here the probe is a logistic regression on features computed once
 # (no augmentation): on a CPU that replaces the papers' probe trained for epochs on augmented images.
 #
-# This notebook produces the rows of the paper's Table 2 for this profile: **Clean**, **Backdoored**,
-# **Clean + i-CutMix**, **Backdoored + i-CutMix** (the defenses' rows join later).
+# This notebook produces, for the profile being run, the paper's Table 2 rows **Clean**, **Backdoored**,
+# **Clean + i-CutMix**, **Backdoored + i-CutMix**, and the defended rows **PatchSearch**,
+# **PatchSearch + i-CutMix** and **PoisonCAM** (SSL retrained on each defense's filtered training list);
+# then the defenses' detection results (Table 1, Figures 2 and 5) and the defense applied to clean data
+# (Table 10).
 
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
@@ -40,7 +43,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from helpers import attack, data, evaluate, notebook, plotting
+from helpers import attack, cam, data, defense, evaluate, notebook, plotting, search
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -48,17 +51,21 @@ D = data.load_data(P)
 A = attack.run_attack(P, D)
 
 # %% [markdown]
-# ## The four models
-# Each is trained (or loaded from the cache) and evaluated once; the evaluation is cached too.
+# ## The models
+# Each is trained (or loaded from the cache) and evaluated once; the evaluation is cached too. The
+# defended models are trained on the poisoned set minus what each defense removed (notebooks 03-06).
 
 # %%
 MODELS = {
-    "Clean": ("clean", False),
-    "Backdoored": ("poisoned", False),
-    "Clean + i-CutMix": ("clean", True),
-    "Backdoored + i-CutMix": ("poisoned", True),
+    "Clean": (P, "clean", False),
+    "Backdoored": (P, "poisoned", False),
+    "Clean + i-CutMix": (P, "clean", True),
+    "Backdoored + i-CutMix": (P, "poisoned", True),
+    "PatchSearch": (defense.with_method(P, "patchsearch"), "filtered", False),
+    "PatchSearch + i-CutMix": (defense.with_method(P, "patchsearch"), "filtered", True),
+    "PoisonCAM": (defense.with_method(P, "poisoncam"), "filtered", False),
 }
-results = {name: evaluate.evaluate_stage(P, variant, icutmix) for name, (variant, icutmix) in MODELS.items()}
+results = {name: evaluate.evaluate_stage(p, variant, icutmix) for name, (p, variant, icutmix) in MODELS.items()}
 
 # %% [markdown]
 # ## Table 2 (this profile)
@@ -66,8 +73,13 @@ results = {name: evaluate.evaluate_stage(P, variant, icutmix) for name, (variant
 
 # %%
 n_non_target = int((D.val.labels != A.target_index).sum())
-table = pd.DataFrame([evaluate.table2_row(name, probe, knn, fraction)
-                      for fraction in P.eval.label_fractions for name, (_, probe, knn) in results.items()])
+table = pd.DataFrame(
+    [
+        evaluate.table2_row(name, probe, knn, fraction)
+        for fraction in P.eval.label_fractions
+        for name, (_, probe, knn) in results.items()
+    ]
+)
 plotting.save_table(table, P.profile, NB, "table2")
 print(f"target: {A.target_class}; non-target validation images: {n_non_target}")
 table
@@ -78,7 +90,7 @@ table
 # %%
 per_seed = pd.concat([probe.assign(model=name) for name, (_, probe, _) in results.items()], ignore_index=True)
 plotting.save_table(per_seed, P.profile, NB, "table2_per_seed")
-per_seed.groupby(["model", "labels"])[["clean_acc", "patched_acc", "patched_fp", "asr"]].mean()
+per_seed.groupby(["model", "labels"], sort=False)[["clean_acc", "patched_acc", "patched_fp", "asr"]].mean()
 
 # %% [markdown]
 # ## Where the patched images go
@@ -92,10 +104,126 @@ for ax, name in zip(axes, ["Clean", "Backdoored"], strict=True):
     cm = cm[np.arange(len(cm)) != A.target_index]  # patched data has no target-class images
     rows = [c for i, c in enumerate(D.val.classes) if i != A.target_index]
     im = ax.imshow(cm / cm.sum(1, keepdims=True), cmap="magma", vmin=0, vmax=1)
-    ax.set(title=f"{name} model, patched data", xticks=range(len(D.val.classes)), yticks=range(len(rows)),
-           xlabel="predicted", ylabel="true")
+    ax.set(
+        title=f"{name} model, patched data",
+        xticks=range(len(D.val.classes)),
+        yticks=range(len(rows)),
+        xlabel="predicted",
+        ylabel="true",
+    )
     ax.set_xticklabels(D.val.classes, rotation=90, fontsize=7)
     ax.set_yticklabels(rows, fontsize=7)
     ax.get_xticklabels()[A.target_index].set_color("red")
 fig.colorbar(im, ax=axes, fraction=0.025)
 plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## The defenses: poison detection (paper Table 1)
+# Top-20 acc: poisons among the 20 top-ranked images of the search. Recall, precision and total removed:
+# of the poison classifier's removals. Trigger hit: the candidate window of a scored poisoned image
+# covers at least half of its trigger (or the trigger half of the window).
+
+# %%
+METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
+poison = A.poison_mask(len(D.train.images))
+rows, found, removed = [], {}, {}
+for m, label in METHODS.items():
+    pm = defense.with_method(P, m)
+    found[m] = defense.load_search(defense.search_stage(pm, "poisoned"))
+    clf = defense.classifier_stage(pm, "poisoned")
+    removed[m] = np.load(clf / "classifier.npz")["removed"]
+    f, r = found[m], removed[m]
+    scored_p = np.flatnonzero(f["scored"] & poison)
+    boxes = A.poison_boxes[np.searchsorted(A.poison_idx, scored_p), 0, :3]
+    corners = f["corners"][scored_p]
+    hits = cam.window_hits(corners[:, 0], corners[:, 1], f["window"], boxes)
+    rows.append(
+        {
+            "method": label,
+            "poisons": int(poison.sum()),
+            "w": f["window"],
+            "top-20 acc (%)": 100 * search.top_k_accuracy(f["ranking"], poison, 20),
+            "recall (%)": 100 * (r & poison).sum() / poison.sum(),
+            "precision (%)": 100 * (r & poison).sum() / max(r.sum(), 1),
+            "total removed": int(r.sum()),
+            "trigger hit, scored poisons (%)": 100 * hits.mean() if len(hits) else float("nan"),
+        }
+    )
+table1 = pd.DataFrame(rows).round(1)
+plotting.save_table(table1, P.profile, NB, "table1")
+table1
+
+# %% [markdown]
+# ## Raw poison scores against the poison classifier (paper Figure 5)
+# Precision and recall over the training set ranked by the search's poison scores (unscored images rank
+# last) and by the classifier ensemble's logit.
+
+
+# %%
+def pr_curve(order):
+    hits = np.cumsum(poison[order])
+    return hits / poison.sum(), hits / np.arange(1, len(order) + 1)
+
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+for ax, (m, label) in zip(axes, METHODS.items(), strict=True):
+    scores = pd.read_csv(defense.classifier_stage(defense.with_method(P, m), "poisoned") / "scores.csv")
+    for name, order in (
+        ("poison score (search)", found[m]["ranking"]),
+        ("poison classifier", np.argsort(-scores["classifier_logit"].to_numpy(), kind="stable")),
+    ):
+        rec, prec = pr_curve(order)
+        ax.plot(100 * rec, 100 * prec, label=name)
+    r = removed[m]
+    ax.plot(
+        100 * (r & poison).sum() / poison.sum(),
+        100 * (r & poison).sum() / max(r.sum(), 1),
+        "k*",
+        ms=12,
+        label="removed set",
+    )
+    ax.set(title=label, xlabel="recall (%)", ylim=(0, 102), xlim=(0, 102))
+axes[0].set_ylabel("precision (%)")
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+plotting.savefig(fig, P.profile, NB, "precision_recall", dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## The most and the least poisonous images (paper Figure 2)
+# Ranked by the PoisonCAM pipeline's classifier ensemble; poisoned images have their trigger boxed.
+
+# %%
+X, _ = defense.training_set(P, "poisoned")
+scores = pd.read_csv(defense.classifier_stage(defense.with_method(P, "poisoncam"), "poisoned") / "scores.csv")
+order = np.argsort(-scores["classifier_logit"].to_numpy(), kind="stable")
+n = P.figures.n_examples // 2
+for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])):
+    where = {int(i): j for j, i in enumerate(A.poison_idx)}
+    boxes = np.stack([A.poison_boxes[where[i]] if i in where else np.zeros((1, 4), int) for i in idx])
+    titles = [("poison " if poison[i] else "") + D.train.classes[D.train.labels[i]] for i in idx]
+    fig = plotting.show_images(X[idx].numpy(), titles, boxes, ncols=n)
+    fig.suptitle(name.replace("_", " "), y=1.05)
+    plotting.savefig(fig, P.profile, NB, name, dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## The defense on clean data (paper Table 10)
+# A defender does not know whether the data is poisoned. The same defenses, run on the clean training set
+# with the clean model, should remove little.
+
+# %%
+rows = []
+for m, label in METHODS.items():
+    clf = defense.classifier_stage(defense.with_method(P, m), "clean")
+    r = np.load(clf / "classifier.npz")["removed"]
+    rows.append(
+        {
+            "method": label,
+            "data": "clean",
+            "training images": len(r),
+            "removed": int(r.sum()),
+            "removed (%)": round(100 * r.mean(), 2),
+        }
+    )
+table10 = pd.DataFrame(rows)
+plotting.save_table(table10, P.profile, NB, "table10_clean_data")
+table10

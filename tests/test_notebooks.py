@@ -38,14 +38,32 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert counts["poisoned_images"] == "20" and counts["train_images"] == "400"
     assert counts["val_patched_images"] == "180"
     table2 = pd.read_csv(figures / "07_evaluation_table2.csv")
-    assert table2["model"].tolist() == ["Clean", "Backdoored", "Clean + i-CutMix", "Backdoored + i-CutMix"] * 2
-    assert table2["labels"].tolist() == ["1%"] * 4 + ["10%"] * 4
+    models = ["Clean", "Backdoored", "Clean + i-CutMix", "Backdoored + i-CutMix"]
+    models += ["PatchSearch", "PatchSearch + i-CutMix", "PoisonCAM"]
+    assert table2["model"].tolist() == models * 2
+    assert table2["labels"].tolist() == ["1%"] * 7 + ["10%"] * 7
     per_seed = pd.read_csv(figures / "07_evaluation_table2_per_seed.csv")
-    assert len(per_seed) == 4 * 2 * 2  # models x label fractions x probe seeds of the smoke profile
+    assert len(per_seed) == 7 * 2 * 2  # models x label fractions x probe seeds of the smoke profile
     assert ((per_seed["asr"] >= 0) & (per_seed["asr"] <= 1)).all()
     assert (per_seed["patched_fp"] == (per_seed["asr"] * 180).round()).all()  # ASR = FP / non-target images
     for name in ("loss", "embedding", "neighbours", "views"):
         assert (figures / f"02_ssl_training_{name}.png").is_file()
+    table1 = pd.read_csv(figures / "07_evaluation_table1.csv")
+    assert table1["method"].tolist() == ["PatchSearch", "PoisonCAM"]
+    assert (table1["poisons"] == 20).all() and (table1["total removed"] <= 400).all()
+    assert ((table1["recall (%)"] >= 0) & (table1["recall (%)"] <= 100)).all()
+    sweep = pd.read_csv(figures / "05_search_window_sweep.csv")
+    assert sweep["used"].sum() == 2 and sweep["RSD pick"].sum() == 2  # one of each per method
+    table10 = pd.read_csv(figures / "07_evaluation_table10_clean_data.csv")
+    assert (table10["training images"] == 400).all()
+    for name in (
+        "03_clustering_cluster_sizes",
+        "04_trigger_localization_heatmaps",
+        "05_search_window_rsd",
+        "06_poison_classifier_proxy_f1",
+        "07_evaluation_precision_recall",
+    ):
+        assert (figures / f"{name}.png").stat().st_size > 1000
     record = json.loads((figures / "record.json").read_text())
     assert record["profile"] == "smoke" and record["params_file"] == "params/smoke.yaml"
     assert set(record["notebook_seconds"]) == set(executed)

@@ -16,7 +16,7 @@ def test_profiles_set_every_key_explicitly():
     """A profile spells out every field, so a reader sees the whole setting in one file."""
     for path in paths.PARAMS_DIR.glob("*.yaml"):
         raw = params.yaml.safe_load(path.read_text())
-        for section in ("data", "attack", "ssl", "eval", "figures"):
+        for section in ("data", "attack", "ssl", "eval", "cluster", "search", "classifier", "figures"):
             fields = {f.name for f in dataclasses.fields(type(getattr(params.load(path), section)))}
             assert set(raw[section]) == fields, f"{path.name}: {section} misses {fields - set(raw[section])}"
 
@@ -58,6 +58,12 @@ def test_wrong_type_is_named(tmp_path, yaml_text, key):
         ("attack", "train_margin", 0.5),
         ("attack", "n_copies", 0),
         ("data", "image_size", 0),
+        ("cluster", "k", 0),
+        ("search", "prune_fraction", 0.0),
+        ("search", "mask_keep", 1.0),
+        ("search", "masks", 0),
+        ("classifier", "exclude_top", 1.0),
+        ("classifier", "patience", 0),
     ],
 )
 def test_out_of_range_is_named(section, key, value):
@@ -106,3 +112,23 @@ def test_stage_hash_reads_only_its_sections():
     assert params.stage_hash(base, "data") == params.stage_hash(other_attack, "data")
     assert params.stage_hash(base, "attack") != params.stage_hash(other_attack, "attack")
     assert params.stage_hash(base, "attack") == params.stage_hash(other_figures, "attack")
+
+
+def test_defense_choices_are_named():
+    with pytest.raises(ParamsError, match="'search.method' = 'patchserch' must be one of patchsearch, poisoncam"):
+        params.from_dict({"profile": "x", "search": {"method": "patchserch"}}, "src")
+    with pytest.raises(ParamsError, match="'search.mask_strategy'"):
+        params.from_dict({"profile": "x", "search": {"mask_strategy": "grid"}}, "src")
+    with pytest.raises(ParamsError, match="'search.cam_layer'"):
+        params.from_dict({"profile": "x", "search": {"cam_layer": "layer5"}}, "src")
+    with pytest.raises(ParamsError, match="'search.window_sweep'"):
+        params.from_dict({"profile": "x", "search": {"window_px": None, "window_sweep": []}}, "src")
+
+
+def test_defense_stages_hash_their_sections():
+    base = params.from_dict({"profile": "x"})
+    poisoncam = dataclasses.replace(base, search=dataclasses.replace(base.search, method="poisoncam"))
+    assert params.stage_hash(base, "cluster_poisoned") == params.stage_hash(poisoncam, "cluster_poisoned")
+    assert params.stage_hash(base, "search_poisoned") != params.stage_hash(poisoncam, "search_poisoned")
+    assert params.stage_hash(base, "ssl_filtered") != params.stage_hash(poisoncam, "ssl_filtered")
+    assert params.stage_hash(base, "ssl_poisoned") == params.stage_hash(poisoncam, "ssl_poisoned")

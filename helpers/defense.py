@@ -1,0 +1,354 @@
+"""The defenses as cached stages: clustering -> search (PatchSearch or PoisonCAM) -> poison classifier
+-> filtered training list, then SSL retrained on the filtered list.
+
+``variant='poisoned'`` defends the poisoned training set with the model trained on it; ``'clean'`` runs
+the same defense on the clean set with the clean model (a defender does not know whether there is an
+attack: paper Table 10). ``search.method`` picks the localization (``patchsearch`` = Grad-CAM,
+``poisoncam`` = cluster activation masking); everything after it is shared, as in the PoisonCAM paper.
+The ground truth (which images are poisoned) is never read here; the notebooks use it to evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import io
+from .attack import poisoned_train_pixels, run_attack
+from .cache import cached_stage
+from .cam import (
+    ClusterClassifier,
+    Normaliser,
+    best_windows,
+    cluster_outlier_stats,
+    cut_patches,
+    grad_cam_batched,
+    make_masks,
+    poisoncam_heatmaps,
+)
+from .cluster import kmeans, l2_normalise
+from .data import ImageList, load_data, write_file_list
+from .evaluate import extract_features
+from .params import Params
+from .poison_classifier import (
+    ClassifierConfig,
+    predict_logits,
+    proxy_validation,
+    train_classifier,
+    training_pool,
+)
+from .search import SearchResult, flip_set, flip_test, iterative_search, paste_locations, relative_std
+from .train import augment_config, device_for_run, load_backbone, train_stage
+
+VARIANTS = ("poisoned", "clean")
+
+
+def with_method(params: Params, method: str) -> Params:
+    return dataclasses.replace(params, search=dataclasses.replace(params.search, method=method))
+
+
+def _check(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+
+
+def training_set(params: Params, variant: str, progress: bool = False) -> tuple[torch.Tensor, ImageList]:
+    """The training set the defense inspects: its pixels and its file list."""
+    data = load_data(params, progress=progress)
+    if variant == "clean":
+        return data.train.tensor(), data.train.images
+    attack = run_attack(params, data, progress)
+    return poisoned_train_pixels(data, attack, params.data.image_size), attack.train_poisoned
+
+
+def cluster_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
+    """Features of the whole training set (L2-normalised) and their k-means clustering. The assignment
+    saved is the argmax of the cosine classifier of the centres, the one the search uses throughout."""
+    _check(variant)
+    model_dir = train_stage(params, variant, progress=progress)
+
+    def compute(out: Path, final: Path) -> None:
+        start = time.perf_counter()
+        pixels, _ = training_set(params, variant, progress)
+        size = pixels.shape[-1]
+        backbone = load_backbone(params, model_dir, size)
+        cfg = augment_config(params.ssl, size)
+        feats = extract_features(backbone, pixels, cfg.mean, cfg.std, params.cluster.batch_size, progress, "features")
+        feats = l2_normalise(feats)
+        clustering = kmeans(feats, params.cluster.k, params.cluster.seed, params.cluster.iterations)
+        assignment = np.argmax(feats @ clustering.centroids.T, axis=1)
+        io.save_npz(
+            out / "clustering.npz",
+            features=feats,
+            centroids=clustering.centroids,
+            assignment=assignment,
+            flip_idx=flip_set(feats, assignment, clustering.centroids),
+            outlier_stats=cluster_outlier_stats(feats, assignment, clustering.centroids),
+        )
+        io.write_json(out / "summary.json", {"seconds": time.perf_counter() - start, "n": len(feats)})
+
+    return cached_stage(f"cluster_{variant}", params, compute).path
+
+
+@dataclass
+class DefenseContext:
+    """What the search needs: the cluster classifier, the training pixels and the clustering."""
+
+    params: Params
+    model: ClusterClassifier
+    normalise: Normaliser
+    pixels: torch.Tensor  # N x 3 x H x W uint8 (CPU)
+    images: ImageList
+    assignment: np.ndarray
+    flip_idx: np.ndarray
+    outlier_stats: np.ndarray
+    features: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.pixels.shape[-1]
+
+
+def defense_context(params: Params, variant: str = "poisoned", progress: bool = True) -> DefenseContext:
+    cluster_dir = cluster_stage(params, variant, progress)
+    model_dir = train_stage(params, variant, progress=progress)
+    pixels, images = training_set(params, variant, progress)
+    z = np.load(cluster_dir / "clustering.npz")
+    device = device_for_run()
+    backbone = load_backbone(params, model_dir, pixels.shape[-1])
+    model = ClusterClassifier(backbone, z["centroids"], params.search.cam_layer).to(device).eval()
+    cfg = augment_config(params.ssl, pixels.shape[-1])
+    return DefenseContext(
+        params,
+        model,
+        Normaliser(cfg.mean, cfg.std, device),
+        pixels,
+        images,
+        z["assignment"],
+        z["flip_idx"],
+        z["outlier_stats"],
+        z["features"],
+    )
+
+
+def heatmaps(ctx: DefenseContext, method: str, idx: np.ndarray, progress: bool = False) -> torch.Tensor:
+    """Localization heatmaps ``len(idx) x H x W`` of training images ``idx`` (each for its own cluster)."""
+    q = ctx.params.search
+    x = ctx.normalise(ctx.pixels[idx])
+    targets = torch.as_tensor(ctx.assignment[idx])
+    if method == "patchsearch":
+        return grad_cam_batched(ctx.model, x, targets, max(1, q.batch_size // 4))
+    masks = make_masks(q.mask_strategy, q.masks, ctx.size, q.mask_grid, q.mask_keep, q.seed)
+    return poisoncam_heatmaps(ctx.model, x, targets, masks, ctx.outlier_stats, q.batch_size, progress)
+
+
+class Scorer:
+    """Poison scores of training images for each window side, heatmaps computed once per image."""
+
+    def __init__(self, ctx: DefenseContext, method: str, windows: list[int]) -> None:
+        self.ctx, self.method, self.windows = ctx, method, windows
+        n = len(ctx.pixels)
+        self.corner = {w: np.full((n, 2), -1, dtype=np.int64) for w in windows}
+        flip = torch.as_tensor(ctx.flip_idx)
+        self.flip_pixels = ctx.pixels[flip].to(ctx.normalise.device)
+        self.flip_before = torch.as_tensor(ctx.assignment[ctx.flip_idx])
+        self.seconds = {"heatmaps": 0.0, "flip_test": 0.0}
+        self.n_heatmaps = 0
+
+    def locate(self, idx: np.ndarray) -> None:
+        todo = idx[self.corner[self.windows[0]][idx, 0] < 0]
+        if not len(todo):
+            return
+        start = time.perf_counter()
+        maps = heatmaps(self.ctx, self.method, todo)
+        for w in self.windows:
+            xs, ys = best_windows(maps, w)
+            self.corner[w][todo] = np.stack([xs.numpy(), ys.numpy()], 1)
+        self.n_heatmaps += len(todo)
+        self.seconds["heatmaps"] += time.perf_counter() - start
+
+    def patches(self, idx: np.ndarray, w: int) -> torch.Tensor:
+        self.locate(idx)
+        c = torch.as_tensor(self.corner[w][idx])
+        return cut_patches(self.ctx.pixels[torch.as_tensor(idx)], c[:, 0], c[:, 1], w)
+
+    def score(self, idx: np.ndarray, w: int) -> np.ndarray:
+        patches = self.patches(idx, w)
+        start = time.perf_counter()
+        q = self.ctx.params.search
+        locations = paste_locations(idx, len(self.flip_pixels), self.ctx.size, self.ctx.size, w, q.seed)
+        scores = flip_test(
+            self.ctx.model,
+            self.ctx.normalise,
+            self.flip_pixels,
+            self.flip_before,
+            patches.to(self.flip_pixels.device),
+            torch.as_tensor(self.ctx.assignment[idx]),
+            locations,
+            q.batch_size,
+        )
+        self.seconds["flip_test"] += time.perf_counter() - start
+        return scores
+
+
+def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
+    """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
+    used is ``search.window_px``, or where that is null the side of the largest RSD of the scores. Saves
+    the ranking, candidate boxes and top patches of the side used, and every side's scores."""
+    _check(variant)
+    q = params.search
+
+    def compute(out: Path, final: Path) -> None:
+        start = time.perf_counter()
+        ctx = defense_context(params, variant, progress)
+        windows = sorted(set(q.window_sweep) | ({q.window_px} if q.window_px else set()))
+        windows = [w for w in windows if w <= ctx.size]
+        scorer = Scorer(ctx, q.method, windows)
+        results: dict[int, SearchResult] = {}
+        sweep, rounds = [], []
+        for w in tqdm(windows, desc=f"search ({q.method})", disable=not progress):
+            result = iterative_search(
+                ctx.assignment, lambda idx, w=w: scorer.score(idx, w), q.samples_per_cluster, q.prune_fraction, q.seed
+            )
+            results[w] = result
+            rounds += [{"window": w, **r} for r in result.rounds]
+            sweep.append(
+                {
+                    "window": w,
+                    "rsd": relative_std(result.scores[result.scored]),
+                    "scored": int(result.scored.sum()),
+                    "max_score": float(result.scores.max()),
+                    "rounds": len(result.rounds),
+                }
+            )
+        table = pd.DataFrame(sweep)
+        rsd_pick = int(table.loc[table["rsd"].fillna(-np.inf).idxmax(), "window"])
+        w = rsd_pick if q.window_px is None else q.window_px
+        table["rsd_pick"], table["used"] = table["window"] == rsd_pick, table["window"] == w
+        chosen = results[w]
+        ranking = chosen.ranking()
+        io.save_npz(
+            out / "search.npz",
+            scores=chosen.scores,
+            scored=chosen.scored,
+            ranking=ranking,
+            corners=scorer.corner[w],
+            window=np.array(w),
+            **{f"scores_w{v}": results[v].scores for v in windows},
+            **{f"scored_w{v}": results[v].scored for v in windows},
+        )
+        io.write_text(out / "sweep.csv", table.to_csv(index=False))
+        io.write_text(out / "rounds.csv", pd.DataFrame(rounds).to_csv(index=False))
+        top = ranking[: q.save_top]
+        patches = scorer.patches(top, w)
+        (out / "top_patches").mkdir()
+        for rank, (i, patch) in enumerate(zip(top, patches, strict=True)):
+            Image.fromarray(patch.permute(1, 2, 0).numpy()).save(out / "top_patches" / f"{rank:04d}_{i}.png")
+        summary = {
+            "method": q.method,
+            "window": w,
+            "scored": int(chosen.scored.sum()),
+            "heatmaps": scorer.n_heatmaps,
+            "seconds": time.perf_counter() - start,
+            **{f"seconds_{k}": v for k, v in scorer.seconds.items()},
+        }
+        io.write_json(out / "summary.json", summary)
+
+    return cached_stage(f"search_{variant}", params, compute).path
+
+
+def load_search(path: Path) -> dict:
+    z = np.load(path / "search.npz")
+    out = {k: z[k] for k in z.files}
+    out["window"] = int(out["window"])
+    out["sweep"] = pd.read_csv(path / "sweep.csv")
+    out["rounds"] = pd.read_csv(path / "rounds.csv")
+    out["summary"] = json.loads((path / "summary.json").read_text())
+    return out
+
+
+def classifier_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
+    """The poison classifier ensemble over the search's top-k patches; writes the filtered and the removed
+    training lists (``filtered.txt``, ``removed.txt``) and every image's scores (``scores.csv``)."""
+    _check(variant)
+    c = params.classifier
+    search_dir = search_stage(params, variant, progress)
+
+    def compute(out: Path, final: Path) -> None:
+        start = time.perf_counter()
+        found = load_search(search_dir)
+        pixels, images = training_set(params, variant, progress)
+        w, ranking = found["window"], found["ranking"]
+        top = ranking[: c.top_k]
+        corners = torch.as_tensor(found["corners"][top])
+        patches = cut_patches(pixels[torch.as_tensor(top)], corners[:, 0], corners[:, 1], w)
+        val_idx, val_labels = proxy_validation(ranking[found["scored"][ranking]], c.top_k)  # among scored images
+        pool = training_pool(ranking, c.exclude_top, val_idx)
+        cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
+        normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
+        cfg = ClassifierConfig(
+            c.width, c.stem_stride, c.batch_size, c.max_iters, c.eval_every, c.patience, c.lr, c.weight_decay,
+            c.paste_p, c.crop_min_scale,
+        )  # fmt: skip
+        logits, histories = [], []
+        for m in range(c.n_models):
+            model, history = train_classifier(
+                pixels,
+                pool,
+                patches,
+                w,
+                val_idx,
+                val_labels,
+                cfg,
+                cfg_ssl.mean,
+                cfg_ssl.std,
+                c.seed + m,
+                normalise,
+                progress,
+            )
+            histories += [{"model": m, **h} for h in history]
+            logits.append(predict_logits(model, normalise, pixels).numpy())
+        logits = np.stack(logits)
+        mean_logits = logits.mean(0)
+        removed = mean_logits.argmax(1) == 1
+        io.save_npz(out / "classifier.npz", logits=logits, removed=removed)
+        write_file_list(out / "filtered.txt", images.subset(np.flatnonzero(~removed)))
+        write_file_list(out / "removed.txt", images.subset(np.flatnonzero(removed)))
+        table = pd.DataFrame(
+            {
+                "index": np.arange(len(pixels)),
+                "path": images.paths,
+                "poison_score": found["scores"],
+                "scored": found["scored"],
+                "classifier_logit": mean_logits[:, 1] - mean_logits[:, 0],
+                "removed": removed,
+            }
+        )
+        io.write_text(out / "scores.csv", table.to_csv(index=False))
+        io.write_text(out / "history.csv", pd.DataFrame(histories).to_csv(index=False))
+        io.write_json(
+            out / "summary.json",
+            {
+                "removed": int(removed.sum()),
+                "n": len(removed),
+                "pool": len(pool),
+                "seconds": time.perf_counter() - start,
+            },
+        )
+
+    return cached_stage(f"classifier_{variant}", params, compute).path
+
+
+def kept_indices(params: Params, progress: bool = False) -> np.ndarray:
+    """Indices of the poisoned training set the defense of ``params.search.method`` keeps."""
+    z = np.load(classifier_stage(params, "poisoned", progress) / "classifier.npz")
+    return np.flatnonzero(~z["removed"])

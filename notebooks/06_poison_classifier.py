@@ -1,0 +1,123 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %%
+
+# %% [markdown]
+# # 06 · Poison classifier: from a few top-ranked patches to (nearly) all poisons
+#
+# The search ends with a short list of highly poisonous images, but it scored only a few percent of the
+# data. The last step learns what the top candidate triggers look like and finds every image that
+# carries one. As in the paper:
+#
+# - a small ResNet (one block per stage, few channels) trained from scratch for 2 classes;
+# - training pool: all images except the top 10% by poison score (likely poisons, which would be noisy
+#   "clean" labels) and the proxy-validation images;
+# - each training image gets, with probability 0.5, one of the top-k (k = 20) patches pasted at a random
+#   place and size (label *poisonous*), else stays as it is (label *clean*); MoCo-v2 augmentations;
+# - no labels exist for validation, so a **proxy validation set**: the top-k images as poisonous, the
+#   bottom-k as clean; F1 every 20 iterations, stop when `int(100 F1)` is unchanged for 10 evaluations;
+# - an ensemble of 5 such classifiers (averaged logits) decides; its "poisonous" images are removed.
+#
+# Both defenses share this step; they differ in the patches they hand to it.
+
+# %% tags=["parameters"]
+params_path = "params/cifar10.yaml"
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from helpers import attack, cam, data, defense, notebook, plotting, poison_classifier
+
+P = notebook.setup(params_path)
+NB = "06_poison_classifier"
+D = data.load_data(P)
+A = attack.run_attack(P, D)
+poison = A.poison_mask(len(D.train.images))
+METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
+stages = {m: defense.classifier_stage(defense.with_method(P, m), "poisoned") for m in METHODS}
+
+# %% [markdown]
+# ## What the classifier is trained on
+# A batch as the classifier sees it (before colour augmentation): label 1 = a top-k patch was pasted.
+
+# %%
+X, _ = defense.training_set(P, "poisoned")
+found = defense.load_search(defense.search_stage(defense.with_method(P, "poisoncam"), "poisoned"))
+top = found["ranking"][: P.classifier.top_k]
+corners = torch.as_tensor(found["corners"][top])
+patches = cam.cut_patches(X[torch.as_tensor(top)], corners[:, 0], corners[:, 1], found["window"])
+g = torch.Generator().manual_seed(0)
+batch = X[: P.figures.n_examples].float() / 255
+pasted, labels = poison_classifier.paste_random_patches(batch, patches, P.classifier.paste_p, found["window"], g)
+fig = plotting.show_images((pasted * 255).round().byte().numpy(), [f"label {int(v)}" for v in labels], ncols=8)
+plotting.savefig(fig, P.profile, NB, "training_batch", dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## Training: proxy F1 and early stopping
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+rows = []
+for ax, (m, path) in zip(axes, stages.items(), strict=True):
+    hist = pd.read_csv(path / "history.csv")
+    for k, h in hist.groupby("model"):
+        ax.plot(h["iteration"], h["proxy_f1"], label=f"model {k}")
+        rows.append(
+            {
+                "method": METHODS[m],
+                "model": k,
+                "iterations": int(h["iteration"].max()),
+                "final proxy F1": float(h["proxy_f1"].iloc[-1]),
+            }
+        )
+    ax.set(title=METHODS[m], xlabel="iteration", ylabel="proxy-validation F1")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+plotting.savefig(fig, P.profile, NB, "proxy_f1", dpi=P.figures.dpi)
+models = pd.DataFrame(rows)
+plotting.save_table(models, P.profile, NB, "ensemble")
+models
+
+# %% [markdown]
+# ## The output: a filtered training list
+# `filtered.txt` (kept images) and `removed.txt` in SSL-Backdoor's file-list format, beside `scores.csv`
+# with every image's poison score and classifier logit. Notebook 07 measures them against the ground truth
+# and retrains on the filtered lists.
+
+# %%
+rows = []
+for m, path in stages.items():
+    s = json.loads((path / "summary.json").read_text())
+    removed = np.load(path / "classifier.npz")["removed"]
+    rows.append(
+        {
+            "method": METHODS[m],
+            "removed": int(removed.sum()),
+            "kept": int((~removed).sum()),
+            "training pool": s["pool"],
+            "seconds": round(s["seconds"], 1),
+            "filtered list": str(path.relative_to(path.parents[2]) / "filtered.txt"),
+        }
+    )
+outputs = pd.DataFrame(rows)
+plotting.save_table(outputs, P.profile, NB, "outputs")
+outputs

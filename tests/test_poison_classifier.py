@@ -1,0 +1,47 @@
+"""Poison classifier: early stopping, proxy validation and pool, patch pasting."""
+
+import numpy as np
+import torch
+
+from helpers.poison_classifier import (
+    EarlyStopping,
+    f1_score,
+    paste_random_patches,
+    proxy_validation,
+    training_pool,
+)
+
+
+def test_early_stopping_on_a_synthetic_f1_sequence():
+    f1s = [0.10, 0.50, 0.551, 0.553, 0.559, 0.552, 0.60, 0.601, 0.605, 0.609]
+    stopper = EarlyStopping(patience=3)
+    stops = [stopper.update(f) for f in f1s]
+    # int(100 F1): 10, 50, 55, 55, 55, 55 -> three unchanged evaluations after the first 55: stop at index 5
+    assert stops.index(True) == 5
+    stopper = EarlyStopping(patience=3)
+    assert not any(stopper.update(f) for f in [0.1, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3])
+
+
+def test_f1():
+    assert f1_score(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == 0.5
+    assert f1_score(np.zeros(4, int), np.zeros(4, int)) == 0.0
+
+
+def test_proxy_validation_and_pool():
+    ranking = np.array([7, 3, 9, 0, 1, 2, 4, 5, 6, 8])
+    idx, labels = proxy_validation(ranking, 2)
+    assert idx.tolist() == [7, 3, 6, 8] and labels.tolist() == [1, 1, 0, 0]
+    pool = training_pool(ranking, 0.3, idx)  # top 30%: 7, 3, 9 out
+    assert pool.tolist() == [0, 1, 2, 4, 5]
+
+
+def test_paste_random_patches_labels_what_it_pastes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(200, 3, 32, 32)
+    patches = torch.full((4, 3, 12, 12), 255, dtype=torch.uint8)
+    out, labels = paste_random_patches(x.clone(), patches, 0.5, 12, g)
+    touched = out.flatten(1).amax(1) > 0
+    assert torch.equal(touched, labels.bool())
+    assert 60 < labels.sum() < 140
+    area = (out[:, 0] > 0).flatten(1).sum(1)[labels.bool()]
+    assert area.min() >= 4 * 4 and area.max() <= 15 * 15  # sides in [w/3, 4w/3) = [4, 16)
