@@ -349,6 +349,9 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
 
 
 def kept_indices(params: Params, progress: bool = False) -> np.ndarray:
-    """Indices of the poisoned training set the defense of ``params.search.method`` keeps."""
+    """Indices of the poisoned training set the defense of ``params.search.method`` keeps. The defense
+    always inspects the model trained without i-CutMix (``ssl.icutmix`` only changes how the final model
+    is retrained on the filtered set: the paper's "PatchSearch + i-CutMix")."""
+    params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=False))
     z = np.load(classifier_stage(params, "poisoned", progress) / "classifier.npz")
     return np.flatnonzero(~z["removed"])
