@@ -144,6 +144,16 @@ class AttackResult:
     val_patched: ImageList
     counts: dict
 
+    def boxes_of(self, indices) -> np.ndarray:
+        """Ground truth, for evaluation only: ``len(indices) x copies x 4`` trigger boxes of these training
+        images, all zero for a clean image."""
+        indices = np.asarray(indices)
+        pos = np.clip(np.searchsorted(self.poison_idx, indices), 0, max(len(self.poison_idx) - 1, 0))
+        hit = (self.poison_idx[pos] == indices) if len(self.poison_idx) else np.zeros(len(indices), bool)
+        out = np.zeros((len(indices), *self.poison_boxes.shape[1:]), dtype=self.poison_boxes.dtype)
+        out[hit] = self.poison_boxes[pos[hit]]
+        return out
+
     def poison_mask(self, n_train: int) -> np.ndarray:
         """Ground truth, for evaluation only: True where a training image carries the trigger."""
         mask = np.zeros(n_train, dtype=bool)

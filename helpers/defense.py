@@ -40,7 +40,6 @@ from .data import ImageList, load_data, write_file_list
 from .evaluate import extract_features
 from .params import Params
 from .poison_classifier import (
-    ClassifierConfig,
     predict_logits,
     proxy_validation,
     train_classifier,
@@ -140,15 +139,23 @@ def defense_context(params: Params, variant: str = "poisoned", progress: bool = 
     )
 
 
-def heatmaps(ctx: DefenseContext, method: str, idx: np.ndarray, progress: bool = False) -> torch.Tensor:
-    """Localization heatmaps ``len(idx) x H x W`` of training images ``idx`` (each for its own cluster)."""
+def heatmaps(
+    ctx: DefenseContext, method: str, idx: np.ndarray, progress: bool = False, masks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Localization heatmaps ``len(idx) x H x W`` of training images ``idx`` (each for its own cluster);
+    PoisonCAM uses ``masks`` when given, else the profile's (``search_masks``)."""
     q = ctx.params.search
     x = ctx.normalise(ctx.pixels[idx])
     targets = torch.as_tensor(ctx.assignment[idx])
     if method == "patchsearch":
         return grad_cam_batched(ctx.model, x, targets, max(1, q.batch_size // 4))
-    masks = make_masks(q.mask_strategy, q.masks, ctx.size, q.mask_grid, q.mask_keep, q.seed)
+    masks = search_masks(ctx) if masks is None else masks
     return poisoncam_heatmaps(ctx.model, x, targets, masks, ctx.outlier_stats, q.batch_size, progress)
+
+
+def search_masks(ctx: DefenseContext) -> torch.Tensor:
+    q = ctx.params.search
+    return make_masks(q.mask_strategy, q.masks, ctx.size, q.mask_grid, q.mask_keep, q.seed)
 
 
 class Scorer:
@@ -161,6 +168,7 @@ class Scorer:
         flip = torch.as_tensor(ctx.flip_idx)
         self.flip_pixels = ctx.pixels[flip].to(ctx.normalise.device)
         self.flip_before = torch.as_tensor(ctx.assignment[ctx.flip_idx])
+        self.masks = search_masks(ctx) if method == "poisoncam" else None  # drawn once, used every round
         self.seconds = {"heatmaps": 0.0, "flip_test": 0.0}
         self.n_heatmaps = 0
 
@@ -169,7 +177,7 @@ class Scorer:
         if not len(todo):
             return
         start = time.perf_counter()
-        maps = heatmaps(self.ctx, self.method, todo)
+        maps = heatmaps(self.ctx, self.method, todo, masks=self.masks)
         for w in self.windows:
             xs, ys = best_windows(maps, w)
             self.corner[w][todo] = np.stack([xs.numpy(), ys.numpy()], 1)
@@ -295,10 +303,6 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
         pool = training_pool(ranking, c.exclude_top, val_idx)
         cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
         normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
-        cfg = ClassifierConfig(
-            c.width, c.stem_stride, c.batch_size, c.max_iters, c.eval_every, c.patience, c.lr, c.weight_decay,
-            c.paste_p, c.crop_min_scale,
-        )  # fmt: skip
         logits, histories = [], []
         for m in range(c.n_models):
             model, history = train_classifier(
@@ -308,7 +312,7 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
                 w,
                 val_idx,
                 val_labels,
-                cfg,
+                c,
                 cfg_ssl.mean,
                 cfg_ssl.std,
                 c.seed + m,

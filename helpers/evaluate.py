@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import io
 from .attack import patched_val_pixels, run_attack
 from .cache import cached_stage
+from .cam import Normaliser
 from .data import load_data, write_file_list
 from .train import augment_config, load_backbone, train_stage
 
@@ -32,15 +33,11 @@ def extract_features(
     backbone: torch.nn.Module, pixels, mean, std, batch_size: int = 512, progress: bool = False, desc: str = "features"
 ) -> np.ndarray:
     """Backbone features of uint8 ``N x 3 x H x W`` images (eval mode, no augmentation)."""
-    device = next(backbone.parameters()).device
+    normalise = Normaliser(mean, std, next(backbone.parameters()).device)
     backbone.eval()
-    mean_t = torch.tensor(mean, device=device)[:, None, None]
-    std_t = torch.tensor(std, device=device)[:, None, None]
     out = []
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = torch.as_tensor(np.asarray(pixels[start : start + batch_size])).to(device)
-        x = ((batch.float() / 255 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
-        out.append(backbone(x).float().cpu())
+        out.append(backbone(normalise(pixels[start : start + batch_size])).float().cpu())
     return torch.cat(out).numpy()
 
 

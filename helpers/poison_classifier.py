@@ -19,8 +19,6 @@ As in the paper and its code (``patch_search_poison_classifier.py``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentConfig, BatchAugment
 from .kernels import paste_patches
 from .models import ResNet
+from .params import ClassifierParams
 
 
 class PoisonNet(nn.Module):
@@ -60,20 +59,6 @@ def f1_score(preds: np.ndarray, labels: np.ndarray) -> float:
     fp = int(((preds == 1) & (labels == 0)).sum())
     fn = int(((preds == 0) & (labels == 1)).sum())
     return 2 * tp / max(2 * tp + fp + fn, 1)
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    width: int = 16
-    stem_stride: int = 1
-    batch_size: int = 32
-    max_iters: int = 2000
-    eval_every: int = 20
-    patience: int = 10
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    paste_p: float = 0.5
-    crop_min_scale: float = 0.2
 
 
 def paste_random_patches(
@@ -120,7 +105,7 @@ def train_classifier(
     window: int,
     val_idx: np.ndarray,
     val_labels: np.ndarray,
-    cfg: ClassifierConfig,
+    cfg: ClassifierParams,
     mean,
     std,
     seed: int,

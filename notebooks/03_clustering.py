@@ -102,8 +102,7 @@ table
 # %%
 def cluster_grid(c, n):
     members = np.flatnonzero(assignment == c)[:n]
-    where = {int(i): j for j, i in enumerate(A.poison_idx)}
-    boxes = np.stack([A.poison_boxes[where[i]] if i in where else np.zeros((1, 4), int) for i in members])
+    boxes = A.boxes_of(members)
     titles = [D.train.classes[D.train.labels[i]] for i in members]
     return plotting.show_images(X[members].numpy(), titles, boxes, ncols=8)
 

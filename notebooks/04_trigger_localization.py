@@ -66,7 +66,7 @@ rng = np.random.default_rng(0)
 n = min(P.figures.localization_sample, int(poison.sum()))
 sample_p = np.sort(rng.choice(np.flatnonzero(poison), n, replace=False))
 sample_c = np.sort(rng.choice(np.flatnonzero(~poison), n, replace=False))
-boxes = A.poison_boxes[np.searchsorted(A.poison_idx, sample_p), 0, :3]
+boxes = A.boxes_of(sample_p)[:, 0, :3]
 maps, seconds = {}, {}
 for method in ("patchsearch", "poisoncam"):
     start = time.perf_counter()

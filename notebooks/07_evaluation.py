@@ -134,7 +134,7 @@ for m, label in METHODS.items():
     removed[m] = np.load(clf / "classifier.npz")["removed"]
     f, r = found[m], removed[m]
     scored_p = np.flatnonzero(f["scored"] & poison)
-    boxes = A.poison_boxes[np.searchsorted(A.poison_idx, scored_p), 0, :3]
+    boxes = A.boxes_of(scored_p)[:, 0, :3]
     corners = f["corners"][scored_p]
     hits = cam.window_hits(corners[:, 0], corners[:, 1], f["window"], boxes)
     rows.append(
@@ -202,8 +202,7 @@ scores = pd.read_csv(defense.classifier_stage(defense.with_method(P, "poisoncam"
 order = np.argsort(-scores["classifier_logit"].to_numpy(), kind="stable")
 n = P.figures.n_examples // 2
 for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])):
-    where = {int(i): j for j, i in enumerate(A.poison_idx)}
-    boxes = np.stack([A.poison_boxes[where[i]] if i in where else np.zeros((1, 4), int) for i in idx])
+    boxes = A.boxes_of(idx)
     titles = [("poison " if poison[i] else "") + D.train.classes[D.train.labels[i]] for i in idx]
     fig = plotting.show_images(X[idx].numpy(), titles, boxes, ncols=n)
     fig.suptitle(name.replace("_", " "), y=1.05)

@@ -167,3 +167,12 @@ def test_original_sizes_with_resized_cache(tmp_path):
     pixels = attack.poisoned_train_pixels(d, a, image_size=24)
     files = data.decode_images([a.train_poisoned.paths[i] for i in a.poison_idx], 24, progress=False)
     assert np.array_equal(pixels[a.poison_idx].numpy(), files)
+
+
+def test_boxes_of_gives_each_image_its_trigger_box_or_zeros(tiny_params):
+    d, a = plant(tiny_params)
+    clean = np.flatnonzero(~a.poison_mask(len(d.train.images)))[:3]
+    order = np.r_[a.poison_idx[::-1], clean]
+    boxes = a.boxes_of(order)
+    assert np.array_equal(boxes[: len(a.poison_idx)], a.poison_boxes[::-1])
+    assert not boxes[len(a.poison_idx) :].any()
