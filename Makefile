@@ -46,5 +46,6 @@ data: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m helpers.bench $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
-clean-artifacts:
-	rm -rf artifacts runs
+## Remove every cached stage result, listing each first (never silently).
+clean-artifacts: $(STAMP)
+	$(PY) -m helpers.cache --clean

@@ -7,6 +7,7 @@ in one run on this machine (each pair on the same inputs, outputs checked equal)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -122,15 +123,163 @@ TRAINING_CASES = [
 ]
 
 
-def bench_training(batch: int = 128, steps: int = 3) -> None:
-    """SSL training throughput (images per second, two views each) per method and backbone."""
-    import dataclasses
+def ssl_rate(p, precision: str = "fp32", compile: bool = False, batch: int = 128, steps: int = 3) -> float:
+    """Images per second of ``train_ssl`` (two views each) after ``warmup`` steps, on random pixels."""
     import tempfile
 
-    from .params import SSLParams
     from .train import train_ssl
 
-    pixels = torch.randint(0, 256, (batch * (steps + 1), 3, 32, 32), dtype=torch.uint8)
+    warmup = 2 if compile else 1  # compilation happens in the first steps
+    pixels = torch.randint(0, 256, (batch * (steps + warmup + 1), 3, 32, 32), dtype=torch.uint8)
+    p = dataclasses.replace(p, epochs=1, batch_size=batch)
+    times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train_ssl(
+            pixels,
+            p,
+            Path(tmp),
+            progress=False,
+            on_step=lambda e, s: times.append(time.perf_counter()),
+            precision=precision,
+            compile=compile,
+        )
+    return batch * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
+
+
+def profile_ssl():
+    """The SSL setting of the cifar10 profile (MoCo-v2, ResNet-18/2, stride-2 stem, AdamW)."""
+    from .params import SSLParams
+
+    return dataclasses.replace(
+        SSLParams(), width=32, stem_stride=2, optimizer="adamw", lr=1e-3, weight_decay=1e-4, crop_min_scale=0.4
+    )
+
+
+def bench_precision() -> None:
+    """bf16 autocast against fp32 on this machine: the SSL step, feature extraction and the flip test."""
+    from .cam import assign
+    from .compute import resolve_precision
+    from .evaluate import extract_features
+    from .search import flip_test, paste_locations
+
+    if resolve_precision("auto") != "bf16":
+        print("precision: this machine has no native bf16 (auto = fp32); bf16 ratios skipped")
+        return
+    rates = {prec: ssl_rate(profile_ssl(), prec, batch=256, steps=4) for prec in ("fp32", "bf16")}
+    print(
+        f"SSL training step (cifar10 profile, batch 256): fp32 {rates['fp32']:,.0f} img/s, bf16 "
+        f"{rates['bf16']:,.0f} img/s, bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}x"
+    )
+    model, norm, pixels = _cluster_model()
+    pixels = pixels.repeat(4, 1, 1, 1)  # 2,048 images
+    mean, std = norm.mean[:, 0, 0].tolist(), norm.std[:, 0, 0].tolist()
+    feats, times = {}, {}
+    for prec in ("fp32", "bf16"):
+
+        def extract(p=prec):
+            feats[p] = extract_features(model.backbone, pixels, mean, std, precision=p)
+
+        times[prec] = best_of(extract, 2)
+    cos = (
+        (feats["fp32"] * feats["bf16"]).sum(1)
+        / np.linalg.norm(feats["fp32"], axis=1)
+        / np.linalg.norm(feats["bf16"], axis=1)
+    )
+    print(
+        f"feature extraction {len(pixels)} images: fp32 {len(pixels) / times['fp32']:,.0f} img/s, bf16 "
+        f"{len(pixels) / times['bf16']:,.0f} img/s, bf16/fp32 {times['fp32'] / times['bf16']:.2f}x "
+        f"(cosine of the two features: min {cos.min():.4f})"
+    )
+    n_flip, n_cand, window = 100, 48, 12
+    flips = pixels[:n_flip]
+    patches = pixels[200 : 200 + n_cand, :, 4 : 4 + window, 4 : 4 + window].contiguous()
+    loc = paste_locations(np.arange(n_cand), n_flip, 32, 32, window, seed=0)
+    scores, times = {}, {}
+    for prec in ("fp32", "bf16"):
+        model.precision = prec
+        before = assign(model, norm(flips))
+        clusters = assign(model, norm(pixels[200 : 200 + n_cand]))
+
+        def run(p=prec, before=before, clusters=clusters):
+            scores[p] = flip_test(model, norm, flips, before, patches, clusters, loc, batch_size=256)
+
+        times[prec] = best_of(run, 2)
+    model.precision = "fp32"
+    same = float((scores["fp32"] == scores["bf16"]).mean())
+    print(
+        f"flip test {n_cand} candidates x {n_flip} flip images: fp32 {n_cand / times['fp32']:,.1f} candidates/s, "
+        f"bf16 {n_cand / times['bf16']:,.1f} candidates/s, bf16/fp32 {times['fp32'] / times['bf16']:.2f}x "
+        f"(same score for {same:.0%} of the candidates; mean |difference| "
+        f"{np.abs(scores['fp32'] - scores['bf16']).mean():.2f} flips of {n_flip})"
+    )
+
+
+def bench_compile() -> None:
+    """torch.compile of the SSL step (its networks) and of feature extraction, against eager mode."""
+    from .compute import resolve_precision
+    from .evaluate import extract_features
+
+    precision = resolve_precision("auto")
+    eager = ssl_rate(profile_ssl(), precision, batch=256, steps=4)
+    compiled = ssl_rate(profile_ssl(), precision, compile=True, batch=256, steps=4)
+    print(
+        f"SSL training step ({precision}): eager {eager:,.0f} img/s, torch.compile {compiled:,.0f} img/s, "
+        f"compiled/eager {compiled / eager:.2f}x (compile time not counted)"
+    )
+    model, norm, pixels = _cluster_model()
+    pixels = pixels.repeat(4, 1, 1, 1)
+    mean, std = norm.mean[:, 0, 0].tolist(), norm.std[:, 0, 0].tolist()
+    t_eager = best_of(lambda: extract_features(model.backbone, pixels, mean, std, precision=precision), 2)
+    compiled_backbone = torch.compile(model.backbone)
+    extract_features(compiled_backbone, pixels[:512], mean, std, precision=precision)  # compiles
+    t_compiled = best_of(lambda: extract_features(compiled_backbone, pixels, mean, std, precision=precision), 2)
+    print(
+        f"feature extraction ({precision}): eager {len(pixels) / t_eager:,.0f} img/s, torch.compile "
+        f"{len(pixels) / t_compiled:,.0f} img/s, compiled/eager {t_eager / t_compiled:.2f}x"
+    )
+
+
+def _side_by_side_worker(threads: int, precision: str, queue) -> None:
+    torch.set_num_threads(threads)
+    queue.put(ssl_rate(profile_ssl(), precision, batch=256, steps=4))
+
+
+def bench_side_by_side() -> None:
+    """Two trainings at once, one thread each, against one training on every thread (the pipeline's choice)."""
+    import multiprocessing as mp
+
+    from .compute import resolve_precision
+
+    cpus = torch.get_num_threads()
+    if cpus < 2:
+        print("side by side: one thread only, nothing to compare")
+        return
+    precision = resolve_precision("auto")
+    ctx = mp.get_context("spawn")
+    results = {}
+    for label, procs, threads in (("one training", 1, cpus), (f"{cpus} trainings side by side", cpus, 1)):
+        queue = ctx.Queue()
+        workers = [ctx.Process(target=_side_by_side_worker, args=(threads, precision, queue)) for _ in range(procs)]
+        for w in workers:
+            w.start()
+        rates = [queue.get() for _ in workers]
+        for w in workers:
+            w.join()
+        results[label] = (sum(rates), procs, threads)
+    (one, _, _), (many, procs, _) = results.values()
+    print(
+        f"SSL training ({precision}) on {cpus} threads: one training with {cpus} threads {one:,.0f} img/s; "
+        f"{procs} trainings with 1 thread each {many:,.0f} img/s in all, ratio {many / one:.2f}x"
+    )
+
+
+def bench_training(batch: int = 128, steps: int = 3) -> None:
+    """SSL training throughput (images per second, two views each) per method and backbone, in the
+    precision ``auto`` resolves to."""
+    from .compute import resolve_precision
+    from .params import SSLParams
+
+    precision = resolve_precision("auto")
     for method, arch, width, stride in TRAINING_CASES:
         p = dataclasses.replace(
             SSLParams(),
@@ -138,19 +287,14 @@ def bench_training(batch: int = 128, steps: int = 3) -> None:
             arch=arch,
             width=width or 64,
             stem_stride=stride or 1,
-            epochs=1,
-            batch_size=batch,
             vit_depth=6,
             queue_size=1024,
         )
-        times = []
-        with tempfile.TemporaryDirectory() as tmp:
-            train_ssl(pixels, p, Path(tmp), progress=False, on_step=lambda e, s, t=times: t.append(time.perf_counter()))
-        rate = batch * (len(times) - 2) / (times[-1] - times[1])  # steps 2..n: after the warm-up step
+        rate = ssl_rate(p, precision, batch=batch, steps=steps)
         name = f"{method} {arch}" + (
             f" width {width} stem stride {stride}" if arch != "vit" else " (patch 4, dim 192, depth 6)"
         )
-        print(f"train {name}: {rate:,.0f} img/s")
+        print(f"train {name} ({precision}): {rate:,.0f} img/s")
 
 
 def _cluster_model(width: int = 32, stride: int = 2, k: int = 100, seed: int = 0):
@@ -218,8 +362,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--images", type=int, default=5000, help="images to decode for the cache benchmark")
+    parser.add_argument(
+        "--only", nargs="*", choices=["precision", "compile", "side_by_side"], help="run only these benchmarks"
+    )
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    chosen = {
+        "precision": bench_precision,
+        "compile": bench_compile,
+        "side_by_side": bench_side_by_side,
+    }
+    if args.only:
+        for name in args.only:
+            chosen[name]()
+        return
+    for bench in chosen.values():
+        bench()
     bench_paste()
     bench_flip_test()
     bench_grad_cam()

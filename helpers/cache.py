@@ -7,9 +7,12 @@ A killed computation leaves no half-written result; the next run simply recomput
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import paths
-from .params import Params, stage_hash, stage_params
+from .params import Params, stage_hash, stage_key_material, stage_params
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,16 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
     tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        start = time.perf_counter()
         compute(tmp, final)
+        info = {
+            "stage": stage,
+            "key": key,
+            "seconds": round(time.perf_counter() - start, 1),
+            "finished_unix": round(time.time(), 1),
+            "key_material": stage_key_material(params, stage),
+        }
+        (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MARKER).write_text(yaml.safe_dump(stage_params(params, stage), sort_keys=True))
         if final.exists():  # an incomplete folder from an older crash, or a concurrent run that won
             if (final / MARKER).is_file():
@@ -64,3 +76,40 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return StageResult(stage, key, final, hit=False)
+
+
+def computed_since(since_unix: float) -> list[dict]:
+    """``stage.json`` of every stage result finished after ``since_unix`` (the runner's timings)."""
+    root = paths.artifacts_dir()
+    found = []
+    for info in root.glob("*/*/stage.json") if root.is_dir() else []:
+        data = json.loads(info.read_text())
+        if data.get("finished_unix", 0) >= since_unix:
+            found.append(data)
+    return sorted(found, key=lambda d: d["finished_unix"])
+
+
+def clean(dry_run: bool = False) -> list[Path]:
+    """Remove the whole artifacts folder, first listing every stage result in it (and unfinished work)."""
+    root = paths.artifacts_dir()
+    entries = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
+    for entry in entries:
+        done = "complete" if (entry / MARKER).is_file() else "unfinished"
+        print(f"{'would remove' if dry_run else 'removing'} {entry.relative_to(root.parent)} ({done})")
+    if not entries:
+        print(f"nothing to remove under {root}")
+    if not dry_run and root.is_dir():
+        shutil.rmtree(root)
+    return entries
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The stage cache: list or remove cached stage results.")
+    parser.add_argument("--clean", action="store_true", help="remove every cached result, listing each")
+    parser.add_argument("--dry-run", action="store_true", help="only list what --clean would remove")
+    args = parser.parse_args(argv)
+    clean(dry_run=args.dry_run or not args.clean)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,16 +37,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compute import autocast, fp32_region
+
 
 class ClusterClassifier(nn.Module):
-    """Backbone + cosine classifier whose weights are the L2-normalised k-means centres."""
+    """Backbone + cosine classifier whose weights are the L2-normalised k-means centres.
 
-    def __init__(self, backbone: nn.Module, centroids: np.ndarray | torch.Tensor, cam_layer: str | None = None) -> None:
+    The backbone runs in ``precision`` (``fp32`` or ``bf16`` autocast, ``helpers.compute``); its features are
+    cast to fp32 before they are normalised, and the cosines are computed in fp32."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        centroids: np.ndarray | torch.Tensor,
+        cam_layer: str | None = None,
+        precision: str = "fp32",
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         c = torch.as_tensor(np.asarray(centroids), dtype=torch.float32)
         self.register_buffer("centroids", F.normalize(c, dim=1))
         self.cam_layer_name = cam_layer
+        self.precision = precision
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -59,10 +71,14 @@ class ClusterClassifier(nn.Module):
         return getattr(self.backbone, self.cam_layer_name)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.backbone(x).float(), dim=1)
+        with autocast(x.device, self.precision):
+            feats = self.backbone(x)
+        return F.normalize(feats.float(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x) @ self.centroids.T
+        feats = self.features(x)
+        with fp32_region(x.device):
+            return feats @ self.centroids.T
 
 
 class Normaliser:
@@ -221,10 +237,11 @@ def poisoncam_heatmaps(
     for start in tqdm(range(0, len(x), per_batch), desc="PoisonCAM", disable=not progress, leave=False):
         xb, cb = x[start : start + per_batch], clusters[start : start + per_batch].to(device)
         masked = (xb[:, None] * masks[None]).flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        feats = model.features(masked).view(len(xb), n_masks, -1)
-        d = 1 - (feats * model.centroids[cb][:, None, :]).sum(-1)  # n x B
-        z = (d - mean_std[cb, :1]) / mean_std[cb, 1:]
-        heat = torch.einsum("nb,bhw->nhw", z, hidden_w) - torch.einsum("nb,bhw->nhw", z, kept_w)
+        feats = model.features(masked).view(len(xb), n_masks, -1)  # fp32, whatever the backbone's precision
+        with fp32_region(device):
+            d = 1 - (feats * model.centroids[cb][:, None, :]).sum(-1)  # n x B
+            z = (d - mean_std[cb, :1]) / mean_std[cb, 1:]
+            heat = torch.einsum("nb,bhw->nhw", z, hidden_w) - torch.einsum("nb,bhw->nhw", z, kept_w)
         out.append(_min_max(heat).cpu())
     return torch.cat(out) if out else torch.zeros(0, *x.shape[-2:])
 

@@ -34,8 +34,10 @@ from .cam import (
     grad_cam_batched,
     make_masks,
     poisoncam_heatmaps,
+    window_hits,
 )
 from .cluster import kmeans, l2_normalise
+from .compute import device_for_run
 from .data import ImageList, load_data, write_file_list
 from .evaluate import extract_features
 from .params import Params
@@ -45,8 +47,16 @@ from .poison_classifier import (
     train_classifier,
     training_pool,
 )
-from .search import SearchResult, flip_set, flip_test, iterative_search, paste_locations, relative_std
-from .train import augment_config, device_for_run, load_backbone, train_stage
+from .search import (
+    SearchResult,
+    flip_set,
+    flip_test,
+    iterative_search,
+    paste_locations,
+    relative_std,
+    top_k_accuracy,
+)
+from .train import augment_config, load_backbone, train_stage
 
 VARIANTS = ("poisoned", "clean")
 
@@ -81,7 +91,16 @@ def cluster_stage(params: Params, variant: str = "poisoned", progress: bool = Tr
         size = pixels.shape[-1]
         backbone = load_backbone(params, model_dir, size)
         cfg = augment_config(params.ssl, size)
-        feats = extract_features(backbone, pixels, cfg.mean, cfg.std, params.cluster.batch_size, progress, "features")
+        feats = extract_features(
+            backbone,
+            pixels,
+            cfg.mean,
+            cfg.std,
+            params.cluster.batch_size,
+            progress,
+            "features",
+            params.compute.precision,
+        )
         feats = l2_normalise(feats)
         clustering = kmeans(feats, params.cluster.k, params.cluster.seed, params.cluster.iterations)
         assignment = np.argmax(feats @ clustering.centroids.T, axis=1)
@@ -124,7 +143,8 @@ def defense_context(params: Params, variant: str = "poisoned", progress: bool = 
     z = np.load(cluster_dir / "clustering.npz")
     device = device_for_run()
     backbone = load_backbone(params, model_dir, pixels.shape[-1])
-    model = ClusterClassifier(backbone, z["centroids"], params.search.cam_layer).to(device).eval()
+    model = ClusterClassifier(backbone, z["centroids"], params.search.cam_layer, params.compute.precision)
+    model = model.to(device).eval()
     cfg = augment_config(params.ssl, pixels.shape[-1])
     return DefenseContext(
         params,
@@ -318,9 +338,10 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
                 c.seed + m,
                 normalise,
                 progress,
+                params.compute.precision,
             )
             histories += [{"model": m, **h} for h in history]
-            logits.append(predict_logits(model, normalise, pixels).numpy())
+            logits.append(predict_logits(model, normalise, pixels, precision=params.compute.precision).numpy())
         logits = np.stack(logits)
         mean_logits = logits.mean(0)
         removed = mean_logits.argmax(1) == 1
@@ -359,3 +380,22 @@ def kept_indices(params: Params, progress: bool = False) -> np.ndarray:
     params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=False))
     z = np.load(classifier_stage(params, "poisoned", progress) / "classifier.npz")
     return np.flatnonzero(~z["removed"])
+
+
+def detection_metrics(found: dict, removed: np.ndarray, poison: np.ndarray, boxes: np.ndarray, k: int = 20) -> dict:
+    """A row of the paper's Table 1 (ground truth: for evaluation only): top-k accuracy of the search's
+    ranking, recall, precision and total of the classifier's removals, and how often the candidate window
+    of a scored poisoned image hits its trigger. ``boxes`` are the true ``(x, y, side)`` boxes of the
+    scored poisons (``np.flatnonzero(found["scored"] & poison)``, in that order)."""
+    scored_poisons = np.flatnonzero(found["scored"] & poison)
+    corners = found["corners"][scored_poisons]
+    hits = window_hits(corners[:, 0], corners[:, 1], found["window"], boxes)
+    return {
+        "poisons": int(poison.sum()),
+        "w": found["window"],
+        f"top-{k} acc (%)": 100 * top_k_accuracy(found["ranking"], poison, k),
+        "recall (%)": 100 * (removed & poison).sum() / poison.sum(),
+        "precision (%)": 100 * (removed & poison).sum() / max(removed.sum(), 1),
+        "total removed": int(removed.sum()),
+        "trigger hit, scored poisons (%)": 100 * hits.mean() if len(hits) else float("nan"),
+    }

@@ -24,20 +24,32 @@ from . import io
 from .attack import patched_val_pixels, run_attack
 from .cache import cached_stage
 from .cam import Normaliser
+from .compute import autocast
 from .data import load_data, write_file_list
 from .train import augment_config, load_backbone, train_stage
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: torch.nn.Module, pixels, mean, std, batch_size: int = 512, progress: bool = False, desc: str = "features"
+    backbone: torch.nn.Module,
+    pixels,
+    mean,
+    std,
+    batch_size: int = 512,
+    progress: bool = False,
+    desc: str = "features",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Backbone features of uint8 ``N x 3 x H x W`` images (eval mode, no augmentation)."""
-    normalise = Normaliser(mean, std, next(backbone.parameters()).device)
+    """Backbone features of uint8 ``N x 3 x H x W`` images (eval mode, no augmentation), computed in
+    ``precision`` (``helpers.compute``) and returned as fp32."""
+    device = next(backbone.parameters()).device
+    normalise = Normaliser(mean, std, device)
     backbone.eval()
     out = []
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(backbone(normalise(pixels[start : start + batch_size])).float().cpu())
+        with autocast(device, precision):
+            feats = backbone(normalise(pixels[start : start + batch_size]))
+        out.append(feats.float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -170,7 +182,9 @@ def evaluate_stage(params, variant: str, icutmix: bool = False, progress: bool =
         cfg = augment_config(params.ssl, image_size)
         sets = {"train": data.train.pixels, "val": data.val.pixels, "patched": patched_val_pixels(data, attack)}
         feats = {
-            k: extract_features(backbone, v, cfg.mean, cfg.std, e.batch_size, progress, f"features {k}")
+            k: extract_features(
+                backbone, v, cfg.mean, cfg.std, e.batch_size, progress, f"features {k}", params.compute.precision
+            )
             for k, v in sets.items()
         }
         np.savez(out / "features.npz", **feats)

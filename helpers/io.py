@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -46,3 +47,42 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely (not weights only, or not readable); names the file."""
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Weights as safetensors (no pickle: loading runs no code)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def save_state(path: str | Path, state: dict) -> Path:
+    """A training state (state dicts of tensors, numbers and strings) for ``load_state``."""
+    return atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only. A file that carries
+    any other pickled object is refused with an error naming it, never executed."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects; RuntimeError and others for damaged files
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a weights-only checkpoint (it holds a pickled object other "
+            f"than tensors, numbers and containers, or is damaged): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e

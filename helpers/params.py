@@ -82,7 +82,6 @@ class SSLParams:
     crop_min_scale: float = 0.2  # random resized crop scale range [crop_min_scale, 1]
     blur_p: float = 0.0  # Gaussian blur probability (MoCo-v2 at 224 px: 0.5)
     icutmix: bool = False  # i-CutMix (the notebooks also train it on purpose as a baseline)
-    threads: int | None = None  # torch threads; None = torch's default
     seed: int = 0
 
 
@@ -143,6 +142,16 @@ class ClassifierParams:
 
 
 @dataclass(frozen=True)
+class ComputeParams:
+    """How the networks run (``helpers.compute``). Only ``precision`` can change a result, so only it enters
+    the cache keys; threads and compilation change the speed alone."""
+
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 where the device has it natively
+    compile: bool = False  # torch.compile the SSL training step (see make bench for whether it pays)
+    threads: int | None = None  # torch threads of a stage run alone; None = torch's default
+
+
+@dataclass(frozen=True)
 class FigureParams:
     n_examples: int = 16  # images per example grid
     localization_sample: int = 200  # poisoned (and as many clean) images whose heatmaps notebook 04 evaluates
@@ -160,6 +169,7 @@ class Params:
     cluster: ClusterParams = field(default_factory=ClusterParams)
     search: SearchParams = field(default_factory=SearchParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
     figures: FigureParams = field(default_factory=FigureParams)
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +322,12 @@ def _check_ranges(p: Params, source: str) -> None:
     for key, value in (("classifier.exclude_top", c.exclude_top), ("classifier.paste_p", c.paste_p)):
         if not 0 <= value < 1:
             raise bad(key, value, "must be in [0, 1)")
+    if p.compute.precision not in ("auto", "fp32", "bf16"):
+        raise ParamsError(
+            f"{source}: key 'compute.precision' = {p.compute.precision!r} must be one of auto, fp32, bf16"
+        )
+    if p.compute.threads is not None and p.compute.threads < 1:
+        raise bad("compute.threads", p.compute.threads, "must be at least 1 or null")
     if p.figures.n_examples < 1:
         raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
 
@@ -362,18 +378,61 @@ def resolve_data_root(params: Params) -> Path:
 
 
 def with_resolved_root(params: Params) -> Params:
-    """The same params with ``data.root`` made absolute, so cache keys say which data they were made from."""
+    """The same params with ``data.root`` made absolute and ``compute.precision: auto`` resolved to the
+    precision this machine runs (``helpers.compute``), so cache keys say what they were made from."""
+    from .compute import resolve_precision
+
     root = resolve_data_root(params)
-    return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(root)))
+    precision = resolve_precision(params.compute.precision)
+    return dataclasses.replace(
+        params,
+        data=dataclasses.replace(params.data, root=str(root)),
+        compute=dataclasses.replace(params.compute, precision=precision),
+    )
+
+
+# Stages whose result depends on the precision of the networks they run.
+NETWORK_STAGES = frozenset(s for s in STAGE_INPUTS if s not in ("data", "attack"))
+
+
+def resolve_input_path(path: str | Path) -> Path:
+    """A file named in a params file: absolute as given, else relative to the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else paths.REPO_ROOT / path
 
 
 def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    """The params ``stage`` reads: its sections (``STAGE_INPUTS``) and, for stages that run networks, the
+    precision they run in."""
     if stage not in STAGE_INPUTS:
         raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_INPUTS)})")
     full = params.to_dict()
-    return {section: full[section] for section in STAGE_INPUTS[stage]}
+    out = {section: full[section] for section in STAGE_INPUTS[stage]}
+    if stage in NETWORK_STAGES:
+        out["compute"] = {"precision": full["compute"]["precision"]}
+    return out
+
+
+def stage_key_material(params: Params, stage: str) -> dict[str, Any]:
+    """Everything the stage's cache key hashes: its params, with the data root replaced by a manifest of
+    the data files and a trigger PNG by its content, and the fingerprint of the code the stage runs."""
+    from . import fingerprint
+
+    material = stage_params(params, stage)
+    d = material["data"] = dict(material["data"])
+    if d.get("root"):
+        d["root"] = "manifest:" + fingerprint.data_manifest(d["root"], (d["train_split"], d["val_split"]))
+    if "attack" in material and material["attack"]["trigger"] != "random":
+        trigger = resolve_input_path(material["attack"]["trigger"])
+        if trigger.is_file():  # a missing file is reported by the attack, with the key that names it
+            material["attack"] = {**material["attack"], "trigger": "sha256:" + fingerprint.file_fingerprint(trigger)}
+    if stage in NETWORK_STAGES:  # what "auto" means on this machine, as the stage will run it
+        from .compute import resolve_precision
+
+        material["compute"] = {"precision": resolve_precision(material["compute"]["precision"])}
+    return {"params": material, "code": fingerprint.code_fingerprint(stage)}
 
 
 def stage_hash(params: Params, stage: str) -> str:
-    blob = json.dumps(stage_params(params, stage), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(stage_key_material(params, stage), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

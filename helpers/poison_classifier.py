@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, BatchAugment
+from .compute import autocast, fp32_region
 from .kernels import paste_patches
 from .models import ResNet
 from .params import ClassifierParams
@@ -92,9 +93,14 @@ def paste_random_patches(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, normalise, pixels, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(model: nn.Module, normalise, pixels, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
+    """Logits (fp32) of uint8 images, the network run in ``precision``."""
     model.eval()
-    out = [model(normalise(pixels[i : i + batch_size])).float().cpu() for i in range(0, len(pixels), batch_size)]
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        with autocast(normalise.device, precision):
+            logits = model(normalise(pixels[i : i + batch_size]))
+        out.append(logits.float().cpu())
     return torch.cat(out)
 
 
@@ -111,8 +117,10 @@ def train_classifier(
     seed: int,
     normalise,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[nn.Module, list[dict]]:
-    """One poison classifier; returns the model at the stop and its history (iteration, loss, proxy F1)."""
+    """One poison classifier; returns the model at the stop and its history (iteration, loss, proxy F1).
+    Forward and backward passes run in ``precision``; the loss in fp32."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     device = normalise.device
@@ -135,13 +143,16 @@ def train_classifier(
         x = aug.geometric(pixels[batch].to(device), g)
         x, labels = paste_random_patches(x, patches, cfg.paste_p, window, g)
         x = aug.photometric(x, g).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), labels)
+        with autocast(device, precision):
+            logits = model(x)
+        with fp32_region(device):
+            loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (it + 1) % cfg.eval_every == 0:
-            preds = predict_logits(model, normalise, val_pixels).argmax(1).numpy()
+            preds = predict_logits(model, normalise, val_pixels, precision=precision).argmax(1).numpy()
             f1 = f1_score(preds, val_labels)
             history.append({"iteration": it + 1, "loss": float(loss), "proxy_f1": f1})
             bar.set_postfix(loss=f"{float(loss):.3f}", f1=f"{f1:.2f}")

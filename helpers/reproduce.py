@@ -1,10 +1,14 @@
-"""Runner: execute every notebook in order with papermill and regenerate ``figures/<profile>/``.
+"""Runner: compute the expensive stages side by side, then execute every notebook in order with papermill
+and regenerate ``figures/<profile>/``.
 
     python -m helpers.reproduce --params params/cifar10.yaml [--data-root PATH] [--only 01_attack]
 
-The percent-format ``.py`` notebooks are the source; each executed copy goes to
-``runs/<profile>/<UTC time>/`` (never back over the sources) with the effective params beside it. At the
-end ``figures/<profile>/RECORD.md`` and ``record.json`` record the params, the commit and the timings.
+First ``helpers.pipeline`` computes the SSL models and the defenses, several stages at once (one per core
+on a CPU); the notebooks then find them in the cache (``--no-pipeline`` lets the notebooks compute them
+one after another instead). The percent-format ``.py`` notebooks are the source; each executed copy goes
+to ``runs/<profile>/<UTC time>/`` (never back over the sources) with the effective params beside it. At
+the end ``figures/<profile>/RECORD.md`` and ``record.json`` record the params, the commit, the minutes of
+every pipeline task, stage and notebook, and the wall time of the whole run.
 """
 
 from __future__ import annotations
@@ -46,10 +50,20 @@ def effective_params(params_path: Path, data_root: str | None) -> params_mod.Par
     return params_mod.with_resolved_root(p)  # fails early, with how to get the data, if it is missing
 
 
-def run(params_path: Path, data_root: str | None = None, only: list[str] | None = None, progress: bool = True) -> Path:
+def run(
+    params_path: Path,
+    data_root: str | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+    pipeline: bool = True,
+) -> Path:
     import jupytext
     import papermill
 
+    from . import cache
+    from . import pipeline as pipeline_mod
+
+    started_unix, started = time.time(), time.perf_counter()
     params = effective_params(params_path, data_root)
     # The kernel must be this interpreter (the project's environment), whatever PATH says.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -62,6 +76,10 @@ def run(params_path: Path, data_root: str | None = None, only: list[str] | None 
     notebooks = [nb for nb in paths.notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not notebooks:
         raise SystemExit(f"no notebook matches --only {only}")
+    tasks = {}
+    if pipeline and not only:
+        log.info("computing the stages side by side (logs: %s)", run_dir / "pipeline")
+        tasks = pipeline_mod.run_all(effective, run_dir / "pipeline", progress=progress)
     timings = {}
     for source in notebooks:
         log.info("running %s (profile %s)", source.name, params.profile)
@@ -77,13 +95,23 @@ def run(params_path: Path, data_root: str | None = None, only: list[str] | None 
         )
         timings[source.stem] = round(time.perf_counter() - start, 1)
         log.info("%s done in %.1f s", source.name, timings[source.stem])
-    write_record(params, params_path, run_dir, timings)
+    wall = round(time.perf_counter() - started, 1)
+    write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall)
     return run_dir
 
 
-def write_record(params: params_mod.Params, params_path: Path, run_dir: Path, timings: dict[str, float]) -> None:
+def write_record(
+    params: params_mod.Params,
+    params_path: Path,
+    run_dir: Path,
+    timings: dict[str, float],
+    tasks: dict[str, dict] | None = None,
+    stages: list[dict] | None = None,
+    wall_seconds: float | None = None,
+) -> None:
     import torch
 
+    tasks, stages = tasks or {}, stages or []
     figures = paths.figures_dir(params.profile)
     record = {
         "profile": params.profile,
@@ -92,6 +120,9 @@ def write_record(params: params_mod.Params, params_path: Path, run_dir: Path, ti
         else str(params_path),
         "commit": git_commit(),
         "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_seconds": wall_seconds,
+        "pipeline_task_seconds": {name: info["seconds"] for name, info in tasks.items()},
+        "stage_seconds": [{"stage": d["stage"], "key": d["key"], "seconds": d["seconds"]} for d in stages],
         "notebook_seconds": timings,
         "machine": {
             "platform": platform.platform(),
@@ -113,6 +144,29 @@ def write_record(params: params_mod.Params, params_path: Path, run_dir: Path, ti
         f"- machine: {record['machine']['platform']}, {record['machine']['cpus']} CPUs, torch "
         f"{record['machine']['torch']}, CUDA {'yes' if record['machine']['cuda'] else 'no'}",
         "",
+        f"- precision: {params.compute.precision}; whole run (stages and notebooks): "
+        + (f"{wall_seconds / 60:.1f} min" if wall_seconds is not None else "not measured"),
+        "",
+    ]
+    if tasks:
+        lines += [
+            "Pipeline tasks, run side by side (wall minutes of each, cache hits included):",
+            "",
+            "| task | minutes |",
+            "|---|---|",
+            *[f"| {name} | {info['seconds'] / 60:.1f} |" for name, info in tasks.items()],
+            "",
+        ]
+    if stages:
+        lines += [
+            "Stages computed in this run (compute minutes of each; the rest were cache hits):",
+            "",
+            "| stage | key | minutes |",
+            "|---|---|---|",
+            *[f"| {d['stage']} | {d['key']} | {d['seconds'] / 60:.1f} |" for d in stages],
+            "",
+        ]
+    lines += [
         "| notebook | seconds |",
         "|---|---|",
         *[f"| {name} | {sec} |" for name, sec in timings.items()],
@@ -135,10 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="*", help="run only the notebooks whose names start with these")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or streamed cell output")
+    parser.add_argument(
+        "--no-pipeline", action="store_true", help="let the notebooks compute every stage, one after another"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        run_dir = run(Path(args.params), args.data_root, args.only, progress=not args.quiet)
+        run_dir = run(Path(args.params), args.data_root, args.only, not args.quiet, not args.no_pipeline)
     except (params_mod.ParamsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     params = params_mod.load(args.params)

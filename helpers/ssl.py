@@ -9,6 +9,9 @@ lambda ~ Beta(1, 1) per batch, lambda = max(lambda, 1 - lambda); one box for the
 of sample i is perm[i] for a random permutation; lambda is recomputed from the clipped box area; the
 query view is mixed, the keys come from the unmixed other view, and the loss is
 lambda * loss(own key) + (1 - lambda) * loss(partner's key).
+
+Under bf16 autocast the networks run in bf16; every embedding is cast to fp32 before it is normalised,
+and the losses (similarities, softmax, cross-entropy) run in fp32 (``helpers.compute.fp32_region``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .compute import fp32_region
 
 
 def mlp(dims: list[int], bn_last: bool = False) -> nn.Sequential:
@@ -108,9 +113,13 @@ class MoCoV2(_Momentum):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def _embed(self, nets: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(nets[1](nets[0](x)), dim=1)
+        return F.normalize(nets[1](nets[0](x)).float(), dim=1)
 
     def _loss(self, q, k, negatives, perm=None, lam=1.0):
+        with fp32_region(q.device):
+            return self._info_nce(q, k, negatives, perm, lam)
+
+    def _info_nce(self, q, k, negatives, perm=None, lam=1.0):
         if perm is None:  # MoCo-v2: the own key is the positive, the queue holds the negatives
             logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / self.t
             return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
@@ -160,23 +169,26 @@ class BYOL(_Momentum):
         self.m = 1 - (1 - self.base_m) * (math.cos(math.pi * fraction) + 1) / 2
 
     def _online(self, x):
-        return F.normalize(self.predictor(self.online[1](self.online[0](x))), dim=1)
+        return F.normalize(self.predictor(self.online[1](self.online[0](x))).float(), dim=1)
 
     def _target(self, x):
         with torch.no_grad():
-            return F.normalize(self.target[1](self.target[0](x)), dim=1)
+            return F.normalize(self.target[1](self.target[0](x)).float(), dim=1)
 
     def forward(self, v1, v2, mix_generator: torch.Generator | None = None):
         loss = 0.0
         for a, b in [(v1, v2), (v2, v1)]:
             z = self._target(b)
             if mix_generator is None:
-                loss = loss + (2 - 2 * (self._online(a) * z).sum(1)).mean()
+                p = self._online(a)
+                with fp32_region(p.device):
+                    loss = loss + (2 - 2 * (p * z).sum(1)).mean()
             else:
                 a, perm, lam = icutmix(a, mix_generator)
                 p = self._online(a)
-                own, partner = (2 - 2 * (p * z).sum(1)), (2 - 2 * (p * z[perm]).sum(1))
-                loss = loss + (lam * own + (1 - lam) * partner).mean()
+                with fp32_region(p.device):
+                    own, partner = (2 - 2 * (p * z).sum(1)), (2 - 2 * (p * z[perm]).sum(1))
+                    loss = loss + (lam * own + (1 - lam) * partner).mean()
         return loss / 2
 
 
@@ -195,12 +207,13 @@ class SimCLR(nn.Module):
     def forward(self, v1, v2, mix_generator: torch.Generator | None = None):
         if mix_generator is not None:
             raise ValueError("ssl.icutmix is implemented for mocov2, byol and mocov3, not simclr")
-        z = F.normalize(self.head(self.backbone(torch.cat([v1, v2]))), dim=1)
+        z = F.normalize(self.head(self.backbone(torch.cat([v1, v2]))).float(), dim=1)
         n = len(v1)
-        sim = z @ z.T / self.t
-        sim.fill_diagonal_(float("-inf"))
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-        return F.cross_entropy(sim, targets)
+        with fp32_region(z.device):
+            sim = z @ z.T / self.t
+            sim.fill_diagonal_(float("-inf"))
+            targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+            return F.cross_entropy(sim, targets)
 
 
 class MoCoV3(_Momentum):
@@ -226,16 +239,17 @@ class MoCoV3(_Momentum):
             perm, lam = None, 1.0
             if mix_generator is not None:
                 a, perm, lam = icutmix(a, mix_generator)
-            q = F.normalize(self.predictor(self.online[1](self.online[0](a))), dim=1)
+            q = F.normalize(self.predictor(self.online[1](self.online[0](a))).float(), dim=1)
             with torch.no_grad():
-                k = gather(F.normalize(self.target[1](self.target[0](b)), dim=1))
+                k = gather(F.normalize(self.target[1](self.target[0](b)).float(), dim=1))
             offset = len(q) * (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-            logits = q @ k.T / self.t
-            own = torch.arange(len(q), device=q.device) + offset
-            ce = F.cross_entropy(logits, own)
-            if perm is not None:
-                ce = lam * ce + (1 - lam) * F.cross_entropy(logits, perm + offset)
-            loss = loss + 2 * self.t * ce
+            with fp32_region(q.device):
+                logits = q @ k.T / self.t
+                own = torch.arange(len(q), device=q.device) + offset
+                ce = F.cross_entropy(logits, own)
+                if perm is not None:
+                    ce = lam * ce + (1 - lam) * F.cross_entropy(logits, perm + offset)
+                loss = loss + 2 * self.t * ce
         return loss
 
 

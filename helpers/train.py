@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -27,16 +28,11 @@ from . import io
 from .attack import poisoned_train_pixels, run_attack
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, BatchAugment
 from .cache import cached_stage, stage_dir
+from .compute import autocast, device_for_run, resolve_precision
 from .data import load_data
 from .models import build_backbone
 from .params import Params, SSLParams
 from .ssl import build_method
-
-
-def device_for_run() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def dist_info() -> tuple[int, int]:
@@ -84,6 +80,15 @@ def _optimizer(model: torch.nn.Module, p: SSLParams, world: int) -> torch.optim.
     raise ValueError(f"ssl.optimizer must be sgd or adamw, got {p.optimizer!r}")
 
 
+def networks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The method's networks (backbones, heads, predictor), each once: the units ``compile`` compiles."""
+    found: dict[int, torch.nn.Module] = {}
+    for child in model.children():
+        for net in child if isinstance(child, torch.nn.ModuleList) else [child]:
+            found.setdefault(id(net), net)
+    return list(found.values())
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -94,8 +99,20 @@ def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    io.atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_checkpoint(checkpoint_dir: Path, state: dict, history: list[dict]) -> None:
+    """The resumable state: ``last.pt`` (weights and optimiser state only, loadable with
+    ``weights_only=True``) and ``last.json`` (the history), each written atomically, JSON first."""
+    io.write_json(checkpoint_dir / "last.json", {"epoch": state["epoch"], "history": history})
+    io.save_state(checkpoint_dir / "last.pt", state)
+
+
+def load_checkpoint(checkpoint_dir: Path, device: torch.device) -> tuple[dict, list[dict]] | None:
+    """The state and history of ``save_checkpoint``, or None when there is none yet."""
+    if not (checkpoint_dir / "last.pt").is_file():
+        return None
+    state = io.load_state(checkpoint_dir / "last.pt", map_location=device)
+    meta = json.loads((checkpoint_dir / "last.json").read_text())
+    return state, meta["history"][: state["epoch"]]  # a crash between the two writes leaves JSON ahead
 
 
 def train_ssl(
@@ -105,15 +122,18 @@ def train_ssl(
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train ``p.method`` on ``pixels`` (uint8 ``N x 3 x H x W``). Resumes from ``checkpoint_dir/last.pt``.
 
+    ``precision`` (``fp32`` / ``bf16`` / ``auto``) is that of the forward and backward passes
+    (``helpers.compute``); ``compile`` wraps the method in ``torch.compile``.
     ``on_step(epoch, step)`` is called before every step (tests use it to kill a run mid-epoch);
     ``on_epoch_end(epoch, model, history)`` after every epoch's checkpoint (the study evaluates there)."""
     rank, world = dist_info()
     device = device_for_run()
-    if p.threads:
-        torch.set_num_threads(p.threads)
+    precision = resolve_precision(precision, device)
     torch.manual_seed(p.seed)  # the initial weights
     image_size = pixels.shape[-1]
     model = build_model(p, image_size).to(device).to(memory_format=torch.channels_last)
@@ -125,16 +145,19 @@ def train_ssl(
     if steps == 0:
         raise ValueError(f"ssl.batch_size = {p.batch_size} x {world} processes exceeds the {len(pixels)} images")
     total, warmup = p.epochs * steps, p.warmup_epochs * steps
-    checkpoint = checkpoint_dir / "last.pt"
     start_epoch, history = 0, []
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    resumed = load_checkpoint(checkpoint_dir, device)
+    if resumed is not None:
+        state, history = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch = state["epoch"]
     trainer = model
     if world > 1:
         trainer = torch.nn.parallel.DistributedDataParallel(model)  # BN buffers follow rank 0
+    if compile:  # the networks only (in place: state-dict keys unchanged); the losses and the queue stay eager
+        for net in networks(model):
+            net.compile()
     model.train()
     for epoch in range(start_epoch, p.epochs):
         g = epoch_generator(p.seed, epoch, 0)
@@ -156,7 +179,8 @@ def train_ssl(
             batch = pixels[idx].to(device, non_blocking=True)
             v1 = augment(batch, g_rank).contiguous(memory_format=torch.channels_last)
             v2 = augment(batch, g_rank).contiguous(memory_format=torch.channels_last)
-            loss = trainer(v1, v2, mix_generator=g_rank if p.icutmix else None)
+            with autocast(device, precision):  # the losses inside leave autocast: fp32
+                loss = trainer(v1, v2, mix_generator=g_rank if p.icutmix else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -179,15 +203,8 @@ def train_ssl(
                 f"{history[-1]['images_per_s']:.0f} img/s"
             )
         if rank == 0:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                },
-            )
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
+            save_checkpoint(checkpoint_dir, state, history)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model, history)
             model.train()
@@ -204,7 +221,8 @@ def train_stage(
     on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
 ) -> Path:
     """The cached ``ssl_clean`` / ``ssl_poisoned`` / ``ssl_filtered`` stage: train on the clean, the poisoned
-    or the defended (filtered) training set and return the stage folder (``backbone.pt``, ``history.csv``).
+    or the defended (filtered) training set and return the stage folder (``backbone.safetensors``,
+    ``history.json`` and ``history.csv``).
     Checkpoints live beside it in ``<hash>.partial/`` until the model is complete, so a killed run resumes
     where it stopped."""
     if variant not in ("clean", "poisoned", "filtered"):
@@ -226,14 +244,26 @@ def train_stage(
             pixels = pixels[torch.as_tensor(kept_indices(params, progress))]
         return pixels
 
+    c = params.compute
     if rank > 0:  # other DDP ranks train alongside rank 0, which alone writes the stage folder
         if not (stage_dir(params, stage) / "params.yaml").is_file():
-            train_ssl(training_pixels(), params.ssl, work, progress=False)
+            train_ssl(training_pixels(), params.ssl, work, progress=False, precision=c.precision, compile=c.compile)
         return stage_dir(params, stage)
 
     def compute(out: Path, final: Path) -> None:
-        model, history = train_ssl(training_pixels(), params.ssl, work, progress, on_epoch_end=on_epoch_end)
-        torch.save({"backbone": model.backbone.state_dict(), "history": history}, out / "backbone.pt")
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        model, history = train_ssl(
+            training_pixels(),
+            params.ssl,
+            work,
+            progress,
+            on_epoch_end=on_epoch_end,
+            precision=c.precision,
+            compile=c.compile,
+        )
+        io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.precision})
+        io.write_json(out / "history.json", history)
         io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 
     result = cached_stage(stage, params, compute)
@@ -244,8 +274,7 @@ def train_stage(
 def load_backbone(params: Params, stage_path: Path, image_size: int) -> torch.nn.Module:
     """The trained backbone of an ``ssl_*`` stage folder, in eval mode, on the run's device."""
     backbone = backbone_for(params.ssl, image_size)
-    state = torch.load(stage_path / "backbone.pt", map_location="cpu", weights_only=False)
-    backbone.load_state_dict(state["backbone"])
+    backbone.load_state_dict(io.load_weights(stage_path / "backbone.safetensors"))
     return backbone.to(device_for_run()).eval()
 
 

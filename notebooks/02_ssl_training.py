@@ -115,7 +115,9 @@ pd.DataFrame(
 image_size = D.train.pixels.shape[-1]
 cfg = train.augment_config(P.ssl, image_size)
 backbone = train.load_backbone(P, model_dirs["poisoned"], image_size)
-features = evaluate.extract_features(backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True)
+features = evaluate.extract_features(
+    backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True, precision=P.compute.precision
+)
 is_poison = A.poison_mask(len(features))
 is_target = (D.train.labels == A.target_index) & ~is_poison
 

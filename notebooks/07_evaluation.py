@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from helpers import attack, cam, data, defense, evaluate, notebook, plotting, search
+from helpers import attack, data, defense, evaluate, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -132,23 +132,9 @@ for m, label in METHODS.items():
     found[m] = defense.load_search(defense.search_stage(pm, "poisoned"))
     clf = defense.classifier_stage(pm, "poisoned")
     removed[m] = np.load(clf / "classifier.npz")["removed"]
-    f, r = found[m], removed[m]
-    scored_p = np.flatnonzero(f["scored"] & poison)
-    boxes = A.boxes_of(scored_p)[:, 0, :3]
-    corners = f["corners"][scored_p]
-    hits = cam.window_hits(corners[:, 0], corners[:, 1], f["window"], boxes)
-    rows.append(
-        {
-            "method": label,
-            "poisons": int(poison.sum()),
-            "w": f["window"],
-            "top-20 acc (%)": 100 * search.top_k_accuracy(f["ranking"], poison, 20),
-            "recall (%)": 100 * (r & poison).sum() / poison.sum(),
-            "precision (%)": 100 * (r & poison).sum() / max(r.sum(), 1),
-            "total removed": int(r.sum()),
-            "trigger hit, scored poisons (%)": 100 * hits.mean() if len(hits) else float("nan"),
-        }
-    )
+    scored_poisons = np.flatnonzero(found[m]["scored"] & poison)
+    boxes = A.boxes_of(scored_poisons)[:, 0, :3]
+    rows.append({"method": label, **defense.detection_metrics(found[m], removed[m], poison, boxes)})
 table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
 table1

@@ -11,11 +11,12 @@ import torch.distributed as dist
 from helpers.params import SSLParams
 from helpers.train import train_ssl
 
+torch.set_num_threads(1)
 dist.init_process_group("gloo")
 out = Path(sys.argv[1])
 pixels = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 p = dataclasses.replace(
-    SSLParams(), arch="resnet10", width=8, epochs=2, batch_size=8, queue_size=64, proj_dim=8, proj_hidden=16, threads=1
+    SSLParams(), arch="resnet10", width=8, epochs=2, batch_size=8, queue_size=64, proj_dim=8, proj_hidden=16
 )
 model, history = train_ssl(pixels, p, out / "ckpt", progress=False)
 digest = sum(float(p.detach().double().sum()) for p in model.parameters())  # BN buffers are per rank

@@ -67,3 +67,11 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     record = json.loads((figures / "record.json").read_text())
     assert record["profile"] == "smoke" and record["params_file"] == "params/smoke.yaml"
     assert set(record["notebook_seconds"]) == set(executed)
+    # the pipeline computed every stage before the notebooks: each task's and each stage's time is recorded
+    from helpers import pipeline
+
+    assert set(record["pipeline_task_seconds"]) == {t.name for t in pipeline.tasks()}
+    computed = {d["stage"] for d in record["stage_seconds"]}
+    assert {"data", "attack", "ssl_poisoned", "search_poisoned", "classifier_clean", "ssl_filtered"} <= computed
+    assert record["wall_seconds"] >= sum(record["notebook_seconds"].values())
+    assert "Stages computed in this run" in (figures / "RECORD.md").read_text()

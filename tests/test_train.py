@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import paths
+from helpers import io, paths
 from helpers.params import SSLParams
 from helpers.train import lr_at, train_ssl
 
@@ -33,7 +33,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, method, icutmix):
 
     with pytest.raises(Killed):
         train_ssl(PIXELS, p, tmp_path / "killed", progress=False, on_step=kill)
-    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["epoch"] == 1
+    assert io.load_state(tmp_path / "killed" / "last.pt")["epoch"] == 1
     resumed, history = train_ssl(PIXELS, p, tmp_path / "killed", progress=False)
     ref_state, state = reference.state_dict(), resumed.state_dict()
     assert ref_state.keys() == state.keys()
@@ -81,4 +81,4 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     rank1 = (tmp_path / "rank1.txt").read_text().split()
     assert rank0[2] == rank1[2] == "2" and rank0[1] == "2"
     assert rank0[0] == rank1[0]  # same weights on both ranks: gradients were all-reduced
-    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["epoch"] == 2
+    assert io.load_state(tmp_path / "ckpt" / "last.pt")["epoch"] == 2

@@ -1,0 +1,233 @@
+"""Compute a profile's expensive stages side by side before the notebooks read them from the cache.
+
+    python -m helpers.pipeline --params params/cifar10.yaml [--workers 2]
+
+On a CPU, one training step does not use two cores well (the profile's SSL training: 223 img/s on one
+thread, about the same on two), so two stages running at once, one thread each, finish in about half
+the time (``make bench`` measures the ratio). The tasks below form a graph (SSL models, then the defenses
+on them, then the models retrained on the defenses' filtered lists); the scheduler starts the ready
+task with the longest remaining path first, each in its own process with ``threads`` torch threads,
+and logs each task's output to ``<log dir>/<task>.log``. Every task is a cached stage: a finished task
+is a cache hit and costs seconds; a killed run resumes where it stopped. On a GPU the tasks run one after
+another (one process holds the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import paths
+from .params import Params
+
+log = logging.getLogger("helpers.pipeline")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    deps: tuple[str, ...]
+    minutes: float  # rough cost on one CPU thread (bf16), used only to order the ready tasks
+
+
+DEFENSES = ("patchsearch", "poisoncam")
+
+
+def tasks() -> list[Task]:
+    """The stages of the default pipeline: what notebooks 02-07 read."""
+    out = [Task("prepare", (), 0.5)]  # data and attack, once, before anything reads them side by side
+    for variant in ("clean", "poisoned"):
+        for icutmix in (False, True):
+            name = f"ssl_{variant}" + ("_icutmix" if icutmix else "")
+            out += [Task(name, ("prepare",), 12), Task(f"eval_{name[4:]}", (name,), 1)]
+    for variant in ("poisoned", "clean"):
+        for method in DEFENSES:
+            out.append(Task(f"defense_{method}_{variant}", (f"ssl_{variant}",), 10))
+    for method, icutmix in (("patchsearch", False), ("patchsearch", True), ("poisoncam", False)):
+        name = f"ssl_filtered_{method}" + ("_icutmix" if icutmix else "")
+        out += [
+            Task(name, (f"defense_{method}_poisoned",), 12),
+            Task(f"eval_filtered_{method}" + ("_icutmix" if icutmix else ""), (name,), 1),
+        ]
+    return out
+
+
+def run_task(params: Params, name: str, progress: bool = False) -> None:
+    """Compute one task's stages (in this process)."""
+    from .attack import run_attack
+    from .data import load_data
+    from .defense import classifier_stage, with_method
+    from .evaluate import evaluate_stage
+    from .train import train_stage
+
+    icutmix = name.endswith("_icutmix")
+    base = name.removesuffix("_icutmix")
+    if name == "prepare":
+        run_attack(params, load_data(params, progress=progress), progress=progress)
+    elif base.startswith("ssl_filtered_"):
+        train_stage(with_method(params, base.removeprefix("ssl_filtered_")), "filtered", icutmix, progress)
+    elif base.startswith("eval_filtered_"):
+        evaluate_stage(with_method(params, base.removeprefix("eval_filtered_")), "filtered", icutmix, progress)
+    elif base.startswith("ssl_"):
+        train_stage(params, base.removeprefix("ssl_"), icutmix, progress)
+    elif base.startswith("eval_"):
+        evaluate_stage(params, base.removeprefix("eval_"), icutmix, progress)
+    elif base.startswith("defense_"):
+        method, variant = base.removeprefix("defense_").split("_")
+        classifier_stage(with_method(params, method), variant, progress)
+    else:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(t.name for t in tasks())})")
+
+
+def _priorities(graph: list[Task]) -> dict[str, float]:
+    """Longest remaining path (own cost plus the costliest chain of tasks waiting on it)."""
+    children: dict[str, list[str]] = {t.name: [] for t in graph}
+    for t in graph:
+        for d in t.deps:
+            children[d].append(t.name)
+    cost = {t.name: t.minutes for t in graph}
+    memo: dict[str, float] = {}
+
+    def level(name: str) -> float:
+        if name not in memo:
+            memo[name] = cost[name] + max((level(c) for c in children[name]), default=0.0)
+        return memo[name]
+
+    return {t.name: level(t.name) for t in graph}
+
+
+def default_workers() -> tuple[int, int]:
+    """(processes, torch threads each): one per core on a CPU; one process with every core on a GPU."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        return 1, cpus
+    return cpus, 1
+
+
+def select(graph: list[Task], only: list[str] | None) -> list[Task]:
+    """The tasks named in ``only`` and every task they need; all of them when ``only`` is empty."""
+    if not only:
+        return graph
+    by_name = {t.name: t for t in graph}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise ValueError(f"unknown pipeline task(s) {', '.join(unknown)} (known: {', '.join(by_name)})")
+    keep, todo = set(), list(only)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += by_name[name].deps
+    return [t for t in graph if t.name in keep]
+
+
+def run_all(
+    params_path: Path,
+    log_dir: Path,
+    workers: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    only: list[str] | None = None,
+    precision: str | None = None,
+) -> dict[str, dict]:
+    """Run the tasks of ``tasks()`` (those of ``only`` and what they need), each a process of
+    ``python -m helpers.pipeline --task``; ``precision`` overrides ``compute.precision``. Returns each task's
+    wall seconds and exit code. A failed task stops the scheduling and raises, naming its log."""
+    default_procs, default_threads = default_workers()
+    workers, threads = workers or default_procs, threads or default_threads
+    graph = select(tasks(), only)
+    priority = _priorities(graph)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    pending = {t.name: t for t in graph}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "10"}
+    bar = tqdm(total=len(graph), desc=f"pipeline ({workers} x {threads} threads)", disable=not progress)
+    try:
+        while pending or running:
+            ready = sorted(
+                (t for t in pending.values() if all(d in done for d in t.deps)), key=lambda t: -priority[t.name]
+            )
+            while ready and len(running) < workers:
+                task = ready.pop(0)
+                del pending[task.name]
+                out = open(log_dir / f"{task.name}.log", "w")  # noqa: SIM115 (closed when the task ends)
+                cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--task", task.name]
+                cmd += ["--threads", str(threads)] + (["--precision", precision] if precision else [])
+                proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                running[task.name] = (proc, time.perf_counter(), out)
+                log.info("started %s", task.name)
+            time.sleep(0.5)
+            for name, (proc, start, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del running[name]
+                done[name] = {"seconds": round(time.perf_counter() - start, 1), "returncode": proc.returncode}
+                bar.update(1)
+                log.info("finished %s in %.1f min (exit %d)", name, done[name]["seconds"] / 60, proc.returncode)
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"pipeline task {name} failed (exit {proc.returncode}): see {log_dir}/{name}.log"
+                    )
+    finally:
+        for proc, _, out in running.values():
+            proc.terminate()
+            proc.wait()
+            out.close()
+        bar.close()
+    return done
+
+
+def with_overrides(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
+    """``params`` with ``compute.precision`` (resolved) and ``compute.threads`` replaced where given."""
+    from .compute import resolve_precision
+
+    compute = params.compute
+    if precision:
+        compute = dataclasses.replace(compute, precision=resolve_precision(precision))
+    if threads:
+        compute = dataclasses.replace(compute, threads=threads)
+    return dataclasses.replace(params, compute=compute)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument("--task", default=None, help="run one task in this process (what the scheduler starts)")
+    parser.add_argument("--workers", type=int, default=None, help="tasks at once (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per task (default: 1 on a CPU)")
+    parser.add_argument("--only", nargs="*", default=None, help="these tasks and what they need (default: all)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="override the profile's")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if args.task:
+        import torch
+
+        from .notebook import setup
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        params = with_overrides(setup(args.params), args.precision, args.threads)
+        run_task(params, args.task, progress=True)
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    log_dir = paths.runs_dir() / "pipeline" / stamp
+    result = run_all(Path(args.params), log_dir, args.workers, args.threads, True, args.only, args.precision)
+    for name, info in result.items():
+        print(f"{name}: {info['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The cache key follows the code a stage runs and the content of the files it reads."""
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import cache, fingerprint, params
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the helpers sources that the fingerprints read instead of the real ones."""
+    copy = tmp_path / "helpers_copy"
+    shutil.copytree(fingerprint.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", copy)
+    return copy
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path.name}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_changing_a_stages_code_is_a_miss_and_a_docstring_or_comment_is_not(tiny_params, package_copy):
+    calls = []
+
+    def compute(out, final):
+        calls.append(final)
+
+    first = cache.cached_stage("ssl_clean", tiny_params, compute)
+    data_key = params.stage_hash(tiny_params, "data")
+    # docstrings, comments and layout: the same code, a hit
+    edit(package_copy / "train.py", '"""Train ``p.method``', '"""Train (reworded) ``p.method``')
+    edit(package_copy / "train.py", "    rank, world = dist_info()\n", "    rank, world = dist_info()  # a comment\n\n")
+    assert cache.cached_stage("ssl_clean", tiny_params, compute).hit
+    # the algorithm: a miss for the stages that run it, a hit for the others
+    edit(package_copy / "train.py", "torch.manual_seed(p.seed)", "torch.manual_seed(p.seed + 1)")
+    second = cache.cached_stage("ssl_clean", tiny_params, compute)
+    assert not second.hit and second.key != first.key and len(calls) == 2
+    assert params.stage_hash(tiny_params, "data") == data_key
+    # a later stage's code does not retrain the model; an earlier stage's code does
+    edit(package_copy / "search.py", "def relative_std(", "def relative_std_(")
+    assert cache.cached_stage("ssl_clean", tiny_params, compute).hit
+    before = {stage: params.stage_hash(tiny_params, stage) for stage in ("data", "attack", "ssl_poisoned")}
+    edit(package_copy / "attack.py", "rng.integers(x_lo", "1 + rng.integers(x_lo")
+    after = {stage: params.stage_hash(tiny_params, stage) for stage in before}
+    assert after["data"] == before["data"]
+    assert after["attack"] != before["attack"] and after["ssl_poisoned"] != before["ssl_poisoned"]
+
+
+def test_notebooks_plotting_and_docs_keep_every_hit(tiny_params, package_copy):
+    keys = {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS}
+    edit(package_copy / "plotting.py", "def ", "def unused_helper():\n    return 1\n\n\ndef ")
+    edit(package_copy / "reproduce.py", "KERNEL_NAME = ", "UNUSED = 1\nKERNEL_NAME = ")
+    assert {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS} == keys
+
+
+def test_every_module_a_stage_imports_is_in_its_fingerprint():
+    """A module that a stage's code imports at module level either enters that stage's key or is declared
+    as not computing results; otherwise editing it could serve a stale artifact."""
+    every = {p.stem for p in fingerprint.PACKAGE_DIR.glob("*.py")}
+    assert fingerprint.NOT_RESULT_CODE <= every
+    for stage, modules in fingerprint.STAGE_CODE.items():
+        closure, todo = set(), list(modules)
+        while todo:
+            name = todo.pop()
+            if name not in closure:
+                closure.add(name)
+                todo += fingerprint.helpers_imports(name, top_level_only=True)
+        missing = closure - set(modules) - fingerprint.NOT_RESULT_CODE
+        assert not missing, f"stage {stage} runs code of {sorted(missing)}: add it to STAGE_CODE"
+    assert set(fingerprint.STAGE_CODE) == set(params.STAGE_INPUTS)
+
+
+def test_a_trigger_png_is_keyed_by_content_not_path(tiny_params, tmp_path):
+    rng = np.random.default_rng(0)
+    png = tmp_path / "a" / "trigger.png"
+    png.parent.mkdir()
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(png)
+    copy = tmp_path / "b" / "same.png"
+    copy.parent.mkdir()
+    shutil.copy(png, copy)
+
+    def with_trigger(path):
+        return dataclasses.replace(tiny_params, attack=dataclasses.replace(tiny_params.attack, trigger=str(path)))
+
+    key = params.stage_hash(with_trigger(png), "attack")
+    assert params.stage_hash(with_trigger(copy), "attack") == key  # a copy elsewhere: the same attack
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(png)  # edited in place
+    assert params.stage_hash(with_trigger(png), "attack") != key
+
+
+def test_the_data_folder_is_keyed_by_its_files(tiny_params, tiny_root):
+    key = params.stage_hash(tiny_params, "data")
+    assert params.stage_hash(tiny_params, "data") == key
+    extra = tiny_root / "train" / "cat" / "new.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(extra)  # an added image
+    added = params.stage_hash(tiny_params, "data")
+    assert added != key
+    first = tiny_root / "train" / "dog" / "000.png"
+    stat = first.stat()
+    Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(first)  # an image edited in place
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    fingerprint._manifest.cache_clear()  # as a new process (the next notebook) sees it
+    assert params.stage_hash(tiny_params, "data") not in (key, added)
+
+
+def test_precision_enters_the_key_of_network_stages_only(tiny_params):
+    bf16 = dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, precision="bf16"))
+    fp32 = dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, precision="fp32"))
+    assert params.stage_hash(bf16, "attack") == params.stage_hash(fp32, "attack")
+    for stage in ("ssl_poisoned", "eval_clean", "search_poisoned", "classifier_clean"):
+        assert params.stage_hash(bf16, stage) != params.stage_hash(fp32, stage)
+    threads = dataclasses.replace(fp32, compute=dataclasses.replace(fp32.compute, threads=1, compile=True))
+    assert params.stage_hash(threads, "ssl_poisoned") == params.stage_hash(fp32, "ssl_poisoned")
