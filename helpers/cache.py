@@ -70,6 +70,7 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
             if (final / MARKER).is_file():
                 shutil.rmtree(tmp)
                 return StageResult(stage, key, final, hit=True)
+            log.warning("replacing the unfinished %s/%s left by an interrupted run", stage, key)
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:

@@ -128,7 +128,8 @@ def train_ssl(
     """Train ``p.method`` on ``pixels`` (uint8 ``N x 3 x H x W``). Resumes from ``checkpoint_dir/last.pt``.
 
     ``precision`` (``fp32`` / ``bf16`` / ``auto``) is that of the forward and backward passes
-    (``helpers.compute``); ``compile`` wraps the method in ``torch.compile``.
+    (``helpers.compute``); ``compile`` compiles its networks with ``torch.compile`` (``make bench``: it does
+    not pay on a CPU).
     ``on_step(epoch, step)`` is called before every step (tests use it to kill a run mid-epoch);
     ``on_epoch_end(epoch, model, history)`` after every epoch's checkpoint (the study evaluates there)."""
     rank, world = dist_info()
