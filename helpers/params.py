@@ -147,6 +147,9 @@ class ComputeParams:
     the cache keys; threads and compilation change the speed alone."""
 
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 where the device has it natively
+    # SSL pre-training (and the retraining on a filtered list): fp32 by default. On the cifar10 profile bf16
+    # planted a weaker backdoor on one training seed of two (figures/cifar10/02_precision_*.md)
+    ssl_precision: str = "fp32"
     compile: bool = False  # torch.compile the SSL training step (see make bench for whether it pays)
     threads: int | None = None  # torch threads of a stage run alone; None = torch's default
 
@@ -322,10 +325,11 @@ def _check_ranges(p: Params, source: str) -> None:
     for key, value in (("classifier.exclude_top", c.exclude_top), ("classifier.paste_p", c.paste_p)):
         if not 0 <= value < 1:
             raise bad(key, value, "must be in [0, 1)")
-    if p.compute.precision not in ("auto", "fp32", "bf16"):
-        raise ParamsError(
-            f"{source}: key 'compute.precision' = {p.compute.precision!r} must be one of auto, fp32, bf16"
-        )
+    for key in ("precision", "ssl_precision"):
+        if getattr(p.compute, key) not in ("auto", "fp32", "bf16"):
+            raise ParamsError(
+                f"{source}: key 'compute.{key}' = {getattr(p.compute, key)!r} must be one of auto, fp32, bf16"
+            )
     if p.compute.threads is not None and p.compute.threads < 1:
         raise bad("compute.threads", p.compute.threads, "must be at least 1 or null")
     if p.figures.n_examples < 1:
@@ -378,21 +382,25 @@ def resolve_data_root(params: Params) -> Path:
 
 
 def with_resolved_root(params: Params) -> Params:
-    """The same params with ``data.root`` made absolute and ``compute.precision: auto`` resolved to the
-    precision this machine runs (``helpers.compute``), so cache keys say what they were made from."""
+    """The same params with ``data.root`` made absolute and ``auto`` precisions resolved to the precision
+    this machine runs (``helpers.compute``), so cache keys say what they were made from."""
     from .compute import resolve_precision
 
     root = resolve_data_root(params)
-    precision = resolve_precision(params.compute.precision)
+    c = params.compute
     return dataclasses.replace(
         params,
         data=dataclasses.replace(params.data, root=str(root)),
-        compute=dataclasses.replace(params.compute, precision=precision),
+        compute=dataclasses.replace(
+            c, precision=resolve_precision(c.precision), ssl_precision=resolve_precision(c.ssl_precision)
+        ),
     )
 
 
-# Stages whose result depends on the precision of the networks they run.
+# Stages whose result depends on the precision of the networks they run: SSL pre-training runs in
+# ``compute.ssl_precision``; every other network pass in ``compute.precision``.
 NETWORK_STAGES = frozenset(s for s in STAGE_INPUTS if s not in ("data", "attack"))
+PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned"})  # what they train on needs no other network
 
 
 def resolve_input_path(path: str | Path) -> Path:
@@ -408,8 +416,10 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
         raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_INPUTS)})")
     full = params.to_dict()
     out = {section: full[section] for section in STAGE_INPUTS[stage]}
-    if stage in NETWORK_STAGES:
-        out["compute"] = {"precision": full["compute"]["precision"]}
+    if stage in PRETRAINING_STAGES:
+        out["compute"] = {"ssl_precision": full["compute"]["ssl_precision"]}
+    elif stage in NETWORK_STAGES:
+        out["compute"] = {key: full["compute"][key] for key in ("precision", "ssl_precision")}
     return out
 
 
@@ -429,7 +439,7 @@ def stage_key_material(params: Params, stage: str) -> dict[str, Any]:
     if stage in NETWORK_STAGES:  # what "auto" means on this machine, as the stage will run it
         from .compute import resolve_precision
 
-        material["compute"] = {"precision": resolve_precision(material["compute"]["precision"])}
+        material["compute"] = {key: resolve_precision(value) for key, value in material["compute"].items()}
     return {"params": material, "code": fingerprint.code_fingerprint(stage)}
 
 

@@ -2,11 +2,11 @@
 
     python -m helpers.pipeline --params params/cifar10.yaml [--workers 2]
 
-On a CPU, one training step does not use two cores well (the profile's SSL training: 223 img/s on one
-thread, about the same on two), so two stages running at once, one thread each, finish in about half
-the time (``make bench`` measures the ratio). The tasks below form a graph (SSL models, then the defenses
-on them, then the models retrained on the defenses' filtered lists); the scheduler starts the ready
-task with the longest remaining path first, each in its own process with ``threads`` torch threads,
+The tasks below form a graph (SSL models, then the defenses on them, then the models retrained on the
+defenses' filtered lists). On a CPU they run one per core, one thread each (``make bench``: two SSL
+trainings on one thread each gave 1.03x the images per second of one training on two threads), so the
+serial parts of each stage (data, evaluation, the defenses' loops) overlap. The scheduler starts the
+ready task with the longest remaining path first, each in its own process with ``threads`` torch threads,
 and logs each task's output to ``<log dir>/<task>.log``. Every task is a cached stage: a finished task
 is a cache hit and costs seconds; a killed run resumes where it stopped. On a GPU the tasks run one after
 another (one process holds the device).
@@ -191,12 +191,14 @@ def run_all(
 
 
 def with_overrides(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
-    """``params`` with ``compute.precision`` (resolved) and ``compute.threads`` replaced where given."""
+    """``params`` with ``compute.precision`` and ``compute.ssl_precision`` (resolved) and ``compute.threads``
+    replaced where given."""
     from .compute import resolve_precision
 
     compute = params.compute
-    if precision:
-        compute = dataclasses.replace(compute, precision=resolve_precision(precision))
+    if precision:  # every network pass, SSL pre-training included
+        resolved = resolve_precision(precision)
+        compute = dataclasses.replace(compute, precision=resolved, ssl_precision=resolved)
     if threads:
         compute = dataclasses.replace(compute, threads=threads)
     return dataclasses.replace(params, compute=compute)

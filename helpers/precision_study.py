@@ -32,7 +32,9 @@ FRACTION = 0.1  # the probe's label fraction of the comparison (Table 2's main c
 
 
 def with_precision(params: Params, precision: str) -> Params:
-    return dataclasses.replace(params, compute=dataclasses.replace(params.compute, precision=precision))
+    """Every network pass in ``precision``, SSL pre-training included."""
+    compute = dataclasses.replace(params.compute, precision=precision, ssl_precision=precision)
+    return dataclasses.replace(params, compute=compute)
 
 
 def _stage_minutes(stage_path: Path) -> float:
@@ -67,7 +69,10 @@ def measure(params: Params) -> list[dict]:
             t = probe[np.isclose(probe["labels"], FRACTION)]
             for col, label in (("clean_acc", "probe acc"), ("asr", "probe ASR")):
                 put(
-                    f"{variant}: {label} {FRACTION:.0%} labels (%)", precision, 100 * t[col].mean(), 100 * t[col].std(0)
+                    f"{variant}: {label} {FRACTION:.0%} labels (%)",
+                    precision,
+                    100 * t[col].mean(),
+                    100 * t[col].std(ddof=0),
                 )
             put(f"{variant}: kNN acc (%)", precision, 100 * knn["val"]["acc"])
             put(f"{variant}: kNN ASR (%)", precision, 100 * knn["patched"]["asr"])

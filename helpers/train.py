@@ -128,8 +128,8 @@ def train_ssl(
     """Train ``p.method`` on ``pixels`` (uint8 ``N x 3 x H x W``). Resumes from ``checkpoint_dir/last.pt``.
 
     ``precision`` (``fp32`` / ``bf16`` / ``auto``) is that of the forward and backward passes
-    (``helpers.compute``); ``compile`` compiles its networks with ``torch.compile`` (``make bench``: it does
-    not pay on a CPU).
+    (``helpers.compute``); ``compile`` compiles its networks with ``torch.compile`` (off by default: ``make
+    bench`` measures its speed, not yet its effect on results).
     ``on_step(epoch, step)`` is called before every step (tests use it to kill a run mid-epoch);
     ``on_epoch_end(epoch, model, history)`` after every epoch's checkpoint (the study evaluates there)."""
     rank, world = dist_info()
@@ -248,7 +248,7 @@ def train_stage(
     c = params.compute
     if rank > 0:  # other DDP ranks train alongside rank 0, which alone writes the stage folder
         if not (stage_dir(params, stage) / "params.yaml").is_file():
-            train_ssl(training_pixels(), params.ssl, work, progress=False, precision=c.precision, compile=c.compile)
+            train_ssl(training_pixels(), params.ssl, work, progress=False, precision=c.ssl_precision, compile=c.compile)
         return stage_dir(params, stage)
 
     def compute(out: Path, final: Path) -> None:
@@ -260,10 +260,10 @@ def train_stage(
             work,
             progress,
             on_epoch_end=on_epoch_end,
-            precision=c.precision,
+            precision=c.ssl_precision,
             compile=c.compile,
         )
-        io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.precision})
+        io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.ssl_precision})
         io.write_json(out / "history.json", history)
         io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 

@@ -25,8 +25,11 @@ def test_auto_resolves_to_a_concrete_precision_and_bad_names_are_errors():
         params.from_dict({"profile": "x", "compute": {"precision": "half"}}, "src")
 
 
-def test_loaded_params_carry_the_resolved_precision(tiny_params):
+def test_loaded_params_carry_the_resolved_precisions(tiny_params):
     assert tiny_params.compute.precision == compute.resolve_precision("auto")
+    assert tiny_params.compute.ssl_precision == "fp32"  # the default: bf16 pre-training weakened the backdoor
+    with pytest.raises(params.ParamsError, match="'compute.ssl_precision' = 'fp8'"):
+        params.from_dict({"profile": "x", "compute": {"ssl_precision": "fp8"}}, "src")
 
 
 @pytest.mark.parametrize("method", ["mocov2", "byol", "simclr"])

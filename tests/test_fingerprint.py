@@ -111,10 +111,17 @@ def test_the_data_folder_is_keyed_by_its_files(tiny_params, tiny_root):
 
 
 def test_precision_enters_the_key_of_network_stages_only(tiny_params):
-    bf16 = dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, precision="bf16"))
-    fp32 = dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, precision="fp32"))
+    def with_compute(**changes):
+        return dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, **changes))
+
+    fp32, bf16 = with_compute(precision="fp32", ssl_precision="fp32"), with_compute(precision="bf16")
     assert params.stage_hash(bf16, "attack") == params.stage_hash(fp32, "attack")
-    for stage in ("ssl_poisoned", "eval_clean", "search_poisoned", "classifier_clean"):
+    # SSL pre-training has its own precision: the inference precision does not retrain the models
+    assert params.stage_hash(bf16, "ssl_poisoned") == params.stage_hash(fp32, "ssl_poisoned")
+    for stage in ("eval_clean", "search_poisoned", "classifier_clean", "ssl_filtered"):
         assert params.stage_hash(bf16, stage) != params.stage_hash(fp32, stage)
-    threads = dataclasses.replace(fp32, compute=dataclasses.replace(fp32.compute, threads=1, compile=True))
+    bf16_training = with_compute(precision="fp32", ssl_precision="bf16")
+    for stage in ("ssl_clean", "ssl_poisoned", "eval_poisoned", "search_poisoned", "ssl_filtered"):
+        assert params.stage_hash(bf16_training, stage) != params.stage_hash(fp32, stage)
+    threads = with_compute(precision="fp32", ssl_precision="fp32", threads=1, compile=True)
     assert params.stage_hash(threads, "ssl_poisoned") == params.stage_hash(fp32, "ssl_poisoned")
