@@ -144,7 +144,8 @@ def write_record(
         f"- machine: {record['machine']['platform']}, {record['machine']['cpus']} CPUs, torch "
         f"{record['machine']['torch']}, CUDA {'yes' if record['machine']['cuda'] else 'no'}",
         "",
-        f"- precision: {params.compute.precision}; whole run (stages and notebooks): "
+        f"- precision: {params.compute.precision} (SSL pre-training: {params.compute.ssl_precision}); "
+        "whole run (stages and notebooks): "
         + (f"{wall_seconds / 60:.1f} min" if wall_seconds is not None else "not measured"),
         "",
     ]
