@@ -33,7 +33,7 @@ from . import io
 from .cache import cached_stage
 from .data import Data, DataError, ImageList, decode_images, image_hw, load_rgb, read_file_list, write_file_list
 from .kernels import paste_patches
-from .params import AttackParams, Params
+from .params import AttackParams, Params, resolve_input_path
 
 
 class AttackError(ValueError):
@@ -62,7 +62,7 @@ def make_trigger(a: AttackParams) -> Trigger:
         rng = np.random.default_rng(a.trigger_seed)
         grid = rng.integers(0, 256, size=(3, a.trigger_grid, a.trigger_grid), dtype=np.uint8)
         return Trigger(torch.from_numpy(grid))
-    path = Path(a.trigger)
+    path = resolve_input_path(a.trigger)  # relative to the repository, as the cache key reads it
     if not path.is_file():
         raise AttackError(f"attack.trigger: trigger image not found: {path} (use 'random' or a PNG path)")
     try:

@@ -176,3 +176,17 @@ def test_boxes_of_gives_each_image_its_trigger_box_or_zeros(tiny_params):
     boxes = a.boxes_of(order)
     assert np.array_equal(boxes[: len(a.poison_idx)], a.poison_boxes[::-1])
     assert not boxes[len(a.poison_idx) :].any()
+
+
+def test_a_relative_trigger_path_is_read_from_the_repository_root(tmp_path, monkeypatch):
+    """The cache keys a trigger PNG by the file under the repository root; the attack must read that file,
+    whatever the working directory (the notebooks run in notebooks/)."""
+    from PIL import Image
+
+    repo = tmp_path / "repo"
+    (repo / "triggers").mkdir(parents=True)
+    Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8)).save(repo / "triggers" / "t.png")
+    monkeypatch.setattr(paths, "REPO_ROOT", repo)
+    monkeypatch.chdir(tmp_path)  # a working directory where triggers/t.png does not exist
+    trigger = attack.make_trigger(replace_default(trigger="triggers/t.png"))
+    assert trigger.source.shape == (3, 4, 4) and int(trigger.source.min()) == 200
