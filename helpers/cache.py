@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import paths
-from .params import Params, stage_hash, stage_key_material, stage_params
+from .params import Params, key_of, stage_hash, stage_key_material, stage_params
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
 
     ``final_dir`` is where the folder will be once complete: file lists written by the stage name their
     files there (absolute paths, as SSL-Backdoor's loaders expect)."""
-    final = stage_dir(params, stage)
-    key = final.name
+    material = stage_key_material(params, stage)  # built once: it hashes the data folder's manifest
+    key = key_of(material)
+    final = paths.artifacts_dir() / stage / key
     if (final / MARKER).is_file():
         log.info("cache hit  %s/%s", stage, key)
         return StageResult(stage, key, final, hit=True)
@@ -62,7 +63,7 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
             "key": key,
             "seconds": round(time.perf_counter() - start, 1),
             "finished_unix": round(time.time(), 1),
-            "key_material": stage_key_material(params, stage),
+            "key_material": material,
         }
         (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MARKER).write_text(yaml.safe_dump(stage_params(params, stage), sort_keys=True))

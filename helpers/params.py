@@ -443,6 +443,11 @@ def stage_key_material(params: Params, stage: str) -> dict[str, Any]:
     return {"params": material, "code": fingerprint.code_fingerprint(stage)}
 
 
-def stage_hash(params: Params, stage: str) -> str:
-    blob = json.dumps(stage_key_material(params, stage), sort_keys=True, separators=(",", ":"))
+def key_of(material: dict[str, Any]) -> str:
+    """The cache key of a stage's key material (``stage_key_material``)."""
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_hash(params: Params, stage: str) -> str:
+    return key_of(stage_key_material(params, stage))

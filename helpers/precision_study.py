@@ -3,6 +3,7 @@ computed in fp32 and in bf16 autocast, side by side.
 
     python -m helpers.precision_study --params params/cifar10.yaml --run      # compute what is missing
     python -m helpers.precision_study --params params/cifar10.yaml --publish  # write the table
+    python -m helpers.precision_study --params params/cifar10.yaml --publish --seeds 0 1  # and over seeds
 
 ``--run`` computes, for each precision, the pipeline tasks the table needs (both SSL models, their
 evaluation, both defenses on the poisoned set) side by side through ``helpers.pipeline``; everything is a
@@ -108,12 +109,42 @@ def measure(params: Params) -> list[dict]:
     return rows
 
 
-def publish(params: Params) -> Path:
+def training_seed_rows(params: Params, seeds: list[int]) -> list[dict]:
+    """The backdoored model of each (precision, SSL training seed): probe and kNN metrics (trains what is
+    missing; the spread over training seeds is what a precision's effect is weighed against)."""
+    from .evaluate import evaluate_stage
+
+    rows = []
+    for precision in PRECISIONS:
+        for seed in seeds:
+            p = with_precision(params, precision)
+            p = dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, seed=seed))
+            path, probe, knn = evaluate_stage(p, "poisoned", progress=False)
+            t = probe[np.isclose(probe["labels"], FRACTION)]
+            rows.append(
+                {
+                    "SSL pre-training precision": precision,
+                    "SSL training seed": seed,
+                    f"probe acc {FRACTION:.0%} (%)": round(100 * t["clean_acc"].mean(), 1),
+                    f"probe ASR {FRACTION:.0%} (%)": round(100 * t["asr"].mean(), 1),
+                    "probe ASR std over probe seeds": round(100 * t["asr"].std(ddof=0), 1),
+                    "kNN acc (%)": round(100 * knn["val"]["acc"], 1),
+                    "kNN ASR (%)": round(100 * knn["patched"]["asr"], 1),
+                    "eval stage": path.name,
+                }
+            )
+    return rows
+
+
+def publish(params: Params, seeds: list[int] | None = None) -> list[Path]:
+    """Write the fp32-vs-bf16 table and, with ``seeds``, the table over SSL training seeds."""
     from .plotting import save_table
 
-    table = pd.DataFrame(measure(params))
-    save_table(table, params.profile, "02_precision", "fp32_vs_bf16")
-    return paths.figures_dir(params.profile) / "02_precision_fp32_vs_bf16.md"
+    written = [save_table(pd.DataFrame(measure(params)), params.profile, "02_precision", "fp32_vs_bf16")]
+    if seeds:
+        table = pd.DataFrame(training_seed_rows(params, seeds))
+        written.append(save_table(table, params.profile, "02_precision", "training_seeds"))
+    return [path.with_suffix(".md") for path in written]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
     parser.add_argument("--run", action="store_true", help="compute the missing stages in both precisions")
     parser.add_argument("--publish", action="store_true", help="write the comparison table")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="with --publish: also the table over these SSL seeds"
+    )
     args = parser.parse_args(argv)
     from .notebook import setup
 
@@ -130,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             log_dir = paths.runs_dir() / "precision_study" / f"{time.strftime('%Y%m%dT%H%M%S')}-{precision}"
             pipeline.run_all(Path(args.params), log_dir, only=TASKS, precision=precision)
     if args.publish:
-        print(publish(params).read_text())
+        for path in publish(params, args.seeds):
+            print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -117,16 +117,13 @@ class MoCoV2(_Momentum):
 
     def _loss(self, q, k, negatives, perm=None, lam=1.0):
         with fp32_region(q.device):
-            return self._info_nce(q, k, negatives, perm, lam)
-
-    def _info_nce(self, q, k, negatives, perm=None, lam=1.0):
-        if perm is None:  # MoCo-v2: the own key is the positive, the queue holds the negatives
-            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / self.t
-            return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-        # i-CutMix: the batch keys join the negatives so the partner's key can be a (weighted) positive
-        logits = torch.cat([q @ k.T, q @ negatives.T], dim=1) / self.t
-        own = torch.arange(len(q), device=q.device)
-        return lam * F.cross_entropy(logits, own) + (1 - lam) * F.cross_entropy(logits, perm)
+            if perm is None:  # MoCo-v2: the own key is the positive, the queue holds the negatives
+                logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / self.t
+                return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+            # i-CutMix: the batch keys join the negatives so the partner's key can be a (weighted) positive
+            logits = torch.cat([q @ k.T, q @ negatives.T], dim=1) / self.t
+            own = torch.arange(len(q), device=q.device)
+            return lam * F.cross_entropy(logits, own) + (1 - lam) * F.cross_entropy(logits, perm)
 
     def forward(self, v1, v2, mix_generator: torch.Generator | None = None):
         pairs = [(v1, v2), (v2, v1)] if self.symmetric else [(v1, v2)]
