@@ -24,7 +24,14 @@ cosine between the image's feature and centre k), so an image's "class" is its c
     that keep it (for soft masks, weighted by how much each mask hides / keeps it): regions whose removal
     throws the image out of its cluster light up, which is where a trigger that made the cluster is.
 - Candidate trigger: the ``w x w`` window with the largest heatmap sum (``best_windows``, a batched box
-  filter; ties go to the first window in row-major order).
+  filter; ties go to the first window in row-major order), for both methods. ``w`` is chosen blind by the
+  search (``helpers.search.choose_window``), the same way for both.
+- PoisonCAM's poison score is its paper's (flip images whose assignment changes, in any direction;
+  ``helpers.search.SCORE_RULES``); its flip-test set, iterative search and poison classifier are
+  PatchSearch's, which the PoisonCAM paper describes in the same terms but without every detail: these are
+  our choices, not the paper's.
+- Trivial baselines (``localization_baselines``): a candidate window means something only where it hits
+  triggers more often than a window of the same side at the image centre, or at a random place.
 """
 
 from __future__ import annotations
@@ -274,3 +281,38 @@ def window_hits(xs, ys, w: int, boxes: np.ndarray, min_cover: float = 0.5) -> np
     ix = np.clip(np.minimum(xs + w, bx + bs) - np.maximum(xs, bx), 0, None)
     iy = np.clip(np.minimum(ys + w, by + bs) - np.maximum(ys, by), 0, None)
     return ix * iy >= min_cover * np.minimum(bs * bs, w * w)
+
+
+def window_hits_any(xs, ys, w: int, boxes: np.ndarray, min_cover: float = 0.5) -> np.ndarray:
+    """``window_hits`` where each image may carry several triggers (``boxes`` ``N x copies x >=3``, or
+    ``N x >=3`` for one each): a window hits when it hits any of its image's triggers."""
+    boxes = np.asarray(boxes)
+    if boxes.ndim == 2:
+        return window_hits(xs, ys, w, boxes[:, :3], min_cover)
+    return np.any([window_hits(xs, ys, w, boxes[:, c, :3], min_cover) for c in range(boxes.shape[1])], axis=0)
+
+
+def centre_window(size: int, w: int) -> tuple[int, int]:
+    """Top-left corner of the ``w x w`` window at the centre of a ``size x size`` image."""
+    return (size - w) // 2, (size - w) // 2
+
+
+def random_window_hit_rate(boxes: np.ndarray, w: int, size: int, min_cover: float = 0.5) -> np.ndarray:
+    """Per image, the chance that a ``w x w`` window at a uniformly random place of a ``size x size`` image
+    hits its trigger(s) (``window_hits_any``): the exact mean over every window position, not a sample."""
+    positions = np.arange(size - w + 1)
+    xs, ys = (grid.ravel() for grid in np.meshgrid(positions, positions))
+    boxes = np.asarray(boxes)
+    return np.array([window_hits_any(xs, ys, w, np.repeat(b[None], len(xs), 0), min_cover).mean() for b in boxes])
+
+
+def localization_baselines(boxes: np.ndarray, w: int, size: int, min_cover: float = 0.5) -> dict[str, float]:
+    """The trivial guesses a localization must beat, by the same hit rule: the share of images whose
+    trigger a fixed window at the image centre hits, and the expected share a window at a random place
+    hits. ``boxes``: ``N x >=3`` or ``N x copies x >=3`` true ``(x, y, side)`` boxes."""
+    boxes = np.asarray(boxes)
+    if not len(boxes):
+        return {"centre": float("nan"), "random": float("nan")}
+    cx, cy = centre_window(size, w)
+    centre = window_hits_any(np.full(len(boxes), cx), np.full(len(boxes), cy), w, boxes, min_cover)
+    return {"centre": float(centre.mean()), "random": float(random_window_hit_rate(boxes, w, size, min_cover).mean())}

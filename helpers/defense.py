@@ -32,9 +32,10 @@ from .cam import (
     cluster_outlier_stats,
     cut_patches,
     grad_cam_batched,
+    localization_baselines,
     make_masks,
     poisoncam_heatmaps,
-    window_hits,
+    window_hits_any,
 )
 from .cluster import kmeans, l2_normalise
 from .compute import device_for_run
@@ -48,17 +49,19 @@ from .poison_classifier import (
     training_pool,
 )
 from .search import (
+    WINDOW_RULES,
     SearchResult,
+    choose_window,
     flip_set,
     flip_test,
     iterative_search,
     paste_locations,
-    relative_std,
     top_k_accuracy,
 )
 from .train import augment_config, load_backbone, train_stage
 
 VARIANTS = ("poisoned", "clean")
+SCORE_RULE = {"patchsearch": "into", "poisoncam": "changed"}  # each paper's poison score
 
 
 def with_method(params: Params, method: str) -> Params:
@@ -223,6 +226,7 @@ class Scorer:
             torch.as_tensor(self.ctx.assignment[idx]),
             locations,
             q.batch_size,
+            SCORE_RULE[self.method],
         )
         self.seconds["flip_test"] += time.perf_counter() - start
         return scores
@@ -230,8 +234,9 @@ class Scorer:
 
 def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
-    used is ``search.window_px``, or where that is null the side of the largest RSD of the scores. Saves
-    the ranking, candidate boxes and top patches of the side used, and every side's scores."""
+    used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule`` over the
+    first round's scores, the same images for every side (``helpers.search.choose_window``). Saves the
+    ranking, candidate boxes and top patches of the side used, and every side's scores."""
     _check(variant)
     q = params.search
 
@@ -252,16 +257,23 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             sweep.append(
                 {
                     "window": w,
-                    "rsd": relative_std(result.scores[result.scored]),
                     "scored": int(result.scored.sum()),
                     "max_score": float(result.scores.max()),
                     "rounds": len(result.rounds),
                 }
             )
+        first = {w: np.flatnonzero(r.round_of == 0) for w, r in results.items()}
+        if any(not np.array_equal(first[w], first[windows[0]]) for w in windows):
+            raise RuntimeError("the first search round scored different images for different window sides")
+        population = {w: results[w].scores[first[w]] for w in windows}
         table = pd.DataFrame(sweep)
-        rsd_pick = int(table.loc[table["rsd"].fillna(-np.inf).idxmax(), "window"])
-        w = rsd_pick if q.window_px is None else q.window_px
-        table["rsd_pick"], table["used"] = table["window"] == rsd_pick, table["window"] == w
+        picks = {}
+        for rule in WINDOW_RULES:
+            picks[rule], stats = choose_window(population, rule, params.classifier.top_k)
+            table[rule] = table["window"].map(stats)
+            table[f"{rule}_pick"] = table["window"] == picks[rule]
+        w = picks[q.window_rule] if q.window_px is None else q.window_px
+        table["used"] = table["window"] == w
         chosen = results[w]
         ranking = chosen.ranking()
         io.save_npz(
@@ -273,6 +285,7 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             window=np.array(w),
             **{f"scores_w{v}": results[v].scores for v in windows},
             **{f"scored_w{v}": results[v].scored for v in windows},
+            first_round=first[windows[0]],
         )
         io.write_text(out / "sweep.csv", table.to_csv(index=False))
         io.write_text(out / "rounds.csv", pd.DataFrame(rounds).to_csv(index=False))
@@ -283,7 +296,9 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             Image.fromarray(patch.permute(1, 2, 0).numpy()).save(out / "top_patches" / f"{rank:04d}_{i}.png")
         summary = {
             "method": q.method,
+            "score_rule": SCORE_RULE[q.method],
             "window": w,
+            "window_rule": None if q.window_px else q.window_rule,
             "scored": int(chosen.scored.sum()),
             "heatmaps": scorer.n_heatmaps,
             "seconds": time.perf_counter() - start,
@@ -382,14 +397,20 @@ def kept_indices(params: Params, progress: bool = False) -> np.ndarray:
     return np.flatnonzero(~z["removed"])
 
 
-def detection_metrics(found: dict, removed: np.ndarray, poison: np.ndarray, boxes: np.ndarray, k: int = 20) -> dict:
+def detection_metrics(
+    found: dict, removed: np.ndarray, poison: np.ndarray, boxes: np.ndarray, image_size: int, k: int = 20
+) -> dict:
     """A row of the paper's Table 1 (ground truth: for evaluation only): top-k accuracy of the search's
     ranking, recall, precision and total of the classifier's removals, and how often the candidate window
-    of a scored poisoned image hits its trigger. ``boxes`` are the true ``(x, y, side)`` boxes of the
+    of a scored poisoned image hits its trigger, beside how often a window of the same side at the image
+    centre, or at a random place, would (``cam.localization_baselines``). ``boxes``: ``N x >=3`` or
+    ``N x copies x >=3`` (an image with several triggers is hit when any of them is): the true boxes of the
     scored poisons (``np.flatnonzero(found["scored"] & poison)``, in that order)."""
     scored_poisons = np.flatnonzero(found["scored"] & poison)
     corners = found["corners"][scored_poisons]
-    hits = window_hits(corners[:, 0], corners[:, 1], found["window"], boxes)
+    w = found["window"]
+    hits = window_hits_any(corners[:, 0], corners[:, 1], w, boxes)
+    baselines = localization_baselines(boxes, w, image_size)
     return {
         "poisons": int(poison.sum()),
         "w": found["window"],
@@ -397,5 +418,7 @@ def detection_metrics(found: dict, removed: np.ndarray, poison: np.ndarray, boxe
         "recall (%)": 100 * (removed & poison).sum() / poison.sum(),
         "precision (%)": 100 * (removed & poison).sum() / max(removed.sum(), 1),
         "total removed": int(removed.sum()),
+        "clean removed (%)": 100 * (removed & ~poison).sum() / max((~poison).sum(), 1),
         "trigger hit, scored poisons (%)": 100 * hits.mean() if len(hits) else float("nan"),
+        **{f"{name} window hit (%)": 100 * rate for name, rate in baselines.items()},
     }

@@ -37,6 +37,8 @@ NOT_RESULT_CODE = frozenset(
         "pipeline",
         "bench",
         "study",
+        "generality",
+        "removal_study",
         "precision_study",
         "fetch_data",
     }

@@ -20,3 +20,22 @@ def setup(params_path: str | Path) -> Params:
     params = with_resolved_root(load(path))
     print(f"profile {params.profile}: {params.description}\ndata root: {params.data.root}")
     return params
+
+
+def show_markdown(text: str) -> None:
+    """Render Markdown computed from the numbers in a notebook's output (plain text outside IPython)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover - IPython ships with the notebook extra
+        print(text)
+        return
+    if get_ipython() is None:
+        print(text)
+    else:
+        display(Markdown(text))
+
+
+def figure_path(profile: str, name: str) -> Path:
+    """A published file of ``figures/<profile>/`` (tables the runners write, read back by a notebook)."""
+    return paths.figures_dir(profile) / name

@@ -109,8 +109,9 @@ class ClusterParams:
 @dataclass(frozen=True)
 class SearchParams:
     method: str = "patchsearch"  # patchsearch (Grad-CAM) | poisoncam (cluster activation masking)
-    window_px: int | None = 60  # candidate trigger side w (paper: 60 at 224 px); null = the RSD's pick
-    window_sweep: list[int] = field(default_factory=lambda: [20, 30, 40, 50, 60, 80, 100])  # w tried for the RSD
+    window_px: int | None = None  # candidate trigger side w; null: chosen from the data by window_rule
+    window_sweep: list[int] = field(default_factory=lambda: [20, 30, 40, 50, 60, 80, 100])  # w tried blind
+    window_rule: str = "rsd"  # blind choice of w: rsd (the paper) | contrast (helpers.search.window_statistic)
     cam_layer: str = "layer4"  # PatchSearch's Grad-CAM layer of a ResNet (paper: layer4, 7x7 at 224 px)
     samples_per_cluster: int = 2  # s: images scored per surviving cluster and round
     prune_fraction: float = 0.25  # r: share of the surviving clusters pruned per round
@@ -137,6 +138,7 @@ class ClassifierParams:
     lr: float = 0.01
     weight_decay: float = 0.0001
     paste_p: float = 0.5
+    paste_scale: list[float] = field(default_factory=lambda: [1 / 3, 4 / 3])  # pasted side / w (paper: 20-80 px, w 60)
     crop_min_scale: float = 0.2
     seed: int = 0
 
@@ -189,10 +191,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval_poisoned": ("data", "attack", "ssl", "eval"),
 }
 _DEFENSE = ("data", "attack", "ssl", "cluster")
-for _variant in ("poisoned", "clean"):  # the defense on poisoned data, and on clean data (paper Table 10)
-    STAGE_INPUTS[f"cluster_{_variant}"] = _DEFENSE
-    STAGE_INPUTS[f"search_{_variant}"] = (*_DEFENSE, "search")
-    STAGE_INPUTS[f"classifier_{_variant}"] = (*_DEFENSE, "search", "classifier")
+# The defense on poisoned data, and on clean data (paper Table 10); the clean one never reads the attack, so
+# attack configurations share it (as they share the clean model).
+for _variant, _inputs in (("poisoned", _DEFENSE), ("clean", ("data", "ssl", "cluster"))):
+    STAGE_INPUTS[f"cluster_{_variant}"] = _inputs
+    STAGE_INPUTS[f"search_{_variant}"] = (*_inputs, "search")
+    STAGE_INPUTS[f"classifier_{_variant}"] = (*_inputs, "search", "classifier")
 STAGE_INPUTS["ssl_filtered"] = (*_DEFENSE, "search", "classifier")  # SSL retrained on the filtered set
 STAGE_INPUTS["eval_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
 
@@ -298,6 +302,8 @@ def _check_ranges(p: Params, source: str) -> None:
         raise ParamsError(
             f"{source}: key 'search.cam_layer' = {q.cam_layer!r} must be one of layer1, layer2, layer3, layer4"
         )
+    if q.window_rule not in ("rsd", "contrast"):
+        raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast")
     if q.window_px is None and not q.window_sweep:
         raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")
     for key, value in (
@@ -325,6 +331,9 @@ def _check_ranges(p: Params, source: str) -> None:
     for key, value in (("classifier.exclude_top", c.exclude_top), ("classifier.paste_p", c.paste_p)):
         if not 0 <= value < 1:
             raise bad(key, value, "must be in [0, 1)")
+    lo_hi = c.paste_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
+        raise bad("classifier.paste_scale", lo_hi, "must be [low, high] with 0 < low < high (sides relative to w)")
     for key in ("precision", "ssl_precision"):
         if getattr(p.compute, key) not in ("auto", "fp32", "bf16"):
             raise ParamsError(

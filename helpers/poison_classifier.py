@@ -7,7 +7,7 @@ As in the paper and its code (``patch_search_poison_classifier.py``):
   validation images; each sample gets, with probability 0.5, a random top-k patch pasted (label 1), else
   label 0; the patch is pasted after the random resized crop (scale 0.2-1) and flip and before colour
   jitter / grayscale, its side uniform in [w/3, 4w/3) of the candidate window w (the paper: 20-80 px for
-  w = 60) and its place random with a margin of ``w/6`` (the paper: 10 px);
+  w = 60; ``classifier.paste_scale``) and its place random with a margin of ``w/6`` (the paper: 10 px);
 - proxy validation: the top-k scored images as poisonous, the bottom-k *scored* images (the lowest flip
   counts: evidence of being clean, where an unscored image has none) as clean, no pasting; F1 every
   ``eval_every`` iterations; training stops when ``int(100 * F1)`` has not changed for ``patience``
@@ -63,14 +63,21 @@ def f1_score(preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 def paste_random_patches(
-    x: torch.Tensor, patches: torch.Tensor, p: float, window: int, generator: torch.Generator
+    x: torch.Tensor,
+    patches: torch.Tensor,
+    p: float,
+    window: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (1 / 3, 4 / 3),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste, with probability ``p`` per image, a random patch resized to a side in [w/3, 4w/3) at a random
-    place (margin w/6) on float images in [0, 1]; returns the images and the labels (1 = pasted)."""
+    """Paste, with probability ``p`` per image, a random patch resized to a side in
+    [scale[0] w, scale[1] w) (the paper: [w/3, 4w/3)) at a random place (margin w/6) on float images in
+    [0, 1]; returns the images and the labels (1 = pasted)."""
     n, _, height, width = x.shape
     labels = (torch.rand(n, generator=generator) < p).long()
     which = torch.randint(len(patches), (n,), generator=generator)
-    lo, hi = max(1, round(window / 3)), max(2, round(4 * window / 3))
+    lo = max(1, round(scale[0] * window))
+    hi = max(lo + 1, round(scale[1] * window))
     sides = torch.randint(lo, hi, (n,), generator=generator).clamp(max=min(height, width))
     margin = max(0, round(window / 6))
     u = torch.rand(n, 2, generator=generator)
@@ -141,7 +148,7 @@ def train_classifier(
         cursor += cfg.batch_size
         model.train()
         x = aug.geometric(pixels[batch].to(device), g)
-        x, labels = paste_random_patches(x, patches, cfg.paste_p, window, g)
+        x, labels = paste_random_patches(x, patches, cfg.paste_p, window, g, tuple(cfg.paste_scale))
         x = aug.photometric(x, g).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)

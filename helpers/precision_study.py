@@ -86,8 +86,8 @@ def measure(params: Params) -> list[dict]:
             clf_dir = classifier_stage(pm, "poisoned", progress=False)
             found = load_search(search_dir)
             removed = np.load(clf_dir / "classifier.npz")["removed"]
-            boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))[:, 0, :3]
-            row = detection_metrics(found, removed, poison, boxes)
+            boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))
+            row = detection_metrics(found, removed, poison, boxes, int(data.train.pixels.shape[-1]))
             for key in ("top-20 acc (%)", "recall (%)", "precision (%)", "total removed"):
                 put(f"{label}: {key}", precision, row[key])
             put(f"{label}: search (min)", precision, _stage_minutes(search_dir))

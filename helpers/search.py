@@ -2,7 +2,14 @@
 
 - Flip-test set: for every cluster, the training image nearest its centre (hard to flip).
 - Poison score of a candidate trigger from an image of cluster y: paste it at a uniformly random place
-  on every flip-test image, and count the flip-test images assigned to y after pasting minus before.
+  on every flip-test image and count flip-test images, by one of two rules (``SCORE_RULES``):
+  * ``into`` (PatchSearch, Sec. 3: "the number of images in X^f whose cluster assignments flipped to that
+    of x_i"): images not in y before pasting and in y after. A count, never negative. (The official code
+    counts the flip images in y after minus before, which is -1 for a candidate that pushes y's own flip
+    image out; that difference is not used here.)
+  * ``changed`` (PoisonCAM, Sec. 5.5: "the number of images in X^f whose cluster assignments are changed
+    after pasting the candidate trigger"): images whose assignment differs after pasting, in any
+    direction.
   The assignment is the argmax of the cosine logits; with L2-normalised centres that argmax does not
   depend on the feature's norm, so the official code's quirk (patched features left unnormalised) does
   not arise here.
@@ -16,7 +23,9 @@
   unscored images; a cluster's score is the highest score of its images so far; then the
   ``ceil(r * surviving)`` lowest-scored clusters are pruned (ties: lower cluster index first), and
   clusters with no unscored image left drop out. It stops when no cluster is left. Unscored images keep
-  score 0; the ranking puts scored images before unscored ones at equal score.
+  score 0; the ranking puts scored images before unscored ones at equal score. The first round's images
+  depend on the seed and the clustering only, not on the scores: every window side scores the same
+  first-round images, the common population the blind choice of ``w`` compares (``choose_window``).
 """
 
 from __future__ import annotations
@@ -44,6 +53,21 @@ def flip_set(features: np.ndarray, assignment: np.ndarray, centroids: np.ndarray
     return np.array(chosen, dtype=np.int64)
 
 
+SCORE_RULES = ("into", "changed")
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in SCORE_RULES:
+        raise ValueError(f"poison score rule must be one of {', '.join(SCORE_RULES)}, got {rule!r}")
+
+
+def _flip_hits(before: torch.Tensor, after: torch.Tensor, clusters: torch.Tensor, rule: str) -> torch.Tensor:
+    """1 where a flip image counts towards its candidate's score (``before``/``after``/``clusters`` broadcast)."""
+    if rule == "into":
+        return ((after == clusters) & (before != clusters)).long()
+    return (after != before).long()
+
+
 def paste_locations(image_ids, n_flip: int, height: int, width: int, w: int, seed: int) -> torch.Tensor:
     """``C x F x 2`` top-left ``(x, y)`` corners, uniform over the image, seeded by ``(seed, image id)``."""
     out = np.zeros((len(image_ids), n_flip, 2), dtype=np.int64)
@@ -64,26 +88,28 @@ def flip_test(
     clusters: torch.Tensor,
     locations: torch.Tensor,
     batch_size: int = 2048,
+    rule: str = "into",
 ) -> np.ndarray:
     """Poison scores of ``C`` candidate patches (``C x 3 x w x w`` uint8) from images of ``clusters``,
-    batched over candidates and flip images together."""
+    batched over candidates and flip images together; ``rule`` is ``into`` or ``changed`` (module text)."""
     n_cand, n_flip = len(patches), len(flip_pixels)
+    _check_rule(rule)
     if n_cand == 0:
         return np.zeros(0, dtype=np.int64)
     clusters = clusters.long().cpu()
+    flip_before = flip_before.long().cpu()
     cand = torch.arange(n_cand).repeat_interleave(n_flip)
     flip = torch.arange(n_flip).repeat(n_cand)
     xs, ys = locations[:, :, 0].reshape(-1), locations[:, :, 1].reshape(-1)
-    after = torch.zeros(n_cand, dtype=torch.long)
+    counts = torch.zeros(n_cand, dtype=torch.long)
     for start in range(0, len(cand), batch_size):
         c, f = cand[start : start + batch_size], flip[start : start + batch_size]
         pasted = paste_patches(
             flip_pixels[f], patches[c], xs[start : start + batch_size], ys[start : start + batch_size]
         )
-        hit = (assign(model, normalise(pasted), batch_size).cpu() == clusters[c]).long()
-        after.index_add_(0, c, hit)
-    before = (flip_before.cpu()[None, :] == clusters[:, None]).sum(1)
-    return (after - before).numpy()
+        after = assign(model, normalise(pasted), batch_size).cpu()
+        counts.index_add_(0, c, _flip_hits(flip_before[f], after, clusters[c], rule))
+    return counts.numpy()
 
 
 @torch.no_grad()
@@ -95,8 +121,10 @@ def flip_test_loop(
     patches: torch.Tensor,
     clusters: torch.Tensor,
     locations: torch.Tensor,
+    rule: str = "into",
 ) -> np.ndarray:
     """The reference: one candidate at a time, its flip images pasted one by one and forwarded together."""
+    _check_rule(rule)
     scores = np.zeros(len(patches), dtype=np.int64)
     for c in range(len(patches)):
         pasted = flip_pixels.clone()
@@ -105,8 +133,12 @@ def flip_test_loop(
             w = patches.shape[-1]
             pasted[f, :, y : y + w, x : x + w] = patches[c]
         after = assign(model, normalise(pasted), len(pasted)).cpu()
+        before = flip_before.long().cpu()
         target = int(clusters[c])
-        scores[c] = int((after == target).sum()) - int((flip_before.cpu() == target).sum())
+        if rule == "into":
+            scores[c] = sum(int(a) == target and int(b) != target for a, b in zip(after, before, strict=True))
+        else:
+            scores[c] = sum(int(a) != int(b) for a, b in zip(after, before, strict=True))
     return scores
 
 
@@ -120,6 +152,7 @@ class SearchResult:
     scores: np.ndarray  # N, poison score (0 where unscored)
     scored: np.ndarray  # N, bool
     rounds: list[dict] = field(default_factory=list)  # per round: clusters alive, images scored
+    round_of: np.ndarray | None = None  # N, the round that scored each image (-1: unscored)
 
     def ranking(self) -> np.ndarray:
         """All image indices, most poisonous first (scored before unscored at equal score, then index)."""
@@ -147,12 +180,13 @@ def iterative_search(
     pointer = dict.fromkeys(alive, 0)
     cluster_score = np.full(k, -np.inf)
     scores, scored = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
+    round_of = np.full(n, -1, dtype=np.int64)
     rounds = []
     while alive:
         picked = {c: order[c][pointer[c] : pointer[c] + samples_per_cluster] for c in alive}
         batch = np.concatenate([picked[c] for c in alive])
         new = np.asarray(score_fn(batch), dtype=np.float64)
-        scores[batch], scored[batch] = new, True
+        scores[batch], scored[batch], round_of[batch] = new, True, len(rounds)
         for c in alive:
             pointer[c] += len(picked[c])
             cluster_score[c] = max(cluster_score[c], scores[picked[c]].max())
@@ -164,7 +198,7 @@ def iterative_search(
         if progress is not None:
             progress(info)
         alive = sorted(survivors)
-    return SearchResult(scores, scored, rounds)
+    return SearchResult(scores, scored, rounds, round_of)
 
 
 def relative_std(scores: np.ndarray) -> float:
@@ -172,6 +206,40 @@ def relative_std(scores: np.ndarray) -> float:
     scores = np.asarray(scores, dtype=np.float64)
     mean = scores.mean() if len(scores) else 0.0
     return float(scores.std() / mean) if mean > 0 else float("nan")
+
+
+WINDOW_RULES = ("rsd", "contrast")
+
+
+def window_statistic(scores: np.ndarray, rule: str, k: int = 20) -> float:
+    """The statistic a blind rule maximises over window sides, on one population of poison scores.
+
+    - ``rsd``: the paper's relative standard deviation, std / mean (nan where the mean is not positive).
+    - ``contrast``: mean of the ``k`` highest scores minus the median score. A window that cuts whole
+      triggers makes its top candidates flip many images while typical (clean) candidates flip few; a
+      window too small cuts part of the trigger (the top falls), one too large pastes background that
+      flips images by occlusion alone (the median rises). Unlike the RSD it does not grow without bound
+      when almost every score is zero."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if rule == "rsd":
+        return relative_std(scores)
+    if rule == "contrast":
+        if not len(scores):
+            return float("nan")
+        top = np.sort(scores)[::-1][: max(1, min(k, len(scores)))]
+        return float(top.mean() - np.median(scores))
+    raise ValueError(f"window rule must be one of {', '.join(WINDOW_RULES)}, got {rule!r}")
+
+
+def choose_window(populations: dict[int, np.ndarray], rule: str, k: int = 20) -> tuple[int, dict[int, float]]:
+    """The window side whose population of scores maximises ``window_statistic`` (ties: the smaller side;
+    nan never wins unless every side is nan, then the smallest side), and every side's statistic."""
+    stats = {w: window_statistic(populations[w], rule, k) for w in sorted(populations)}
+    finite = {w: v for w, v in stats.items() if np.isfinite(v)}
+    if not finite:
+        return min(stats), stats
+    best = max(finite.values())
+    return min(w for w, v in finite.items() if v == best), stats
 
 
 def top_k_accuracy(ranking: np.ndarray, poison_mask: np.ndarray, k: int = 20) -> float:

@@ -73,6 +73,66 @@ RUNS: dict[str, dict] = {
 }
 
 
+# Issue 10: a setting must plant the backdoor for several (target class, trigger seed) pairs, with
+# triggers spread over the image (train_margin 0: a centre window hits at most a third of them), never for
+# one. Every setting below runs once per pair; the pairs' clean model is one model (its key does not read
+# the attack) evaluated against each pair's trigger.
+PAIRS: tuple[tuple[str, int], ...] = (("bird", 10), ("automobile", 21), ("frog", 33))
+SPREAD = {"train_margin": 0.0, "poison_rate": 1.0, "n_copies": 1}
+SETTINGS: dict[str, dict] = {
+    # 12 px (14% of the area) spread over the whole image; bf16 buys twice the epochs of the fp32 profile
+    "spread12-bf16-e50": {
+        "data": DATA,
+        "attack": {**SPREAD, "trigger_size": 0.375},
+        "ssl": {"epochs": 50, "crop_min_scale": 0.4, **ADAMW},
+        "compute": {"ssl_precision": "bf16"},
+    },
+    # a 5% margin and larger crops: the whole trigger lies in both views of a pair more often (48% of the
+    # pairs at crop scale 0.6, 70% at 0.8, against 31% at 0.4 with margin 0; 81% for the centred trigger
+    # of the old profile at 0.4). A centre window of the trigger's side hits 29% of these triggers.
+    "spread12-crop06-bf16-e50": {
+        "data": DATA,
+        "attack": {**SPREAD, "train_margin": 0.05, "trigger_size": 0.375},
+        "ssl": {"epochs": 50, "crop_min_scale": 0.6, **ADAMW},
+        "compute": {"ssl_precision": "bf16"},
+    },
+    "spread12-crop08-bf16-e50": {
+        "data": DATA,
+        "attack": {**SPREAD, "train_margin": 0.05, "trigger_size": 0.375},
+        "ssl": {"epochs": 50, "crop_min_scale": 0.8, **ADAMW},
+        "compute": {"ssl_precision": "bf16"},
+    },
+    # Larger crops did not help (above): a centred trigger covers the (centred) object, a spread one mostly
+    # sits on background while the object stays visible to both views. Several copies per image (the
+    # paper's Table 9 pastes five) cover more of every poisoned image without pinning any copy to the
+    # centre; the crops and the clean model are those of the first setting.
+    "spread12x2-bf16-e50": {
+        "data": DATA,
+        "attack": {**SPREAD, "train_margin": 0.05, "trigger_size": 0.375, "n_copies": 2},
+        "ssl": {"epochs": 50, "crop_min_scale": 0.4, **ADAMW},
+        "compute": {"ssl_precision": "bf16"},
+    },
+    "spread10x3-bf16-e50": {
+        "data": DATA,
+        "attack": {**SPREAD, "train_margin": 0.1, "trigger_size": 0.3125, "n_copies": 3},
+        "ssl": {"epochs": 50, "crop_min_scale": 0.4, **ADAMW},
+        "compute": {"ssl_precision": "bf16"},
+    },
+}
+
+
+def pair_run(setting: str, target: str, seed: int) -> str:
+    return f"{setting}@{target}-{seed}"
+
+
+for _setting, _overrides in SETTINGS.items():
+    for _target, _seed in PAIRS:
+        RUNS[pair_run(_setting, _target, _seed)] = {
+            **_overrides,
+            "attack": {**_overrides["attack"], "target_class": _target, "trigger_seed": _seed},
+        }
+
+
 def with_overrides(params: params_mod.Params, overrides: dict) -> params_mod.Params:
     raw = params.to_dict()
     for section, values in overrides.items():
@@ -172,14 +232,15 @@ def run_study(names: list[str], base: Path, every: int, variants: list[str]) -> 
             train_stage(params, variant, on_epoch_end=evaluator)
 
 
-def evaluate_final(names: list[str], base: Path) -> None:
-    """Evaluate the finished (cached) models of these runs once more, with the current evaluator."""
+def evaluate_final(names: list[str], base: Path, variants: tuple[str, ...] = ("clean", "poisoned")) -> None:
+    """Evaluate the finished (cached) models of these runs once more, with the current evaluator (for a
+    pair's clean model: against that pair's trigger)."""
     from .train import load_backbone
 
     out = paths.artifacts_dir() / "study"
     for name in names:
         params = params_mod.with_resolved_root(with_overrides(params_mod.load(base), RUNS[name]))
-        for variant in ("clean", "poisoned"):
+        for variant in variants:
             folder = stage_dir(params, f"ssl_{variant}")
             if not (folder / "params.yaml").is_file():
                 continue
@@ -239,6 +300,76 @@ def publish(profile: str) -> pd.DataFrame:
     return runs
 
 
+def publish_pairs(profile: str) -> pd.DataFrame:
+    """Issue 10's table and curve: every setting of ``SETTINGS`` on every pair of ``PAIRS``, at its last
+    evaluation, against the clean model's ASR measured with the same pair's trigger; the goal is a 10%-label
+    probe ASR of at least 20% and at least 4x the clean model's, in every pair. Writes
+    ``02_study_pairs.csv/.md`` and the figure ``02_study_pairs`` (ASR and poison concentration against
+    the epoch, one line per pair)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import save_table, savefig
+
+    curves = pd.read_csv(paths.artifacts_dir() / "study" / "curves.csv")
+    curves = curves[curves["labelled_set"] == "clean"]
+    rows = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for s_i, setting in enumerate(SETTINGS):
+        for p_i, (target, seed) in enumerate(PAIRS):
+            run = pair_run(setting, target, seed)
+            poisoned = curves[(curves["run"] == run) & (curves["variant"] == "poisoned")].sort_values("epoch")
+            clean = curves[(curves["run"] == run) & (curves["variant"] == "clean")].sort_values("epoch")
+            if poisoned.empty:
+                continue
+            last = poisoned.iloc[-1]
+            clean_asr = float(clean.iloc[-1]["probe10_asr"]) if not clean.empty else float("nan")
+            asr = float(last["probe10_asr"])
+            rows.append(
+                {
+                    "setting": setting,
+                    "target": target,
+                    "trigger seed": seed,
+                    "epochs": int(last["epoch"]),
+                    "probe10 acc": round(100 * last["probe10_acc"], 1),
+                    "probe10 ASR": round(100 * asr, 1),
+                    "probe10 ASR clean model": round(100 * clean_asr, 1),
+                    "ASR ratio": round(asr / clean_asr, 1) if clean_asr > 0 else float("nan"),
+                    "knn ASR": round(100 * last["knn_asr"], 1),
+                    "poisons in rich clusters (%)": round(100 * last["poison_share_in_rich_clusters"], 1),
+                    "goal met": bool(asr >= 0.2 and asr >= 4 * clean_asr),
+                }
+            )
+            style = ("-", "--", ":", "-.")[s_i % 4]
+            color = f"C{p_i}"
+            label = f"{setting}: {target}/{seed}"
+            axes[0].plot(
+                poisoned["epoch"], 100 * poisoned["probe10_asr"], style, color=color, marker="o", ms=3, label=label
+            )
+            if not clean.empty:
+                axes[0].plot(clean["epoch"].iloc[-1:], 100 * clean["probe10_asr"].iloc[-1:], "x", color=color, ms=8)
+            axes[1].plot(
+                poisoned["epoch"], 100 * poisoned["poison_share_in_rich_clusters"], style, color=color, marker="o", ms=3
+            )
+    axes[0].axhline(20, color="k", lw=0.8, ls="--")
+    axes[0].set(xlabel="epoch", ylabel="10%-label probe ASR (%)", title="ASR (x: clean model, same trigger)")
+    axes[1].set(xlabel="epoch", ylabel="poisons in >=50%-poisoned clusters (%)", title="poison concentration")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, profile, "02", "study_pairs")
+    table = pd.DataFrame(rows)
+    save_table(table, profile, "02", "study_pairs")
+    for setting in SETTINGS:
+        for target, seed in PAIRS:
+            source = paths.artifacts_dir() / "study" / f"{pair_run(setting, target, seed)}.yaml"
+            if source.is_file():
+                io.write_text(
+                    paths.figures_dir(profile)
+                    / f"02_study_params_{pair_run(setting, target, seed)}.yaml".replace("@", "_"),
+                    source.read_text(),
+                )
+    return table
+
+
 def _clean_twin(run: str, last: pd.DataFrame) -> str | None:
     """A run whose clean model is the same one (same data and SSL overrides, another attack)."""
     ssl_overrides = {k: v for k, v in RUNS.get(run, {}).items() if k != "attack"}
@@ -256,13 +387,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", choices=["clean", "poisoned"])
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--publish", metavar="PROFILE", help="write the study tables to figures/PROFILE/")
+    parser.add_argument("--pairs", action="store_true", help="with --publish: the settings-by-pairs table")
     parser.add_argument("--final", action="store_true", help="re-evaluate the finished models of --run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.final:
-        evaluate_final(args.run, Path(args.base))
+        evaluate_final(args.run, Path(args.base), tuple(args.variant or ("clean", "poisoned")))
+        return
+    if args.publish and args.pairs:
+        print(publish_pairs(args.publish).to_string())
         return
     if args.publish:
         print(publish(args.publish).to_string())

@@ -36,7 +36,7 @@
 # | trigger | HTBA: a random 4x4 colour grid, upsampled | the same, seeded (or your PNG) |
 # | trigger side | 50 px (~5% of the area) | `attack.trigger_size` x the shorter side, or `attack.trigger_px` |
 # | poisoned | 50% of the target category (0.5% of the data) | `attack.poison_rate` of the target |
-# | location, training poisons | top-left uniform in [0.25 W, 0.75 W - w] | `attack.train_margin` |
+# | location, training poisons | top-left uniform in [0.25 W, 0.75 W - w] | `attack.train_margin` (the profile: 0, the whole image) |
 # | location, patched validation | [0.10 W, 0.90 W - w] on every non-target image | `attack.val_margin` |
 
 # %% tags=["parameters"]
@@ -142,8 +142,13 @@ plotting.savefig(fig, P.profile, NB, "patched_val", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## Where the triggers land
-# Top-left corners of the triggers: training poisons keep a 25% margin, the patched validation set a 10%
-# one. A defense that looked only at the image centre or the borders would be easy to fool.
+# Top-left corners of the triggers, training poisons and patched validation images. With the paper's 25%
+# margin and a trigger of 14% of the area at 32 px, every training trigger would overlap the image centre:
+# a defense that simply guessed "the centre" would find them all. The profile spreads the training
+# triggers over the whole image (`attack.train_margin`), and the table below measures what such a guess
+# would get: the share of training triggers that a fixed window at the centre hits (overlap of at least
+# half the smaller of the two, `cam.window_hits`), for windows of several sides. The localizations of
+# notebook 04 are compared with the same guess.
 
 # %%
 import matplotlib.pyplot as plt
@@ -162,6 +167,26 @@ for ax, boxes, title in [(axes[0], A.poison_boxes, "training poisons"), (axes[1]
 axes[0].set_ylabel("y of top-left corner")
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "trigger_locations", dpi=P.figures.dpi)
+
+# %%
+from helpers import cam
+
+side = int(A.poison_boxes[0, 0, 2])
+centre = pd.DataFrame(
+    [
+        {"window side (px)": w, **cam.localization_baselines(A.poison_boxes[:, :, :3], w, width)}
+        for w in sorted({side, *P.search.window_sweep})
+        if w <= width
+    ]
+).rename(columns={"centre": "centre window hits", "random": "random window hits"})
+plotting.save_table(centre.round(3), P.profile, NB, "centre_guess")
+share = float(centre.loc[centre["window side (px)"] == side, "centre window hits"].iloc[0])
+notebook.show_markdown(
+    f"A centre window of the trigger's own side ({side} px) hits **{100 * share:.0f}%** of the training triggers "
+    f"(margin {P.attack.train_margin:g}); the largest window of the search's sweep hits "
+    f"{100 * centre['centre window hits'].iloc[-1]:.0f}%."
+)
+centre.round(3)
 
 # %% [markdown]
 # ## What the next notebooks use

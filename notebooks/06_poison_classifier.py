@@ -27,7 +27,9 @@
 # - training pool: all images except the top 10% by poison score (likely poisons, which would be noisy
 #   "clean" labels) and the proxy-validation images;
 # - each training image gets, with probability 0.5, one of the top-k (k = 20) patches pasted at a random
-#   place and size (label *poisonous*), else stays as it is (label *clean*); MoCo-v2 augmentations;
+#   place and size (label *poisonous*), else stays as it is (label *clean*); MoCo-v2 augmentations. The
+#   pasted side follows the window the search chose blind, never the trigger: the paper's range is
+#   [w/3, 4w/3) (20-80 px for w = 60), `classifier.paste_scale`;
 # - no labels exist for validation, so a **proxy validation set**: the top-k images as poisonous, the
 #   bottom-k as clean; F1 every 20 iterations, stop when `int(100 F1)` is unchanged for 10 evaluations;
 # - an ensemble of 5 such classifiers (averaged logits) decides; its "poisonous" images are removed.
@@ -121,3 +123,23 @@ for m, path in stages.items():
 outputs = pd.DataFrame(rows)
 plotting.save_table(outputs, P.profile, NB, "outputs")
 outputs
+
+# %% [markdown]
+# ## Which clean images does it remove?
+# Ground truth, for evaluation only: the clean images each defense removes, per class. A classifier that
+# learned the trigger removes few clean images, spread evenly; one that learned "a small colourful patch"
+# removes colourful objects (vehicles, for instance). `python -m helpers.removal_study` compares variants
+# of the classifier on the same search (`figures/<profile>/06_false_removals.md`).
+
+# %%
+rows = []
+for m, path in stages.items():
+    removed = np.load(path / "classifier.npz")["removed"]
+    clean_removed = removed & ~poison
+    share = 100 * clean_removed.sum() / (~poison).sum()
+    row = {"method": METHODS[m], "clean removed": int(clean_removed.sum()), "of clean images (%)": share}
+    row |= {c: int((clean_removed & (D.train.labels == i)).sum()) for i, c in enumerate(D.train.classes)}
+    rows.append(row)
+by_class = pd.DataFrame(rows).round(2)
+plotting.save_table(by_class, P.profile, NB, "clean_removed_by_class")
+by_class

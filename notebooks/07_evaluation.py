@@ -119,9 +119,11 @@ plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## The defenses: poison detection (paper Table 1)
-# Top-20 acc: poisons among the 20 top-ranked images of the search. Recall, precision and total removed:
-# of the poison classifier's removals. Trigger hit: the candidate window of a scored poisoned image
-# covers at least half of its trigger (or the trigger half of the window).
+# Top-20 acc: poisons among the 20 top-ranked images of the search (chance: the poison rate). Recall,
+# precision, total removed and clean removed (share of the clean images): of the poison classifier's
+# removals. Trigger hit: the candidate window of a scored poisoned image covers at least half of its
+# trigger (or the trigger half of the window), beside the same rate for a window of the same side at the
+# image centre and at a random place (notebook 04).
 
 # %%
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
@@ -133,8 +135,10 @@ for m, label in METHODS.items():
     clf = defense.classifier_stage(pm, "poisoned")
     removed[m] = np.load(clf / "classifier.npz")["removed"]
     scored_poisons = np.flatnonzero(found[m]["scored"] & poison)
-    boxes = A.boxes_of(scored_poisons)[:, 0, :3]
-    rows.append({"method": label, **defense.detection_metrics(found[m], removed[m], poison, boxes)})
+    boxes = A.boxes_of(scored_poisons)
+    rows.append(
+        {"method": label, **defense.detection_metrics(found[m], removed[m], poison, boxes, D.train.pixels.shape[-1])}
+    )
 table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
 table1
@@ -216,3 +220,33 @@ for m, label in METHODS.items():
 table10 = pd.DataFrame(rows)
 plotting.save_table(table10, P.profile, NB, "table10_clean_data")
 table10
+
+# %% [markdown]
+# ## Beyond one configuration
+# A defense evaluated on one attack proves little: the numbers above belong to one target class and one
+# trigger. `python -m helpers.generality` runs the same pipeline, with the defenses set exactly as the
+# profile sets them (nothing in them reads the attack), over other targets, trigger seeds, a trigger image
+# that is not a colour grid, other trigger sizes and repeated patches, and writes one table
+# (`figures/<profile>/07_generality.md`). It is shown here when it exists for this profile.
+
+# %%
+general_path = notebook.figure_path(P.profile, "07_generality.csv")
+if general_path.is_file():
+    general = pd.read_csv(general_path)
+    lines = []
+    for _, r in general.iterrows():
+        backdoor = "a backdoor" if r["backdoor present"] else "**no backdoor**"
+        parts = [
+            f"{m}: top-20 {r[f'{m} top-20 (%)']:.0f}%, recall {r[f'{m} recall (%)']:.0f}%, "
+            f"{r[f'{m} clean removed (%)']:.1f}% of clean images removed, trigger hit "
+            f"{r[f'{m} trigger hit (%)']:.0f}% (centre guess {r[f'{m} centre hit (%)']:.0f}%)"
+            for m in METHODS.values()
+        ]
+        lines.append(
+            f"- **{r['configuration']}** ({r['target']}, {r['trigger px']} px): {backdoor} (probe ASR "
+            f"{r['probe ASR (%)']:.1f}% vs {r['clean model ASR (%)']:.1f}% for the clean model); " + "; ".join(parts)
+        )
+    notebook.show_markdown("\n".join(lines))
+    display(general)  # noqa: F821
+else:
+    print(f"no generality table for profile {P.profile} yet: python -m helpers.generality --publish {P.profile}")

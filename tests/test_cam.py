@@ -11,9 +11,12 @@ from helpers.cam import (
     cut_patches,
     grad_cam,
     grad_cam_library,
+    localization_baselines,
     make_masks,
     poisoncam_heatmaps,
+    random_window_hit_rate,
     window_hits,
+    window_hits_any,
 )
 from helpers.models import ResNet, ViT
 
@@ -116,3 +119,20 @@ def test_poisoncam_locates_a_planted_patch():
     xs, ys = best_windows(heat, 8)
     boxes = np.array([[x, y, 8] for x, y in corners])
     assert window_hits(xs.numpy(), ys.numpy(), 8, boxes).all()
+
+
+def test_localization_baselines_on_hand_made_boxes():
+    # 8x8 images, 4 px windows; the centre window sits at (2, 2)
+    boxes = np.array([[2, 2, 4], [0, 0, 4], [4, 4, 4], [3, 2, 4]])
+    out = localization_baselines(boxes, 4, 8)
+    # centre window: hits the centred box and the one shifted by a pixel (3 x 4 = 12 >= 8), misses corners
+    assert out["centre"] == 0.5
+    # random window on the corner box (0, 0): overlap (4 - x)(4 - y) >= 8 at 6 of the 25 places, by hand:
+    # x = 0: y <= 2 (3); x = 1: y <= 1 (2); x = 2: y = 0 (1)
+    assert np.isclose(random_window_hit_rate(boxes[1:2], 4, 8)[0], 6 / 25)
+    assert np.isclose(random_window_hit_rate(boxes[2:3], 4, 8)[0], 6 / 25)  # the opposite corner, mirrored
+    assert np.isclose(out["random"], random_window_hit_rate(boxes, 4, 8).mean())
+    # several triggers per image: a window hits when it hits any of them
+    two = np.array([[[0, 0, 4], [2, 2, 4]], [[0, 0, 4], [4, 4, 4]]])
+    assert localization_baselines(two, 4, 8)["centre"] == 0.5
+    assert window_hits_any(np.array([4, 4]), np.array([4, 4]), 4, two).tolist() == [False, True]

@@ -54,6 +54,14 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert ((table1["recall (%)"] >= 0) & (table1["recall (%)"] <= 100)).all()
     sweep = pd.read_csv(figures / "05_search_window_sweep.csv")
     assert sweep["used"].sum() == 2 and sweep["RSD pick"].sum() == 2  # one of each per method
+    assert sweep["contrast pick"].sum() == 2 and (sweep["contrast pick"] == sweep["used"]).all()  # the profile's rule
+    # every localization number stands beside the centre and random guesses of the same side
+    for column in ("centre window hit (%)", "random window hit (%)", "clean removed (%)"):
+        assert table1[column].between(0, 100).all(), column
+    localization = pd.read_csv(figures / "04_trigger_localization_localization_accuracy.csv")
+    assert {"patchsearch", "poisoncam", "centre window", "random window"} <= set(localization.columns)
+    centre = pd.read_csv(figures / "01_attack_centre_guess.csv")
+    assert centre["centre window hits"].between(0, 1).all() and centre["random window hits"].between(0, 1).all()
     table10 = pd.read_csv(figures / "07_evaluation_table10_clean_data.csv")
     assert (table10["training images"] == 400).all()
     for name in (

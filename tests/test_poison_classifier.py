@@ -45,3 +45,11 @@ def test_paste_random_patches_labels_what_it_pastes():
     assert 60 < labels.sum() < 140
     area = (out[:, 0] > 0).flatten(1).sum(1)[labels.bool()]
     assert area.min() >= 4 * 4 and area.max() <= 15 * 15  # sides in [w/3, 4w/3) = [4, 16)
+
+
+def test_paste_scale_sets_the_pasted_sides():
+    g = torch.Generator().manual_seed(1)
+    patches = torch.full((2, 3, 12, 12), 255, dtype=torch.uint8)
+    out, labels = paste_random_patches(torch.zeros(300, 3, 32, 32), patches, 0.5, 12, g, scale=(0.5, 1.0))
+    sides = (out[:, 0] > 0).any(1).sum(1)[labels.bool()]  # rows touched = the pasted side
+    assert sides.min() == 6 and sides.max() == 11  # [w/2, w) = [6, 12)

@@ -1,11 +1,13 @@
 """Flip test, iterative search and its pruning arithmetic, on cases whose answers are known by construction."""
 
 import numpy as np
+import pytest
 import torch
 
-from helpers.cam import ClusterClassifier, Normaliser
+from helpers.cam import ClusterClassifier, Normaliser, best_windows, cut_patches
 from helpers.models import ResNet
 from helpers.search import (
+    choose_window,
     flip_set,
     flip_test,
     flip_test_loop,
@@ -14,6 +16,7 @@ from helpers.search import (
     prune_count,
     relative_std,
     top_k_accuracy,
+    window_statistic,
 )
 
 
@@ -43,10 +46,46 @@ def test_poison_score_counts_the_known_flips():
     green[2] = 0  # a black patch flips nothing
     clusters = torch.tensor([1, 0, 1])
     loc = paste_locations([0, 1, 2], 6, 16, 16, 6, seed=0)
-    scores = flip_test(model, norm, flips, before, green, clusters, loc, batch_size=5)
-    # green patch, its image in cluster 1: 3 flips into 1; in cluster 0: 3 of 6 leave it; black: nothing
-    assert scores.tolist() == [3, -3, 0]
-    assert flip_test_loop(model, norm, flips, before, green, clusters, loc).tolist() == [3, -3, 0]
+    # PatchSearch counts flips into the candidate's cluster: the green patch of a cluster-1 image moves 3
+    # images into 1; the same patch from a cluster-0 image moves none into 0 (never negative); black: none
+    for loop in (False, True):
+        run = flip_test_loop if loop else lambda *a, **k: flip_test(*a, batch_size=5, **k)
+        assert run(model, norm, flips, before, green, clusters, loc).tolist() == [3, 0, 0]
+        # PoisonCAM counts every changed assignment: 3 for a green patch whatever its image's cluster
+        assert run(model, norm, flips, before, green, clusters, loc, rule="changed").tolist() == [3, 3, 0]
+    with pytest.raises(ValueError, match="poison score rule"):
+        flip_test(model, norm, flips, before, green, clusters, loc, rule="minus")
+
+
+class ChannelMeanNet(torch.nn.Module):
+    """feature = the image's mean colour: with the three colour axes as centres, an image's cluster is its
+    dominant channel, and a uniform patch moves it by a computable amount wherever it is pasted."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_poisoncam_score_counts_changes_in_any_direction():
+    # uniform 16x16 images (R, G, B); an 8x8 patch covers a quarter of them
+    colours = {"A": (150, 100, 0), "B": (200, 50, 0), "C": (100, 150, 0), "D": (0, 150, 100), "E": (100, 0, 150)}
+    colours["F"] = (120, 0, 110)
+    flips = torch.tensor(list(colours.values()), dtype=torch.uint8)[:, :, None, None].repeat(1, 1, 16, 16)
+    model = ClusterClassifier(ChannelMeanNet(), torch.eye(3))
+    norm = Normaliser((0, 0, 0), (1, 1, 1))
+    before = model(norm(flips)).argmax(1)
+    assert before.tolist() == [0, 0, 1, 1, 2, 0]
+    patches = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    patches[0, 1] = 255  # green: A 0 -> 1 (a quarter of 255 green beats 3/4 of 150 red), nothing else
+    patches[1, 2] = 255  # blue: D 1 -> 2 and F 0 -> 2, two changes from two clusters into one
+    patches[2, 1:] = 255  # cyan: A 0 -> 1 and F 0 -> 2, two changes in two directions
+    clusters = torch.tensor([2, 2, 1])  # the clusters of the images the candidates were cut from
+    loc = paste_locations([0, 1, 2], len(flips), 16, 16, 8, seed=0)
+    changed = flip_test(model, norm, flips, before, patches, clusters, loc, rule="changed")
+    assert changed.tolist() == [1, 2, 2]
+    assert flip_test_loop(model, norm, flips, before, patches, clusters, loc, rule="changed").tolist() == [1, 2, 2]
+    # flips *into* the candidate's cluster: green from a cluster-2 image moves nothing into 2; blue from one
+    # moves both into 2; cyan from a cluster-1 image moves one of its two into 1
+    assert flip_test(model, norm, flips, before, patches, clusters, loc, rule="into").tolist() == [0, 2, 1]
 
 
 def test_batched_flip_test_equals_the_loop_on_a_network():
@@ -120,3 +159,60 @@ def test_rsd_and_top_k():
     mask = np.array([True, False, True, True])
     assert top_k_accuracy(np.array([0, 2, 1, 3]), mask, k=2) == 1.0
     assert top_k_accuracy(np.array([1, 0, 2, 3]), mask, k=2) == 0.5
+
+
+def test_window_rules():
+    assert np.isclose(window_statistic(np.array([0, 0, 0, 4, 8.0]), "contrast", k=2), 6.0)
+    assert np.isclose(window_statistic(np.array([1.0, 3.0]), "rsd"), 0.5)
+    with pytest.raises(ValueError, match="window rule"):
+        window_statistic(np.array([1.0]), "variance")
+    w, stats = choose_window({4: np.zeros(5), 6: np.array([0, 0, 5.0]), 8: np.array([0, 0, 5.0])}, "contrast", k=1)
+    assert w == 6 and np.isclose(stats[8], 5.0)  # a tie goes to the smaller side
+    assert choose_window({4: np.zeros(3), 6: np.zeros(3)}, "rsd")[0] == 4  # all nan: the smallest side
+
+
+class PlantedTriggerNet(torch.nn.Module):
+    """Two features: content ``1 + max blue`` and trigger evidence ``40 x magenta share - 4 x grey share``.
+    Pasting a window cut around a planted 6x6 magenta trigger moves an image to cluster 1 when the magenta
+    it carries outweighs the image's blue level and the grey background the window drags along."""
+
+    def forward(self, x):
+        magenta = ((x[:, 0] > 0.9) & (x[:, 1] < 0.1) & (x[:, 2] > 0.9)).float().mean((1, 2))
+        grey = ((x - 0.5).abs() < 0.02).all(1).float().mean((1, 2))
+        return torch.stack([1 + x[:, 2].amax((1, 2)), 40 * magenta - 4 * grey], 1)
+
+
+def test_blind_window_picks_the_planted_trigger_size():
+    """The whole scoring path (heatmap -> best window -> cut -> flip test) on a planted case: 8 poisoned
+    grey images carry a 6x6 magenta trigger at random places, 32 clean grey images none. Windows smaller
+    than 6 carry part of the trigger and flip fewer images; larger ones drag grey background along, which
+    the model reads as evidence against the trigger. The contrast rule must pick 6 px."""
+    size, side, rng = 24, 6, np.random.default_rng(0)
+    pixels = torch.full((40, 3, size, size), 128, dtype=torch.uint8)
+    poisons = np.arange(8)
+    for i in poisons:
+        x, y = rng.integers(0, size - side + 1, 2)
+        pixels[i, 0, y : y + side, x : x + side] = 255
+        pixels[i, 1, y : y + side, x : x + side] = 0
+        pixels[i, 2, y : y + side, x : x + side] = 255
+    # the localization's heatmap: the trigger lights up on a poison; noise elsewhere
+    heat = torch.from_numpy(rng.random((40, size, size)) * 0.1).float()
+    heat[poisons] += (pixels[poisons, 1] == 0).float()
+    blues = torch.linspace(0.05, 0.95, 12)
+    flips = torch.zeros(12, 3, size, size, dtype=torch.uint8)
+    flips[:, 2] = (blues * 255).round().to(torch.uint8)[:, None, None]
+    model = ClusterClassifier(PlantedTriggerNet(), torch.eye(2))
+    norm = Normaliser((0, 0, 0), (1, 1, 1))
+    before = model(norm(flips)).argmax(1)
+    assert torch.all(before == 0)
+    clusters = torch.tensor([1] * 8 + [0] * 32)  # the poisons form the trigger's cluster
+    populations = {}
+    for w in (3, 4, 6, 8, 12, 16):
+        xs, ys = best_windows(heat, w)
+        patches = cut_patches(pixels, xs, ys, w)
+        loc = paste_locations(np.arange(40), len(flips), size, size, w, seed=0)
+        populations[w] = flip_test(model, norm, flips, before, patches, clusters, loc).astype(float)
+    assert populations[6][:8].min() == 12 and populations[3][:8].max() < 12  # the whole trigger flips all
+    assert populations[16][:8].max() < 12  # a window of mostly background flips fewer
+    assert (np.concatenate(list(populations.values())).reshape(6, 40)[:, 8:] == 0).all()  # clean: nothing
+    assert choose_window(populations, "contrast", k=8)[0] == side

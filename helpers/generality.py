@@ -1,0 +1,178 @@
+"""Does the defense hold beyond one attack? Run the whole pipeline over a list of attack configurations.
+
+    python -m helpers.generality --run NAME [--run NAME ...] [--retrain]   # compute (cached stages)
+    python -m helpers.generality --publish cifar10 [--run NAME ...]         # one table in figures/cifar10/
+    python -m helpers.generality --list
+
+Every configuration is the base profile (``--base``, default ``params/cifar10.yaml``) with the attack
+overrides in ``CONFIGS``: other target classes, trigger seeds, a trigger image that is not an HTBA colour
+grid, other trigger sizes, repeated patches. The defenses run exactly as the profile says: nothing in
+them reads the attack, so a configuration changes what they are given, never how they are set. Each
+configuration is computed by the pipeline's own tasks (``helpers.pipeline``: SSL models, evaluation, both
+defenses on the poisoned and the clean set, and with ``--retrain`` the models retrained on the filtered
+lists), its params written beside the table.
+
+The published row of a configuration, all measured on its own run:
+- backdoor present: 10%-label probe ASR at least 20% and at least 4x the clean model's ASR (the clean model
+  is shared by every configuration: its key does not read the attack; its ASR is measured with each
+  configuration's trigger);
+- per defense: the blind window w, top-20 accuracy (chance: the poison rate), recall, clean images
+  removed (% of the clean training images), how often the candidate window hits the trigger beside a
+  centre window and a random window of the same side, clean images removed from the clean set (paper
+  Table 10), and with ``--retrain`` the ASR of the model retrained on the filtered list.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import io, paths
+from . import params as params_mod
+
+# name -> overrides of the base profile's attack section. "default" is the profile itself. None of these is
+# a configuration the defaults were chosen on except "default" (the study chose the setting on the pairs
+# of ``helpers.study.PAIRS``, which are the first three rows).
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "automobile-21": {"target_class": "automobile", "trigger_seed": 21},
+    "frog-33": {"target_class": "frog", "trigger_seed": 33},
+    "ship-44": {"target_class": "ship", "trigger_seed": 44},
+    "x-on-red-png": {"trigger": "params/triggers/x_on_red.png", "target_class": "dog"},
+    "size-8px": {"trigger_size": 0.25, "target_class": "horse", "trigger_seed": 55},
+    "size-10px": {"trigger_size": 0.3125, "target_class": "deer", "trigger_seed": 66},
+    "copies-3": {"n_copies": 3, "target_class": "cat", "trigger_seed": 77},
+}
+
+TASKS = (
+    "eval_clean",
+    "eval_poisoned",
+    "defense_patchsearch_poisoned",
+    "defense_poisoncam_poisoned",
+    "defense_patchsearch_clean",
+    "defense_poisoncam_clean",
+)
+RETRAIN_TASKS = ("eval_filtered_patchsearch", "eval_filtered_poisoncam")
+METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
+
+
+def config_params(base: Path, name: str) -> params_mod.Params:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
+    raw = params_mod.load(base).to_dict()
+    raw["attack"] = {**raw["attack"], **CONFIGS[name]}
+    return params_mod.from_dict(raw, f"{base} + generality configuration {name!r}")
+
+
+def params_path(name: str) -> Path:
+    return paths.artifacts_dir() / "generality" / f"{name}.yaml"
+
+
+def run(names: list[str], base: Path, retrain: bool, workers: int | None, threads: int | None) -> None:
+    from .pipeline import run_all
+
+    for name in names:
+        path = params_path(name)
+        io.write_text(path, params_mod.dump(config_params(base, name)))
+        only = list(TASKS) + (list(RETRAIN_TASKS) if retrain else [])
+        log_dir = paths.runs_dir() / "generality" / name
+        print(f"== {name}: {CONFIGS[name] or 'the profile'}", flush=True)
+        run_all(path, log_dir, workers, threads, True, only)
+
+
+def config_row(name: str, base: Path) -> dict:
+    """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
+    from .attack import run_attack
+    from .data import load_data
+    from .defense import classifier_stage, detection_metrics, load_search, search_stage, with_method
+    from .evaluate import evaluate_stage
+
+    params = params_mod.with_resolved_root(config_params(base, name))
+    data = load_data(params, progress=False)
+    attack = run_attack(params, data, progress=False)
+    poison = attack.poison_mask(len(data.train.images))
+    size = int(data.train.pixels.shape[-1])
+
+    def probe_asr(variant: str, **kw) -> float:
+        _, probe, _ = evaluate_stage(params, variant, progress=False, **kw)
+        return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())
+
+    asr, asr_clean = probe_asr("poisoned"), probe_asr("clean")
+    row = {
+        "configuration": name,
+        "attack": str(CONFIGS[name] or "profile"),
+        "target": attack.target_class,
+        "trigger px": int(attack.poison_boxes[0, 0, 2]),
+        "copies": int(attack.poison_boxes.shape[1]),
+        "probe ASR (%)": 100 * asr,
+        "clean model ASR (%)": 100 * asr_clean,
+        "backdoor present": bool(asr >= 0.2 and asr >= 4 * asr_clean),
+    }
+    for method, label in METHODS.items():
+        pm = with_method(params, method)
+        found = load_search(search_stage(pm, "poisoned", progress=False))
+        removed = np.load(classifier_stage(pm, "poisoned", progress=False) / "classifier.npz")["removed"]
+        boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))
+        m = detection_metrics(found, removed, poison, boxes, size)
+        clean_removed = np.load(classifier_stage(pm, "clean", progress=False) / "classifier.npz")["removed"]
+        row |= {
+            f"{label} w": m["w"],
+            f"{label} top-20 (%)": m["top-20 acc (%)"],
+            f"{label} recall (%)": m["recall (%)"],
+            f"{label} clean removed (%)": m["clean removed (%)"],
+            f"{label} trigger hit (%)": m["trigger hit, scored poisons (%)"],
+            f"{label} centre hit (%)": m["centre window hit (%)"],
+            f"{label} random hit (%)": m["random window hit (%)"],
+            f"{label} clean set removed (%)": 100 * clean_removed.mean(),
+        }
+        row[f"{label} defended ASR (%)"] = 100 * filtered_probe_asr(pm)  # nan where not retrained
+    return row
+
+
+def filtered_probe_asr(params: params_mod.Params) -> float:
+    """10%-label probe ASR of the model retrained on the filtered list where its evaluation is cached, else nan."""
+    from .cache import stage_dir
+
+    path = stage_dir(params, "eval_filtered")
+    if not (path / "probe.csv").is_file():
+        return float("nan")
+    probe = pd.read_csv(path / "probe.csv")
+    return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())
+
+
+def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
+    from .plotting import save_table
+
+    table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
+    save_table(table, profile, "07", "generality")
+    for name in names:  # the params of every configuration, beside the table
+        io.write_text(paths.figures_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], choices=sorted(CONFIGS))
+    parser.add_argument("--base", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument("--retrain", action="store_true", help="also retrain on the filtered lists (defended ASR)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--publish", metavar="PROFILE", help="write the table to figures/PROFILE/")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    names = args.run or list(CONFIGS)
+    if args.list:
+        for name, overrides in CONFIGS.items():
+            print(f"{name}: {overrides or 'the profile'}")
+        return
+    if args.publish:
+        print(publish(args.publish, names, Path(args.base)).to_string())
+        return
+    run(names, Path(args.base), args.retrain, args.workers, args.threads)
+
+
+if __name__ == "__main__":
+    main()
