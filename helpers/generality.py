@@ -71,23 +71,44 @@ def params_path(name: str) -> Path:
     return paths.artifacts_dir() / "generality" / f"{name}.yaml"
 
 
-def run(names: list[str], base: Path, retrain: bool, workers: int | None, threads: int | None) -> None:
+def run(
+    names: list[str],
+    base: Path,
+    retrain: bool,
+    workers: int | None,
+    threads: int | None,
+    methods: list[str],
+    clean_defense: bool = True,
+) -> None:
     from .pipeline import run_all
 
     for name in names:
         path = params_path(name)
         io.write_text(path, params_mod.dump(config_params(base, name)))
-        only = list(TASKS) + (list(RETRAIN_TASKS) if retrain else [])
+        only = [t for t in (*TASKS, *(RETRAIN_TASKS if retrain else ())) if not _other_method(t, methods)]
+        if not clean_defense:  # shared by every configuration: another run may be computing it
+            only = [t for t in only if not t.endswith("_clean") or t.startswith("eval_")]
         log_dir = paths.runs_dir() / "generality" / name
         print(f"== {name}: {CONFIGS[name] or 'the profile'}", flush=True)
         run_all(path, log_dir, workers, threads, True, only)
+
+
+def _other_method(task: str, methods: list[str]) -> bool:
+    return any(m in task for m in METHODS if m not in methods)
+
+
+def _cached(params: params_mod.Params, stage: str) -> Path | None:
+    from .cache import stage_dir
+
+    folder = stage_dir(params, stage)
+    return folder if (folder / "params.yaml").is_file() else None
 
 
 def config_row(name: str, base: Path) -> dict:
     """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
     from .attack import run_attack
     from .data import load_data
-    from .defense import classifier_stage, detection_metrics, load_search, search_stage, with_method
+    from .defense import detection_metrics, load_search, with_method
     from .evaluate import evaluate_stage
 
     params = params_mod.with_resolved_root(config_params(base, name))
@@ -113,11 +134,15 @@ def config_row(name: str, base: Path) -> dict:
     }
     for method, label in METHODS.items():
         pm = with_method(params, method)
-        found = load_search(search_stage(pm, "poisoned", progress=False))
-        removed = np.load(classifier_stage(pm, "poisoned", progress=False) / "classifier.npz")["removed"]
+        search_dir, clf_dir = _cached(pm, "search_poisoned"), _cached(pm, "classifier_poisoned")
+        if search_dir is None or clf_dir is None:  # this method was not run on this configuration
+            continue
+        found = load_search(search_dir)
+        removed = np.load(clf_dir / "classifier.npz")["removed"]
         boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))
         m = detection_metrics(found, removed, poison, boxes, size)
-        clean_removed = np.load(classifier_stage(pm, "clean", progress=False) / "classifier.npz")["removed"]
+        clean_dir = _cached(pm, "classifier_clean")
+        clean_removed = np.load(clean_dir / "classifier.npz")["removed"] if clean_dir else np.array([np.nan])
         row |= {
             f"{label} w": m["w"],
             f"{label} top-20 (%)": m["top-20 acc (%)"],
@@ -143,11 +168,64 @@ def filtered_probe_asr(params: params_mod.Params) -> float:
     return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())
 
 
+def window_sweep_rows(name: str, base: Path) -> list[dict]:
+    """Every window side of one configuration's searches: both blind rules' statistics and picks, and the
+    top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
+    from .attack import run_attack
+    from .data import load_data
+    from .defense import load_search, with_method
+    from .search import SearchResult, top_k_accuracy
+
+    params = params_mod.with_resolved_root(config_params(base, name))
+    data = load_data(params, progress=False)
+    attack = run_attack(params, data, progress=False)
+    poison = attack.poison_mask(len(data.train.images))
+    out = []
+    for method, label in METHODS.items():
+        search_dir = _cached(with_method(params, method), "search_poisoned")
+        if search_dir is None:
+            continue
+        found = load_search(search_dir)
+        for _, r in found["sweep"].iterrows():
+            w = int(r["window"])
+            ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()
+            out.append(
+                {
+                    "configuration": name,
+                    "trigger px": int(attack.poison_boxes[0, 0, 2]),
+                    "method": label,
+                    "window": w,
+                    "top-20 (%)": 100 * top_k_accuracy(ranking, poison, 20),
+                    "rsd": r["rsd"],
+                    "contrast": r["contrast"],
+                    "rsd pick": bool(r["rsd_pick"]),
+                    "contrast pick": bool(r["contrast_pick"]),
+                }
+            )
+    return out
+
+
 def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     from .plotting import save_table
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
     save_table(table, profile, "07", "generality")
+    sweep = pd.DataFrame([row for name in names for row in window_sweep_rows(name, base)])
+    save_table(sweep.round(3), profile, "07", "generality_window_sweep")
+    picks = []
+    for (name, label), t in sweep.groupby(["configuration", "method"], sort=False):
+        best = t["top-20 (%)"].max()
+        row = {"configuration": name, "trigger px": int(t["trigger px"].iloc[0]), "method": label}
+        row |= {"best w": int(t.loc[t["top-20 (%)"].idxmax(), "window"]), "best top-20 (%)": best}
+        for rule in ("rsd", "contrast"):
+            pick = t[t[f"{rule} pick"]].iloc[0]
+            row |= {
+                f"{rule} w": int(pick["window"]),
+                f"{rule} top-20 (%)": pick["top-20 (%)"],
+                f"{rule} within 5 points": bool(best - pick["top-20 (%)"] <= 5),
+            }
+        picks.append(row)
+    save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window")
     for name in names:  # the params of every configuration, beside the table
         io.write_text(paths.figures_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
     return table
@@ -162,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--publish", metavar="PROFILE", help="write the table to figures/PROFILE/")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--no-clean-defense", action="store_true", help="skip the defense on the clean set")
     args = parser.parse_args(argv)
     names = args.run or list(CONFIGS)
     if args.list:
@@ -171,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish:
         print(publish(args.publish, names, Path(args.base)).to_string())
         return
-    run(names, Path(args.base), args.retrain, args.workers, args.threads)
+    run(names, Path(args.base), args.retrain, args.workers, args.threads, args.methods, not args.no_clean_defense)
 
 
 if __name__ == "__main__":

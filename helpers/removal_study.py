@@ -3,8 +3,8 @@
     python -m helpers.removal_study --params P.yaml --run [--variant NAME ...] [--data poisoned clean]
     python -m helpers.removal_study --params P.yaml --publish PROFILE
 
-Every variant is the profile's classifier with the overrides in ``VARIANTS`` (``paper`` = the profile's
-own, which is the paper's rule); the search it learns from is the same cached stage for all. Per variant
+Every variant is the profile's classifier with the overrides in ``VARIANTS`` (``paper``: the paper's
+range of pasted sides); the search it learns from is the same cached stage for all. Per variant
 and data set (the poisoned set with its model, the clean set with the clean model: paper Table 10) the
 table gives the images removed, recall, the share of the clean images removed, the clean removals per
 class, and how the ensemble trained (iterations, last proxy F1).
@@ -23,10 +23,10 @@ from . import params as params_mod
 from . import paths
 
 VARIANTS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"paste_scale": [0.3333, 1.3333]},  # [w/3, 4w/3): the paper's 20-80 px for w = 60
     # pasted patches no smaller than two thirds of w: at 32 px the paper's w/3 shrinks a 12-14 px window to
     # 4-5 px, where a 4x4 colour grid is a blur any colourful object resembles
-    "paste-2/3": {"paste_scale": [2 / 3, 4 / 3]},
+    "paste-2/3": {"paste_scale": [2 / 3, 4 / 3]},  # the cifar10 profile's
 }
 
 

@@ -204,3 +204,32 @@ if study_csv.is_file():
     display(pd.read_csv(paths.figures_dir(P.profile) / "02_study_runs.csv"))  # noqa: F821
 else:
     print(f"no study results for profile {P.profile} (run `python -m helpers.study` to make them)")
+
+# %% [markdown]
+# ## One configuration is not evidence: the settings across (target, trigger) pairs
+# A setting counts only if it plants a backdoor for several targets and triggers, with the triggers
+# spread over the image (a fixed window at the centre must not find them). `python -m helpers.study
+# --publish <profile> --pairs` tabulates every setting of `helpers.study.SETTINGS` on the pairs of
+# `helpers.study.PAIRS`: the goal is a 10%-label probe ASR of at least 20% and at least 4x the clean
+# model's (measured with the same pair's trigger) in every pair. Settings whose curve showed no backdoor
+# were stopped early; their last evaluated epoch is in the table.
+
+# %%
+pairs_csv = paths.figures_dir(P.profile) / "02_study_pairs.csv"
+if pairs_csv.is_file():
+    pairs = pd.read_csv(pairs_csv)
+    lines = []
+    for setting, t in pairs.groupby("setting", sort=False):
+        met = int(t["goal met"].sum())
+        asr = ", ".join(
+            f"{r['target']}/{r['trigger seed']}: {r['probe10 ASR']:.1f}% vs {r['probe10 ASR clean model']:.1f}%"
+            for _, r in t.iterrows()
+        )
+        lines.append(f"- `{setting}` (epoch {t['epochs'].max()}): goal met on {met} of {len(t)} pairs ({asr}).")
+    notebook.show_markdown("\n".join(lines))
+    display(pairs)  # noqa: F821
+    from IPython.display import Image
+
+    display(Image(filename=str(pairs_csv.with_suffix(".png"))))  # noqa: F821
+else:
+    print(f"no pairs study for profile {P.profile} (python -m helpers.study --publish {P.profile} --pairs)")
