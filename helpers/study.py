@@ -313,7 +313,7 @@ def publish_pairs(profile: str) -> pd.DataFrame:
     curves = pd.read_csv(paths.artifacts_dir() / "study" / "curves.csv")
     curves = curves[curves["labelled_set"] == "clean"]
     rows = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for s_i, setting in enumerate(SETTINGS):
         for p_i, (target, seed) in enumerate(PAIRS):
             run = pair_run(setting, target, seed)
@@ -339,16 +339,28 @@ def publish_pairs(profile: str) -> pd.DataFrame:
                     "goal met": bool(asr >= 0.2 and asr >= 4 * clean_asr),
                 }
             )
-            style = ("-", "--", ":", "-.")[s_i % 4]
-            color = f"C{p_i}"
+            style = ("-", "--", ":", "-.", (0, (1, 3)))[s_i % 5]  # line style and marker: the setting
+            marker = "osvD^"[s_i % 5]
+            color = f"C{p_i}"  # colour: the pair
             label = f"{setting}: {target}/{seed}"
             axes[0].plot(
-                poisoned["epoch"], 100 * poisoned["probe10_asr"], style, color=color, marker="o", ms=3, label=label
+                poisoned["epoch"],
+                100 * poisoned["probe10_asr"],
+                ls=style,
+                color=color,
+                marker=marker,
+                ms=4,
+                label=label,
             )
             if not clean.empty:
                 axes[0].plot(clean["epoch"].iloc[-1:], 100 * clean["probe10_asr"].iloc[-1:], "x", color=color, ms=8)
             axes[1].plot(
-                poisoned["epoch"], 100 * poisoned["poison_share_in_rich_clusters"], style, color=color, marker="o", ms=3
+                poisoned["epoch"],
+                100 * poisoned["poison_share_in_rich_clusters"],
+                ls=style,
+                color=color,
+                marker=marker,
+                ms=4,
             )
     axes[0].axhline(20, color="k", lw=0.8, ls="--")
     axes[0].set(xlabel="epoch", ylabel="10%-label probe ASR (%)", title="ASR (x: clean model, same trigger)")
