@@ -343,25 +343,11 @@ def publish_pairs(profile: str) -> pd.DataFrame:
             marker = "osvD^"[s_i % 5]
             color = f"C{p_i}"  # colour: the pair
             label = f"{setting}: {target}/{seed}"
-            axes[0].plot(
-                poisoned["epoch"],
-                100 * poisoned["probe10_asr"],
-                ls=style,
-                color=color,
-                marker=marker,
-                ms=4,
-                label=label,
-            )
+            look = {"ls": style, "color": color, "marker": marker, "ms": 4}
+            axes[0].plot(poisoned["epoch"], 100 * poisoned["probe10_asr"], label=label, **look)
             if not clean.empty:
                 axes[0].plot(clean["epoch"].iloc[-1:], 100 * clean["probe10_asr"].iloc[-1:], "x", color=color, ms=8)
-            axes[1].plot(
-                poisoned["epoch"],
-                100 * poisoned["poison_share_in_rich_clusters"],
-                ls=style,
-                color=color,
-                marker=marker,
-                ms=4,
-            )
+            axes[1].plot(poisoned["epoch"], 100 * poisoned["poison_share_in_rich_clusters"], **look)
     axes[0].axhline(20, color="k", lw=0.8, ls="--")
     axes[0].set(xlabel="epoch", ylabel="10%-label probe ASR (%)", title="ASR (x: clean model, same trigger)")
     axes[1].set(xlabel="epoch", ylabel="poisons in >=50%-poisoned clusters (%)", title="poison concentration")
