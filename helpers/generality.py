@@ -159,10 +159,8 @@ def config_row(name: str, base: Path) -> dict:
 
 def filtered_probe_asr(params: params_mod.Params) -> float:
     """10%-label probe ASR of the model retrained on the filtered list where its evaluation is cached, else nan."""
-    from .cache import stage_dir
-
-    path = stage_dir(params, "eval_filtered")
-    if not (path / "probe.csv").is_file():
+    path = _cached(params, "eval_filtered")
+    if path is None:
         return float("nan")
     probe = pd.read_csv(path / "probe.csv")
     return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())

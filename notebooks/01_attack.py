@@ -36,7 +36,7 @@
 # | trigger | HTBA: a random 4x4 colour grid, upsampled | the same, seeded (or your PNG) |
 # | trigger side | 50 px (~5% of the area) | `attack.trigger_size` x the shorter side, or `attack.trigger_px` |
 # | poisoned | 50% of the target category (0.5% of the data) | `attack.poison_rate` of the target |
-# | location, training poisons | top-left uniform in [0.25 W, 0.75 W - w] | `attack.train_margin` (the profile: 0, the whole image) |
+# | location, training poisons | top-left uniform in [0.25 W, 0.75 W - w] | `attack.train_margin` (the profile: 0.05, nearly the whole image) |
 # | location, patched validation | [0.10 W, 0.90 W - w] on every non-target image | `attack.val_margin` |
 
 # %% tags=["parameters"]
@@ -145,7 +145,7 @@ plotting.savefig(fig, P.profile, NB, "patched_val", dpi=P.figures.dpi)
 # Top-left corners of the triggers, training poisons and patched validation images. With the paper's 25%
 # margin and a trigger of 14% of the area at 32 px, every training trigger would overlap the image centre:
 # a defense that simply guessed "the centre" would find them all. The profile spreads the training
-# triggers over the whole image (`attack.train_margin`), and the table below measures what such a guess
+# triggers over nearly the whole image (`attack.train_margin`), and the table below measures what such a guess
 # would get: the share of training triggers that a fixed window at the centre hits (overlap of at least
 # half the smaller of the two, `cam.window_hits`), for windows of several sides. The localizations of
 # notebook 04 are compared with the same guess.
