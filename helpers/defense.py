@@ -49,13 +49,18 @@ from .poison_classifier import (
     training_pool,
 )
 from .search import (
-    WINDOW_RULES,
+    POPULATION_RULES,
     SearchResult,
     choose_window,
+    destination_agreement,
+    flip_destinations,
     flip_set,
     flip_test,
     iterative_search,
     paste_locations,
+    pick_window,
+    random_windows,
+    shared_locations,
     top_k_accuracy,
 )
 from .train import augment_config, load_backbone, train_stage
@@ -231,12 +236,38 @@ class Scorer:
         self.seconds["flip_test"] += time.perf_counter() - start
         return scores
 
+    def agreement(self, idx: np.ndarray, w: int) -> tuple[float, float]:
+        """``destination_agreement`` of the located windows of images ``idx`` and of random windows of the
+        same side cut from the same images, every patch pasted at the same places."""
+        start = time.perf_counter()
+        seed, size = self.ctx.params.search.seed, self.ctx.size
+        located = self.patches(idx, w)
+        corners = random_windows(idx, size, w, seed)
+        chance = cut_patches(self.ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
+        places = shared_locations(len(idx), len(self.flip_pixels), size, w, seed)
+        out = []
+        for patches in (located, chance):
+            after = flip_destinations(
+                self.ctx.model,
+                self.ctx.normalise,
+                self.flip_pixels,
+                patches.to(self.flip_pixels.device),
+                places,
+                self.ctx.params.search.batch_size,
+            )
+            out.append(destination_agreement(after, self.flip_before))
+        self.seconds["flip_test"] += time.perf_counter() - start
+        return out[0], out[1]
+
 
 def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
-    used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule`` over the
-    first round's scores, the same images for every side (``helpers.search.choose_window``). Saves the
-    ranking, candidate boxes and top patches of the side used, and every side's scores."""
+    used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule``: ``rsd`` and
+    ``contrast`` over the first round's scores, the same images for every side
+    (``helpers.search.choose_window``); ``agreement`` over each side's top-k candidates (``classifier.top_k``)
+    against random windows of the same images (``helpers.search.destination_agreement``). Every rule's
+    statistic and pick is saved (``sweep.csv``) with the ranking, candidate boxes and top patches of the
+    side used, and every side's scores."""
     _check(variant)
     q = params.search
 
@@ -268,10 +299,17 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         population = {w: results[w].scores[first[w]] for w in windows}
         table = pd.DataFrame(sweep)
         picks = {}
-        for rule in WINDOW_RULES:
+        for rule in POPULATION_RULES:
             picks[rule], stats = choose_window(population, rule, params.classifier.top_k)
             table[rule] = table["window"].map(stats)
             table[f"{rule}_pick"] = table["window"] == picks[rule]
+        agree = {w: scorer.agreement(results[w].ranking()[: params.classifier.top_k], w) for w in windows}
+        stats = {w: located - chance for w, (located, chance) in agree.items()}
+        picks["agreement"] = pick_window(stats)
+        table["agreement_located"] = table["window"].map({w: v[0] for w, v in agree.items()})
+        table["agreement_random"] = table["window"].map({w: v[1] for w, v in agree.items()})
+        table["agreement"] = table["window"].map(stats)
+        table["agreement_pick"] = table["window"] == picks["agreement"]
         w = picks[q.window_rule] if q.window_px is None else q.window_px
         table["used"] = table["window"] == w
         chosen = results[w]

@@ -172,7 +172,7 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
     from .attack import run_attack
     from .data import load_data
     from .defense import load_search, with_method
-    from .search import SearchResult, top_k_accuracy
+    from .search import WINDOW_RULES, SearchResult, top_k_accuracy
 
     params = params_mod.with_resolved_root(config_params(base, name))
     data = load_data(params, progress=False)
@@ -194,10 +194,8 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
                     "method": label,
                     "window": w,
                     "top-20 (%)": 100 * top_k_accuracy(ranking, poison, 20),
-                    "rsd": r["rsd"],
-                    "contrast": r["contrast"],
-                    "rsd pick": bool(r["rsd_pick"]),
-                    "contrast pick": bool(r["contrast_pick"]),
+                    **{rule: r[rule] for rule in WINDOW_RULES},
+                    **{f"{rule} pick": bool(r[f"{rule}_pick"]) for rule in WINDOW_RULES},
                 }
             )
     return out
@@ -205,6 +203,7 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
 
 def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     from .plotting import save_table
+    from .search import WINDOW_RULES
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
     save_table(table, profile, "07", "generality")
@@ -215,7 +214,7 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
         best = t["top-20 (%)"].max()
         row = {"configuration": name, "trigger px": int(t["trigger px"].iloc[0]), "method": label}
         row |= {"best w": int(t.loc[t["top-20 (%)"].idxmax(), "window"]), "best top-20 (%)": best}
-        for rule in ("rsd", "contrast"):
+        for rule in WINDOW_RULES:
             pick = t[t[f"{rule} pick"]].iloc[0]
             row |= {
                 f"{rule} w": int(pick["window"]),

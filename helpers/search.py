@@ -26,6 +26,10 @@
   score 0; the ranking puts scored images before unscored ones at equal score. The first round's images
   depend on the seed and the clustering only, not on the scores: every window side scores the same
   first-round images, the common population the blind choice of ``w`` compares (``choose_window``).
+- Blind window side (``WINDOW_RULES``): ``rsd`` (the paper) and ``contrast`` are statistics of the first
+  round's scores (``window_statistic``); ``agreement`` asks whether the top candidates' windows send the
+  flip images to the same cluster more than random windows of the same images do
+  (``destination_agreement``, computed by ``helpers.defense``). ``pick_window`` takes the largest.
 """
 
 from __future__ import annotations
@@ -79,6 +83,30 @@ def paste_locations(image_ids, n_flip: int, height: int, width: int, w: int, see
 
 
 @torch.no_grad()
+def flip_destinations(
+    model: ClusterClassifier,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    flip_pixels: torch.Tensor,
+    patches: torch.Tensor,
+    locations: torch.Tensor,
+    batch_size: int = 2048,
+) -> torch.Tensor:
+    """``C x F`` cluster assignments of the ``F`` flip images after pasting each of ``C`` patches (``C x 3 x w x
+    w`` uint8) at ``locations`` (``C x F x 2`` corners), batched over candidates and flip images together."""
+    n_cand, n_flip = len(patches), len(flip_pixels)
+    after = torch.empty(n_cand * n_flip, dtype=torch.long)
+    cand = torch.arange(n_cand).repeat_interleave(n_flip)
+    flip = torch.arange(n_flip).repeat(n_cand)
+    xs, ys = locations[:, :, 0].reshape(-1), locations[:, :, 1].reshape(-1)
+    for start in range(0, len(cand), batch_size):
+        c, f = cand[start : start + batch_size], flip[start : start + batch_size]
+        pasted = paste_patches(
+            flip_pixels[f], patches[c], xs[start : start + batch_size], ys[start : start + batch_size]
+        )
+        after[start : start + len(c)] = assign(model, normalise(pasted), batch_size).cpu()
+    return after.view(n_cand, n_flip)
+
+
 def flip_test(
     model: ClusterClassifier,
     normalise: Callable[[torch.Tensor], torch.Tensor],
@@ -92,24 +120,12 @@ def flip_test(
 ) -> np.ndarray:
     """Poison scores of ``C`` candidate patches (``C x 3 x w x w`` uint8) from images of ``clusters``,
     batched over candidates and flip images together; ``rule`` is ``into`` or ``changed`` (module text)."""
-    n_cand, n_flip = len(patches), len(flip_pixels)
     _check_rule(rule)
-    if n_cand == 0:
+    if len(patches) == 0:
         return np.zeros(0, dtype=np.int64)
-    clusters = clusters.long().cpu()
-    flip_before = flip_before.long().cpu()
-    cand = torch.arange(n_cand).repeat_interleave(n_flip)
-    flip = torch.arange(n_flip).repeat(n_cand)
-    xs, ys = locations[:, :, 0].reshape(-1), locations[:, :, 1].reshape(-1)
-    counts = torch.zeros(n_cand, dtype=torch.long)
-    for start in range(0, len(cand), batch_size):
-        c, f = cand[start : start + batch_size], flip[start : start + batch_size]
-        pasted = paste_patches(
-            flip_pixels[f], patches[c], xs[start : start + batch_size], ys[start : start + batch_size]
-        )
-        after = assign(model, normalise(pasted), batch_size).cpu()
-        counts.index_add_(0, c, _flip_hits(flip_before[f], after, clusters[c], rule))
-    return counts.numpy()
+    after = flip_destinations(model, normalise, flip_pixels, patches, locations, batch_size)
+    hits = _flip_hits(flip_before.long().cpu()[None], after, clusters.long().cpu()[:, None], rule)
+    return hits.sum(1).numpy()
 
 
 @torch.no_grad()
@@ -208,18 +224,22 @@ def relative_std(scores: np.ndarray) -> float:
     return float(scores.std() / mean) if mean > 0 else float("nan")
 
 
-WINDOW_RULES = ("rsd", "contrast")
+WINDOW_RULES = ("rsd", "contrast", "agreement")
+POPULATION_RULES = ("rsd", "contrast")  # statistics of the first round's scores (``window_statistic``)
 
 
 def window_statistic(scores: np.ndarray, rule: str, k: int = 20) -> float:
-    """The statistic a blind rule maximises over window sides, on one population of poison scores.
+    """The statistic a population rule maximises over window sides, on one population of poison scores.
 
     - ``rsd``: the paper's relative standard deviation, std / mean (nan where the mean is not positive).
     - ``contrast``: mean of the ``k`` highest scores minus the median score. A window that cuts whole
       triggers makes its top candidates flip many images while typical (clean) candidates flip few; a
       window too small cuts part of the trigger (the top falls), one too large pastes background that
       flips images by occlusion alone (the median rises). Unlike the RSD it does not grow without bound
-      when almost every score is zero."""
+      when almost every score is zero.
+
+    The third rule, ``agreement`` (``destination_agreement``), needs the network, not only the scores:
+    ``helpers.defense`` computes it."""
     scores = np.asarray(scores, dtype=np.float64)
     if rule == "rsd":
         return relative_std(scores)
@@ -228,18 +248,61 @@ def window_statistic(scores: np.ndarray, rule: str, k: int = 20) -> float:
             return float("nan")
         top = np.sort(scores)[::-1][: max(1, min(k, len(scores)))]
         return float(top.mean() - np.median(scores))
-    raise ValueError(f"window rule must be one of {', '.join(WINDOW_RULES)}, got {rule!r}")
+    raise ValueError(f"population window rule must be one of {', '.join(POPULATION_RULES)}, got {rule!r}")
+
+
+def pick_window(stats: dict[int, float]) -> int:
+    """The side with the largest statistic (ties: the smaller side; nan never wins unless every side is nan,
+    then the smallest side)."""
+    finite = {w: v for w, v in stats.items() if np.isfinite(v)}
+    if not finite:
+        return min(stats)
+    best = max(finite.values())
+    return min(w for w, v in finite.items() if v == best)
 
 
 def choose_window(populations: dict[int, np.ndarray], rule: str, k: int = 20) -> tuple[int, dict[int, float]]:
-    """The window side whose population of scores maximises ``window_statistic`` (ties: the smaller side;
-    nan never wins unless every side is nan, then the smallest side), and every side's statistic."""
+    """The window side whose population of scores maximises ``window_statistic`` (``pick_window``), and
+    every side's statistic."""
     stats = {w: window_statistic(populations[w], rule, k) for w in sorted(populations)}
-    finite = {w: v for w, v in stats.items() if np.isfinite(v)}
-    if not finite:
-        return min(stats), stats
-    best = max(finite.values())
-    return min(w for w, v in finite.items() if v == best), stats
+    return pick_window(stats), stats
+
+
+def destination_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
+    """How much ``C`` pasted patches agree on where they send the flip images: over ordered pairs of patches
+    (a != b), the share of the flip images both moved (``after != before``) that both moved to the same
+    cluster, 0 for a pair that moved no image in common; the mean over pairs. ``after`` is ``C x F`` (every
+    patch pasted at the same ``F`` places, ``flip_destinations``), ``before`` is ``F``.
+
+    The ``agreement`` window rule (``helpers.defense``) compares this for the top-``k`` candidates' located
+    windows and for random windows of the same side cut from the same images: a trigger is one pattern cut
+    from many images, so at the side that cuts it whole the top candidates are copies of it and send the
+    flip images to the same cluster, while random windows of those images do not. A window so small or so
+    large that it only occludes moves each flip image to its runner-up cluster whichever patch is pasted:
+    located and random windows agree alike, and the difference cancels."""
+    n = len(after)
+    if n < 2:
+        return float("nan")
+    moved = after != before[None]
+    both = (moved[:, None] & moved[None]).sum(-1).float()
+    same = ((after[:, None] == after[None]) & moved[:, None] & moved[None]).sum(-1).float()
+    off = ~torch.eye(n, dtype=torch.bool)
+    return float((same[off] / both[off].clamp(min=1)).mean())
+
+
+def random_windows(image_ids, size: int, w: int, seed: int) -> torch.Tensor:
+    """``C x 2`` top-left ``(x, y)`` corners of a ``w`` side window, uniform over each image, seeded by
+    ``(seed, image id, w)``: the null the ``agreement`` rule holds the located windows against."""
+    corners = [np.random.default_rng([seed, int(i), w, 1]).integers(0, size - w + 1, 2) for i in image_ids]
+    return torch.as_tensor(np.array(corners, dtype=np.int64).reshape(-1, 2))
+
+
+def shared_locations(n_cand: int, n_flip: int, size: int, w: int, seed: int) -> torch.Tensor:
+    """``C x F x 2`` paste corners, the same ``F`` for every candidate (seeded by ``(seed, w)``), so that two
+    patches are compared on the same pasted images."""
+    rng = np.random.default_rng([seed, w, 2])
+    one = torch.as_tensor(rng.integers(0, size - w + 1, (n_flip, 2)))
+    return one[None].expand(n_cand, n_flip, 2).contiguous()
 
 
 def top_k_accuracy(ranking: np.ndarray, poison_mask: np.ndarray, k: int = 20) -> float:

@@ -38,17 +38,21 @@
 #
 # **Choosing w without knowing the trigger.** The defender does not know the trigger's size, so the profile
 # leaves `search.window_px` null and w is chosen from the data. The search runs for every w of
-# `search.window_sweep`; every w scores the same images in the first round (two per cluster, drawn before
-# any score is known), and the blind rules compare these populations:
-# - **RSD** (the paper's Figure 4): the w whose scores have the largest relative standard deviation,
-#   std / mean. If w is wrong, most scores look alike.
-# - **contrast** (ours): the mean of the 20 highest scores minus the median score. A window that cuts
-#   whole triggers makes its top candidates flip many images; the median (typical, clean candidates)
-#   stays low unless the window is so large that pasting background alone moves images. Unlike the RSD,
-#   it does not grow without bound when nearly every score is zero (a window much smaller than the
-#   trigger).
+# `search.window_sweep`, and three blind rules compare the sides:
+# - **RSD** (the paper's Figure 4): the w whose first-round scores have the largest relative standard
+#   deviation, std / mean. Every w scores the same first-round images (two per cluster, drawn before any
+#   score is known), so the populations compare. If w is wrong, most scores look alike.
+# - **contrast** (ours): on the same populations, the mean of the 20 highest scores minus the median
+#   score. Unlike the RSD it does not grow without bound when nearly every score is zero.
+# - **agreement** (ours, the profile's): take the 20 best candidates of the search at w, paste each one's
+#   window at the same places on the flip-test images and ask how often two candidates send an image to
+#   the *same* cluster; subtract the same agreement for random windows of the same side cut from the same
+#   images. A trigger is one pattern cut from many images: at the side that cuts it whole, the top
+#   candidates are copies of it and agree, and their random windows do not. A window so small or so large
+#   that it only occludes moves each flip image to its runner-up cluster whatever is pasted: located and
+#   random windows agree alike and the difference cancels.
 #
-# `search.window_rule` names the rule the profile uses; the table shows both picks beside the top-20
+# `search.window_rule` names the rule the profile uses; the table shows every rule's pick beside the top-20
 # accuracy every w reaches (ground truth, for teaching only).
 
 # %% tags=["parameters"]
@@ -86,21 +90,24 @@ for m, f in found.items():
                 "window": w,
                 "RSD": r["rsd"],
                 "contrast": r["contrast"],
+                "agreement": r["agreement"],
                 "scored": int(r["scored"]),
                 "top-20 acc (ground truth)": search.top_k_accuracy(res.ranking(), poison, 20),
                 "RSD pick": bool(r["rsd_pick"]),
                 "contrast pick": bool(r["contrast_pick"]),
+                "agreement pick": bool(r["agreement_pick"]),
                 "used": w == f["window"],
             }
         )
 sweep = pd.DataFrame(rows)
 plotting.save_table(sweep, P.profile, NB, "window_sweep")
 side = int(A.poison_boxes[0, 0, 2])
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+RULES = ("RSD", "contrast", "agreement")
+fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
 for label in METHODS.values():
     t = sweep[sweep["method"] == label]
     for ax, col, pick_col in zip(
-        axes, ("RSD", "contrast", "top-20 acc (ground truth)"), ("RSD pick", "contrast pick", "used"), strict=True
+        axes, (*RULES, "top-20 acc (ground truth)"), (*(f"{r} pick" for r in RULES), "used"), strict=True
     ):
         scale = 100 if col.startswith("top") else 1
         (line,) = ax.plot(t["window"], scale * t[col], "o-", label=label)
@@ -111,7 +118,8 @@ for ax in axes:
     ax.set_xlabel("window side w (px)")
 axes[0].set(ylabel="RSD of the first round's scores", title="paper's rule (star: its pick)")
 axes[1].set(ylabel="top-20 mean - median score", title="contrast rule (star: its pick)")
-axes[2].set(ylabel="top-20 accuracy (%)", ylim=(-2, 102), title="ground truth (star: w used; dashed: trigger)")
+axes[2].set(ylabel="agreement: located - random", title="agreement rule (star: its pick)")
+axes[3].set(ylabel="top-20 accuracy (%)", ylim=(-2, 102), title="ground truth (star: w used; dashed: trigger)")
 axes[0].legend(fontsize=8)
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "window_rsd", dpi=P.figures.dpi)
@@ -122,7 +130,7 @@ lines = []
 for label in METHODS.values():
     t = sweep[sweep["method"] == label].set_index("window")
     best = t["top-20 acc (ground truth)"].max()
-    for rule in ("RSD", "contrast"):
+    for rule in RULES:
         w = int(t.index[t[f"{rule} pick"]][0])
         acc = t.loc[w, "top-20 acc (ground truth)"]
         lines.append(

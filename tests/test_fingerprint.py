@@ -110,6 +110,15 @@ def test_the_data_folder_is_keyed_by_its_files(tiny_params, tiny_root):
     assert params.stage_hash(tiny_params, "data") not in (key, added)
 
 
+def test_the_same_files_extracted_again_keep_the_key(tiny_params, tiny_root):
+    key = params.stage_hash(tiny_params, "data")
+    for path in tiny_root.rglob("*.png"):  # new modification times, as a fresh copy of the folder has
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
+    fingerprint._manifest.cache_clear()
+    assert params.stage_hash(tiny_params, "data") == key
+
+
 def test_precision_enters_the_key_of_network_stages_only(tiny_params):
     def with_compute(**changes):
         return dataclasses.replace(tiny_params, compute=dataclasses.replace(tiny_params.compute, **changes))

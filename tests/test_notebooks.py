@@ -54,7 +54,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert ((table1["recall (%)"] >= 0) & (table1["recall (%)"] <= 100)).all()
     sweep = pd.read_csv(figures / "05_search_window_sweep.csv")
     assert sweep["used"].sum() == 2 and sweep["RSD pick"].sum() == 2  # one of each per method
-    assert sweep["contrast pick"].sum() == 2 and (sweep["contrast pick"] == sweep["used"]).all()  # the profile's rule
+    assert sweep["agreement pick"].sum() == 2 and (sweep["agreement pick"] == sweep["used"]).all()  # the profile's rule
     # every localization number stands beside the centre and random guesses of the same side
     for column in ("centre window hit (%)", "random window hit (%)", "clean removed (%)"):
         assert table1[column].between(0, 100).all(), column

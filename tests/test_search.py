@@ -8,13 +8,18 @@ from helpers.cam import ClusterClassifier, Normaliser, best_windows, cut_patches
 from helpers.models import ResNet
 from helpers.search import (
     choose_window,
+    destination_agreement,
+    flip_destinations,
     flip_set,
     flip_test,
     flip_test_loop,
     iterative_search,
     paste_locations,
+    pick_window,
     prune_count,
+    random_windows,
     relative_std,
+    shared_locations,
     top_k_accuracy,
     window_statistic,
 )
@@ -216,3 +221,66 @@ def test_blind_window_picks_the_planted_trigger_size():
     assert populations[16][:8].max() < 12  # a window of mostly background flips fewer
     assert (np.concatenate(list(populations.values())).reshape(6, 40)[:, 8:] == 0).all()  # clean: nothing
     assert choose_window(populations, "contrast", k=8)[0] == side
+
+
+class ColourTriggerNet(torch.nn.Module):
+    """Features: shares of pure red, green and blue pixels, 20 x the share of magenta (the trigger) and the
+    share of grey. Clusters (identity centres): 0 red, 1 green, 2 blue, 3 trigger, 4 grey."""
+
+    def forward(self, x):
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]
+        hi, lo = 0.9, 0.1
+        shares = [
+            ((r > hi) & (g < lo) & (b < lo)).float().mean((1, 2)),
+            ((g > hi) & (r < lo) & (b < lo)).float().mean((1, 2)),
+            ((b > hi) & (r < lo) & (g < lo)).float().mean((1, 2)),
+            20 * ((r > hi) & (g < lo) & (b > hi)).float().mean((1, 2)),
+            ((x - 0.5).abs() < 0.02).all(1).float().mean((1, 2)),
+        ]
+        return torch.stack(shares, 1)
+
+
+def test_agreement_rule_picks_the_planted_trigger_size():
+    """The top candidates are 8 poisons (a 6x6 magenta trigger at a random place on a red, green or blue
+    image) and 4 clean images of those colours; the flip images are grey. Located windows of side >= 6 carry
+    the whole trigger and send every flip image to the trigger's cluster (agreement 1); smaller ones flip
+    nothing. Random windows of the same images carry the trigger only when they are large, so the located
+    windows' lead over them is largest at the planted side (here 8 px ties with it: random 8 px windows miss
+    the trigger too, and a tie goes to the smaller side): the rule must pick 6 px."""
+    size, side, rng = 24, 6, np.random.default_rng(0)
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=torch.uint8)
+    pixels = colours[rng.integers(0, 3, 12)][:, :, None, None].expand(12, 3, size, size).clone()
+    heat = torch.from_numpy(rng.random((12, size, size)) * 0.1).float()
+    for i in range(8):
+        x, y = rng.integers(0, size - side + 1, 2)
+        pixels[i, :, y : y + side, x : x + side] = torch.tensor([255, 0, 255], dtype=torch.uint8)[:, None, None]
+        heat[i, y : y + side, x : x + side] += 1
+    flips = torch.full((16, 3, size, size), 128, dtype=torch.uint8)
+    model = ClusterClassifier(ColourTriggerNet(), torch.eye(5))
+    norm = Normaliser((0, 0, 0), (1, 1, 1))
+    before = model(norm(flips)).argmax(1)
+    assert torch.all(before == 4)
+    stats, located = {}, {}
+    for w in (3, 4, 6, 8, 12, 16, 20):
+        places = shared_locations(12, len(flips), size, w, seed=0)
+        xs, ys = best_windows(heat, w)
+        after = flip_destinations(model, norm, flips, cut_patches(pixels, xs, ys, w), places)
+        corners = random_windows(np.arange(12), size, w, seed=0)
+        chance = flip_destinations(model, norm, flips, cut_patches(pixels, corners[:, 0], corners[:, 1], w), places)
+        located[w] = destination_agreement(after, before)
+        stats[w] = located[w] - destination_agreement(chance, before)
+        if w >= side:
+            assert (after[:8] == 3).all()  # the whole trigger sends every flip image to its cluster
+    assert located[3] == located[4] == 0  # part of the trigger flips nothing
+    assert np.isclose(located[6], 8 * 7 / (12 * 11))  # the 8 poisons agree pairwise, the clean 4 move nothing
+    assert stats[20] < stats[6]  # random windows that large carry the trigger too
+    assert pick_window(stats) == side
+
+
+def test_destination_agreement_counts_common_moves():
+    before = torch.tensor([0, 0, 0, 0])
+    after = torch.tensor([[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]])
+    # pairs (0,1), (1,0): both moved images 0 and 1, same cluster on image 0 -> 1/2; pairs with patch 2: 0
+    assert np.isclose(destination_agreement(after, before), 2 * 0.5 / 6)
+    assert np.isnan(destination_agreement(after[:1], before))
+    assert pick_window({4: 0.1, 6: 0.3, 8: 0.3, 10: float("nan")}) == 6
