@@ -225,6 +225,17 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window")
     for name in names:  # the params of every configuration, beside the table
         io.write_text(paths.figures_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
+    from .reproduce import git_commit
+
+    record = [
+        "# Generality tables: record",
+        "",
+        f"- published at commit `{git_commit()}` by `python -m helpers.generality --publish {profile}`"
+        + "".join(f" --run {name}" for name in names),
+        "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
+        "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
+    ]
+    io.write_text(paths.figures_dir(profile) / "07_generality_RECORD.md", "\n".join(record) + "\n")
     return table
 
 
