@@ -230,8 +230,9 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     record = [
         "# Generality tables: record",
         "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.generality --publish {profile}`"
-        + "".join(f" --run {name}" for name in names),
+        f"- published at commit `{git_commit()}` by `python -m helpers.generality --publish {profile}"
+        + "".join(f" --run {name}" for name in names)
+        + "`",
         "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
         "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
     ]
