@@ -264,7 +264,7 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
     """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
     used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule``: ``rsd`` and
     ``contrast`` over the first round's scores, the same images for every side
-    (``helpers.search.choose_window``); ``agreement`` over each side's top-k candidates (``classifier.top_k``)
+    (``helpers.search.choose_window``); ``agreement`` over each side's top candidates (``search.window_top_k``)
     against random windows of the same images (``helpers.search.destination_agreement``). Every rule's
     statistic and pick is saved (``sweep.csv``) with the ranking, candidate boxes and top patches of the
     side used, and every side's scores."""
@@ -300,10 +300,10 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         table = pd.DataFrame(sweep)
         picks = {}
         for rule in POPULATION_RULES:
-            picks[rule], stats = choose_window(population, rule, params.classifier.top_k)
+            picks[rule], stats = choose_window(population, rule, q.window_top_k)
             table[rule] = table["window"].map(stats)
             table[f"{rule}_pick"] = table["window"] == picks[rule]
-        agree = {w: scorer.agreement(results[w].ranking()[: params.classifier.top_k], w) for w in windows}
+        agree = {w: scorer.agreement(results[w].ranking()[: q.window_top_k], w) for w in windows}
         stats = {w: located - chance for w, (located, chance) in agree.items()}
         picks["agreement"] = pick_window(stats)
         table["agreement_located"] = table["window"].map({w: v[0] for w, v in agree.items()})

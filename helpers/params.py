@@ -112,6 +112,7 @@ class SearchParams:
     window_px: int | None = None  # candidate trigger side w; null: chosen from the data by window_rule
     window_sweep: list[int] = field(default_factory=lambda: [20, 30, 40, 50, 60, 80, 100])  # w tried blind
     window_rule: str = "rsd"  # blind choice of w: rsd (the paper) | contrast | agreement (helpers.search)
+    window_top_k: int = 20  # top candidates the blind rules read: contrast's top mean, agreement's pairs
     cam_layer: str = "layer4"  # PatchSearch's Grad-CAM layer of a ResNet (paper: layer4, 7x7 at 224 px)
     samples_per_cluster: int = 2  # s: images scored per surviving cluster and round
     prune_fraction: float = 0.25  # r: share of the surviving clusters pruned per round
@@ -304,6 +305,8 @@ def _check_ranges(p: Params, source: str) -> None:
         )
     if q.window_rule not in ("rsd", "contrast", "agreement"):
         raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement")
+    if q.window_top_k < 2:
+        raise bad("search.window_top_k", q.window_top_k, "must be at least 2 (the agreement rule compares pairs)")
     if q.window_px is None and not q.window_sweep:
         raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")
     for key, value in (

@@ -123,6 +123,21 @@ def test_defense_choices_are_named():
         params.from_dict({"profile": "x", "search": {"cam_layer": "layer5"}}, "src")
     with pytest.raises(ParamsError, match="'search.window_sweep'"):
         params.from_dict({"profile": "x", "search": {"window_px": None, "window_sweep": []}}, "src")
+    with pytest.raises(ParamsError, match="'search.window_top_k' = 1 is out of range: must be at least 2"):
+        params.from_dict({"profile": "x", "search": {"window_top_k": 1}}, "src")
+    with pytest.raises(
+        ParamsError, match="'search.window_rule' = 'variance' is out of range: must be one of rsd, contrast, agreement"
+    ):
+        params.from_dict({"profile": "x", "search": {"window_rule": "variance"}}, "src")
+
+
+def test_the_window_rules_read_only_the_search_section():
+    """The blind rules' candidate count is a search key: changing the classifier must not re-run the search."""
+    base = params.from_dict({"profile": "x"})
+    other_classifier = dataclasses.replace(base, classifier=dataclasses.replace(base.classifier, top_k=7))
+    fewer = dataclasses.replace(base, search=dataclasses.replace(base.search, window_top_k=7))
+    assert params.stage_hash(base, "search_poisoned") == params.stage_hash(other_classifier, "search_poisoned")
+    assert params.stage_hash(base, "search_poisoned") != params.stage_hash(fewer, "search_poisoned")
 
 
 def test_defense_stages_hash_their_sections():
