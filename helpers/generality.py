@@ -25,6 +25,7 @@ The published row of a configuration, all measured on its own run:
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -98,24 +99,30 @@ def _other_method(task: str, methods: list[str]) -> bool:
 
 
 def _cached(params: params_mod.Params, stage: str) -> Path | None:
-    from .cache import stage_dir
+    from .cache import MARKER, stage_dir
 
     folder = stage_dir(params, stage)
-    return folder if (folder / "params.yaml").is_file() else None
+    return folder if (folder / MARKER).is_file() else None
 
 
-def config_row(name: str, base: Path) -> dict:
-    """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
+@functools.lru_cache(maxsize=16)
+def _ground_truth(name: str, base: Path) -> tuple[params_mod.Params, object, np.ndarray, int]:
+    """A configuration's params, attack, poison mask and image size, loaded once for all its tables."""
     from .attack import run_attack
     from .data import load_data
-    from .defense import detection_metrics, load_search, with_method
-    from .evaluate import evaluate_stage
 
     params = params_mod.with_resolved_root(config_params(base, name))
     data = load_data(params, progress=False)
     attack = run_attack(params, data, progress=False)
-    poison = attack.poison_mask(len(data.train.images))
-    size = int(data.train.pixels.shape[-1])
+    return params, attack, attack.poison_mask(len(data.train.images)), int(data.train.pixels.shape[-1])
+
+
+def config_row(name: str, base: Path) -> dict:
+    """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
+    from .defense import detection_metrics, load_search, with_method
+    from .evaluate import evaluate_stage
+
+    params, attack, poison, size = _ground_truth(name, base)
 
     def probe_asr(variant: str, **kw) -> float:
         _, probe, _ = evaluate_stage(params, variant, progress=False, **kw)
@@ -167,17 +174,12 @@ def filtered_probe_asr(params: params_mod.Params) -> float:
 
 
 def window_sweep_rows(name: str, base: Path) -> list[dict]:
-    """Every window side of one configuration's searches: both blind rules' statistics and picks, and the
+    """Every window side of one configuration's searches: every blind rule's statistic and pick, and the
     top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
-    from .attack import run_attack
-    from .data import load_data
     from .defense import load_search, with_method
     from .search import WINDOW_RULES, SearchResult, top_k_accuracy
 
-    params = params_mod.with_resolved_root(config_params(base, name))
-    data = load_data(params, progress=False)
-    attack = run_attack(params, data, progress=False)
-    poison = attack.poison_mask(len(data.train.images))
+    params, attack, poison, _ = _ground_truth(name, base)
     out = []
     for method, label in METHODS.items():
         search_dir = _cached(with_method(params, method), "search_poisoned")
