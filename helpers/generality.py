@@ -19,7 +19,9 @@ The published row of a configuration, all measured on its own run:
 - per defense: the blind window w, top-20 accuracy (chance: the poison rate), recall, clean images
   removed (% of the clean training images), how often the candidate window hits the trigger beside a
   centre window and a random window of the same side, clean images removed from the clean set (paper
-  Table 10), and with ``--retrain`` the ASR of the model retrained on the filtered list.
+  Table 10), the same removals where the ensemble must be unanimous (``helpers.removal_study.ENSEMBLES``;
+  the pipeline's filtered list follows the paper's mean), and with ``--retrain`` the ASR of the model
+  retrained on the filtered list.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import io, paths
 from . import params as params_mod
@@ -121,6 +124,7 @@ def config_row(name: str, base: Path) -> dict:
     """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
     from .defense import detection_metrics, load_search, with_method
     from .evaluate import evaluate_stage
+    from .removal_study import ensemble_removed
 
     params, attack, poison, size = _ground_truth(name, base)
 
@@ -145,11 +149,12 @@ def config_row(name: str, base: Path) -> dict:
         if search_dir is None or clf_dir is None:  # this method was not run on this configuration
             continue
         found = load_search(search_dir)
-        removed = np.load(clf_dir / "classifier.npz")["removed"]
+        logits = np.load(clf_dir / "classifier.npz")["logits"]
         boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))
-        m = detection_metrics(found, removed, poison, boxes, size)
+        m = detection_metrics(found, ensemble_removed(logits, "mean"), poison, boxes, size)
+        unanimous = ensemble_removed(logits, "unanimous")
         clean_dir = _cached(pm, "classifier_clean")
-        clean_removed = np.load(clean_dir / "classifier.npz")["removed"] if clean_dir else np.array([np.nan])
+        clean_logits = np.load(clean_dir / "classifier.npz")["logits"] if clean_dir else None
         row |= {
             f"{label} w": m["w"],
             f"{label} top-20 (%)": m["top-20 acc (%)"],
@@ -158,10 +163,19 @@ def config_row(name: str, base: Path) -> dict:
             f"{label} trigger hit (%)": m["trigger hit, scored poisons (%)"],
             f"{label} centre hit (%)": m["centre window hit (%)"],
             f"{label} random hit (%)": m["random window hit (%)"],
-            f"{label} clean set removed (%)": 100 * clean_removed.mean(),
+            f"{label} clean set removed (%)": _removed_pct(clean_logits, "mean"),
+            f"{label} recall, unanimous (%)": 100 * unanimous[poison].mean(),
+            f"{label} clean removed, unanimous (%)": 100 * unanimous[~poison].mean(),
+            f"{label} clean set removed, unanimous (%)": _removed_pct(clean_logits, "unanimous"),
         }
         row[f"{label} defended ASR (%)"] = 100 * filtered_probe_asr(pm)  # nan where not retrained
     return row
+
+
+def _removed_pct(logits: np.ndarray | None, rule: str) -> float:
+    from .removal_study import ensemble_removed
+
+    return float("nan") if logits is None else 100 * ensemble_removed(logits, rule).mean()
 
 
 def filtered_probe_asr(params: params_mod.Params) -> float:
@@ -171,6 +185,70 @@ def filtered_probe_asr(params: params_mod.Params) -> float:
         return float("nan")
     probe = pd.read_csv(path / "probe.csv")
     return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())
+
+
+# A candidate blind-window rule, evaluated over the cached searches before it joins the pipeline: the
+# pipeline's `agreement` averages each pair of candidates' share of same-destination moves, so a pair with
+# one image moved in common weighs as much as one with three hundred, and it draws the paste places and the
+# random windows once; at 4-8 px its statistic's sd over draws was 0.10-0.15 (0.01-0.05 at 12-24 px).
+POOLED = "pooled agreement"
+POOLED_DRAWS = 8  # paste places and random windows drawn with seeds search.seed + 1000 * draw (draw 0: the pipeline's)
+# The configurations each blind rule was chosen after seeing (its top-20 per side, ground truth): on the rest
+# it is held out. The paper's RSD and the contrast statistic were not chosen on any of these.
+CHOSEN_ON = {
+    "agreement": ("default", "automobile-21", "frog-33"),
+    POOLED: ("default", "automobile-21", "frog-33", "ship-44", "size-8px", "size-10px"),
+}
+
+
+def pooled_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
+    """``helpers.search.destination_agreement`` pooled over the pairs: of all the flip images that two of the
+    ``C`` patches both moved (counted once per ordered pair), the share both sent to the same cluster."""
+    if len(after) < 2:
+        return float("nan")
+    moved = after != before[None]
+    both = moved[:, None] & moved[None]
+    same = both & (after[:, None] == after[None])
+    off = ~torch.eye(len(after), dtype=torch.bool)
+    return float(same[off].sum() / both[off].sum().clamp(min=1))
+
+
+def pooled_agreement_sweep(params: params_mod.Params, search_dir: Path, draws: int = POOLED_DRAWS) -> pd.DataFrame:
+    """Per window side of a cached search: the pooled agreement of its top ``search.window_top_k`` located
+    windows minus that of random windows of the same images, the mean and sd over ``draws`` draws. Written
+    beside the generality runs (``artifacts/generality/pooled_<search key>.csv``) and read back from there."""
+    from .cam import cut_patches
+    from .defense import Scorer, defense_context, load_search
+    from .search import SearchResult, flip_destinations, random_windows, shared_locations
+
+    path = paths.artifacts_dir() / "generality" / f"pooled_{search_dir.name}_{draws}.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    q, found = params.search, load_search(search_dir)
+    ctx = defense_context(params, "poisoned", progress=False)
+    windows = [int(w) for w in found["sweep"]["window"]]
+    scorer = Scorer(ctx, q.method, windows)
+    rows = []
+    for w in windows:
+        idx = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()[: q.window_top_k]
+        located = scorer.patches(idx, w)
+        for draw in range(draws):
+            seed = q.seed + 1000 * draw
+            corners = random_windows(idx, ctx.size, w, seed)
+            chance = cut_patches(ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
+            places = shared_locations(len(idx), len(scorer.flip_pixels), ctx.size, w, seed)
+            agree = [
+                pooled_agreement(
+                    flip_destinations(ctx.model, ctx.normalise, scorer.flip_pixels, p, places, q.batch_size),
+                    scorer.flip_before,
+                )
+                for p in (located, chance)
+            ]
+            rows.append({"window": w, "draw": draw, "located": agree[0], "random": agree[1]})
+    table = pd.DataFrame(rows).assign(statistic=lambda t: t["located"] - t["random"])
+    table = table.groupby("window", as_index=False)["statistic"].agg(["mean", "std"])
+    io.write_text(path, table.to_csv(index=False))
+    return table
 
 
 def window_sweep_rows(name: str, base: Path) -> list[dict]:
@@ -186,6 +264,8 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
         if search_dir is None:
             continue
         found = load_search(search_dir)
+        pooled = pooled_agreement_sweep(with_method(params, method), search_dir).set_index("window")
+        pooled_pick = int(pooled["mean"].idxmax())
         for _, r in found["sweep"].iterrows():
             w = int(r["window"])
             ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()
@@ -197,7 +277,10 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
                     "window": w,
                     "top-20 (%)": 100 * top_k_accuracy(ranking, poison, 20),
                     **{rule: r[rule] for rule in WINDOW_RULES},
+                    POOLED: pooled.loc[w, "mean"],
+                    f"{POOLED} sd": pooled.loc[w, "std"],
                     **{f"{rule} pick": bool(r[f"{rule}_pick"]) for rule in WINDOW_RULES},
+                    f"{POOLED} pick": w == pooled_pick,
                 }
             )
     return out
@@ -216,13 +299,15 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
         best = t["top-20 (%)"].max()
         row = {"configuration": name, "trigger px": int(t["trigger px"].iloc[0]), "method": label}
         row |= {"best w": int(t.loc[t["top-20 (%)"].idxmax(), "window"]), "best top-20 (%)": best}
-        for rule in WINDOW_RULES:
+        for rule in (*WINDOW_RULES, POOLED):
             pick = t[t[f"{rule} pick"]].iloc[0]
             row |= {
                 f"{rule} w": int(pick["window"]),
                 f"{rule} top-20 (%)": pick["top-20 (%)"],
                 f"{rule} within 5 points": bool(best - pick["top-20 (%)"] <= 5),
             }
+            if rule in CHOSEN_ON:
+                row[f"{rule} held out"] = name not in CHOSEN_ON[rule]
         picks.append(row)
     save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window")
     for name in names:  # the params of every configuration, beside the table

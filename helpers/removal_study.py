@@ -6,8 +6,9 @@
 Every variant is the profile's classifier with the overrides in ``VARIANTS`` (``paper``: the paper's
 range of pasted sides); the search it learns from is the same cached stage for all. Per variant
 and data set (the poisoned set with its model, the clean set with the clean model: paper Table 10) the
-table gives the images removed, recall, the share of the clean images removed, the clean removals per
-class, and how the ensemble trained (iterations, last proxy F1).
+table gives, for each way the ensemble decides (``ENSEMBLES``: the paper's mean, or unanimity), the images
+removed, recall, the share of the clean images removed, the clean removals per class, and how the
+ensemble trained (iterations, last proxy F1).
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ VARIANTS: dict[str, dict] = {
     # 4-5 px, where a 4x4 colour grid is a blur any colourful object resembles
     "paste-2/3": {"paste_scale": [2 / 3, 4 / 3]},  # the cifar10 profile's
 }
+
+
+# How the ensemble's five members decide together. "mean" is the paper's and the official code's (average the
+# members' logits, take the argmax); "unanimous" removes an image only where every member calls it poison. The
+# members differ only in their seed: an image that some of them call clean is one whose "poison" verdict rests
+# on the training draw, and on the poisoned set those are mostly clean images (06_false_removals.md).
+ENSEMBLES = ("mean", "unanimous")
+
+
+def ensemble_removed(logits: np.ndarray, rule: str) -> np.ndarray:
+    """Which images an ensemble removes, from its members' ``M x N x 2`` logits (``classifier.npz``)."""
+    margins = logits[..., 1] - logits[..., 0]  # > 0: that member calls the image poison
+    if rule == "mean":
+        return margins.mean(0) > 0
+    if rule == "unanimous":
+        return (margins > 0).all(0)
+    raise ValueError(f"unknown ensemble rule {rule!r} (known: {', '.join(ENSEMBLES)})")
 
 
 def variant_params(params: params_mod.Params, name: str) -> params_mod.Params:
@@ -61,24 +79,29 @@ def rows(params: params_mod.Params, variants: list[str], methods: list[str]) -> 
                 folder = stage_dir(p, f"classifier_{dataset}")
                 if not (folder / "classifier.npz").is_file():
                     continue
-                removed = np.load(folder / "classifier.npz")["removed"]
+                z = np.load(folder / "classifier.npz")
+                if not np.array_equal(ensemble_removed(z["logits"], "mean"), z["removed"]):
+                    raise RuntimeError(f"{folder}: the stored removals are not the mean rule's")
                 poison = attack.poison_mask(len(labels)) if dataset == "poisoned" else np.zeros(len(labels), bool)
-                clean_removed = removed & ~poison
                 history = pd.read_csv(folder / "history.csv")
-                row = {
-                    "method": method,
-                    "variant": variant,
-                    "data": dataset,
-                    "removed": int(removed.sum()),
-                    "recall (%)": 100 * (removed & poison).sum() / poison.sum() if poison.any() else float("nan"),
-                    "clean removed (%)": 100 * clean_removed.sum() / (~poison).sum(),
-                    "iterations (mean)": history.groupby("model")["iteration"].max().mean(),
-                    "last proxy F1 (mean)": history.groupby("model")["proxy_f1"].last().mean(),
-                }
-                row |= {
-                    f"clean removed: {c}": int((clean_removed & (labels == i)).sum()) for i, c in enumerate(classes)
-                }
-                out.append(row)
+                for ensemble in ENSEMBLES:
+                    removed = ensemble_removed(z["logits"], ensemble)
+                    clean_removed = removed & ~poison
+                    row = {
+                        "method": method,
+                        "variant": variant,
+                        "ensemble": ensemble,
+                        "data": dataset,
+                        "removed": int(removed.sum()),
+                        "recall (%)": 100 * (removed & poison).sum() / poison.sum() if poison.any() else float("nan"),
+                        "clean removed (%)": 100 * clean_removed.sum() / (~poison).sum(),
+                        "iterations (mean)": history.groupby("model")["iteration"].max().mean(),
+                        "last proxy F1 (mean)": history.groupby("model")["proxy_f1"].last().mean(),
+                    }
+                    row |= {
+                        f"clean removed: {c}": int((clean_removed & (labels == i)).sum()) for i, c in enumerate(classes)
+                    }
+                    out.append(row)
     return pd.DataFrame(out)
 
 

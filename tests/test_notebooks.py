@@ -49,9 +49,18 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     for name in ("loss", "embedding", "neighbours", "views"):
         assert (figures / f"02_ssl_training_{name}.png").is_file()
     table1 = pd.read_csv(figures / "07_evaluation_table1.csv")
-    assert table1["method"].tolist() == ["PatchSearch", "PoisonCAM"]
+    assert table1["method"].tolist() == ["PatchSearch"] * 2 + ["PoisonCAM"] * 2
+    assert table1["ensemble"].tolist() == ["mean", "unanimous"] * 2
     assert (table1["poisons"] == 20).all() and (table1["total removed"] <= 400).all()
     assert ((table1["recall (%)"] >= 0) & (table1["recall (%)"] <= 100)).all()
+    # a unanimous ensemble removes a subset of what the mean of the same logits removes
+    totals = table1.pivot(index="method", columns="ensemble", values="total removed")
+    assert (totals["unanimous"] <= totals["mean"]).all()
+    rules = pd.read_csv(figures / "06_poison_classifier_ensemble_rules.csv")
+    assert (
+        rules.set_index(["method", "ensemble"])["removed"].to_dict()
+        == table1.set_index(["method", "ensemble"])["total removed"].to_dict()
+    )
     sweep = pd.read_csv(figures / "05_search_window_sweep.csv")
     assert sweep["used"].sum() == 2 and sweep["RSD pick"].sum() == 2  # one of each per method
     assert sweep["agreement pick"].sum() == 2 and (sweep["agreement pick"] == sweep["used"]).all()  # the profile's rule
@@ -63,7 +72,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     centre = pd.read_csv(figures / "01_attack_centre_guess.csv")
     assert centre["centre window hits"].between(0, 1).all() and centre["random window hits"].between(0, 1).all()
     table10 = pd.read_csv(figures / "07_evaluation_table10_clean_data.csv")
-    assert (table10["training images"] == 400).all()
+    assert (table10["training images"] == 400).all() and table10["ensemble"].tolist() == ["mean", "unanimous"] * 2
     for name in (
         "03_clustering_cluster_sizes",
         "04_trigger_localization_heatmaps",
