@@ -213,10 +213,13 @@ def pooled_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
     return float(same[off].sum() / both[off].sum().clamp(min=1))
 
 
-def pooled_agreement_sweep(params: params_mod.Params, search_dir: Path, draws: int = POOLED_DRAWS) -> pd.DataFrame:
+def pooled_agreement_sweep(
+    params: params_mod.Params, search_dir: Path, draws: int = POOLED_DRAWS, variant: str = "poisoned"
+) -> pd.DataFrame:
     """Per window side of a cached search: the pooled agreement of its top ``search.window_top_k`` located
-    windows minus that of random windows of the same images, the mean and sd over ``draws`` draws. Written
-    beside the generality runs (``artifacts/generality/pooled_<search key>.csv``) and read back from there."""
+    windows minus that of random windows of the same images, the mean and sd over ``draws`` draws;
+    ``variant``: the data the search ran on (``poisoned`` or ``clean``). Written beside the generality runs
+    (``artifacts/generality/pooled_<search key>_<draws>.csv``) and read back from there."""
     from .cam import cut_patches
     from .defense import Scorer, defense_context, load_search
     from .search import SearchResult, flip_destinations, random_windows, shared_locations
@@ -225,7 +228,7 @@ def pooled_agreement_sweep(params: params_mod.Params, search_dir: Path, draws: i
     if path.is_file():
         return pd.read_csv(path)
     q, found = params.search, load_search(search_dir)
-    ctx = defense_context(params, "poisoned", progress=False)
+    ctx = defense_context(params, variant, progress=False)
     windows = [int(w) for w in found["sweep"]["window"]]
     scorer = Scorer(ctx, q.method, windows)
     rows = []
