@@ -142,6 +142,19 @@ for m, label in METHODS.items():
         rows.append({"method": label, "ensemble": rule, **metrics})
 table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
+lines = []
+for _, r in table1.iterrows():
+    beats = r["trigger hit, scored poisons (%)"] > max(r["centre window hit (%)"], r["random window hit (%)"])
+    lines.append(
+        f"- {r['method']}, {r['ensemble']} ensemble (w = {r['w']} px): top-20 {r['top-20 acc (%)']:.0f}% (chance "
+        f"{100 * poison.mean():.0f}%), recall {r['recall (%)']:.1f}%, {r['clean removed (%)']:.1f}% of the clean "
+        f"images removed (goal: at most 2% at recall at least 95%: "
+        f"{'met' if r['clean removed (%)'] <= 2 and r['recall (%)'] >= 95 else 'missed'}); its windows hit "
+        f"{r['trigger hit, scored poisons (%)']:.1f}% of the triggers, a centre window {r['centre window hit (%)']:.1f}% "
+        f"and a random one {r['random window hit (%)']:.1f}%: the localization claim "
+        f"{'holds' if beats else 'does not hold'}."
+    )
+notebook.show_markdown("\n".join(lines))
 table1
 
 # %% [markdown]
@@ -202,8 +215,9 @@ for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])
 
 # %% [markdown]
 # ## The defense on clean data (paper Table 10)
-# A defender does not know whether the data is poisoned. The same defenses, run on the clean training set
-# with the clean model, should remove little.
+# A defender does not know whether the data is poisoned. The same defenses run on the clean training set
+# with the clean model, choosing their window blind as before; every image they remove is a false removal
+# (the paper's Table 10: about 5%).
 
 # %%
 rows = []
@@ -226,6 +240,13 @@ for m, label in METHODS.items():
         )
 table10 = pd.DataFrame(rows)
 plotting.save_table(table10, P.profile, NB, "table10_clean_data")
+notebook.show_markdown(
+    "\n".join(
+        f"- {r['method']} ({r['ensemble']} ensemble) picks w = {r['w (blind)']} px on the clean set and removes "
+        f"{r['removed (%)']:.1f}% of it ({'within' if r['removed (%)'] <= 5 else 'above'} the paper's 5%)."
+        for _, r in table10.iterrows()
+    )
+)
 table10
 
 # %% [markdown]
@@ -244,10 +265,13 @@ if general_path.is_file():
     for _, r in general.iterrows():
         backdoor = "a backdoor" if r["backdoor present"] else "**no backdoor**"
         parts = [
-            f"{m}: top-20 {r[f'{m} top-20 (%)']:.0f}%, recall {r[f'{m} recall (%)']:.0f}%, "
-            f"{r[f'{m} clean removed (%)']:.1f}% of clean images removed, trigger hit "
-            f"{r[f'{m} trigger hit (%)']:.0f}% (centre guess {r[f'{m} centre hit (%)']:.0f}%)"
+            f"{m} (w = {r[f'{m} w']:.0f} px): top-20 {r[f'{m} top-20 (%)']:.0f}%, recall {r[f'{m} recall (%)']:.0f}%, "
+            f"{r[f'{m} clean removed (%)']:.1f}% of clean images removed (unanimous ensemble: recall "
+            f"{r[f'{m} recall, unanimous (%)']:.0f}%, {r[f'{m} clean removed, unanimous (%)']:.1f}%), trigger hit "
+            f"{r[f'{m} trigger hit (%)']:.0f}% (centre {r[f'{m} centre hit (%)']:.0f}%, random "
+            f"{r[f'{m} random hit (%)']:.0f}%)"
             for m in METHODS.values()
+            if f"{m} w" in r and np.isfinite(r[f"{m} w"])  # a method not run on a configuration has no row
         ]
         lines.append(
             f"- **{r['configuration']}** ({r['target']}, {r['trigger px']} px): {backdoor} (probe ASR "
