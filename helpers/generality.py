@@ -36,6 +36,7 @@ import torch
 
 from . import io, paths
 from . import params as params_mod
+from .removal_study import ensemble_removed
 
 # name -> overrides of the base profile's attack section. "default" is the profile itself. None of these is
 # a configuration the defaults were chosen on except "default" (the study chose the setting on the pairs
@@ -124,7 +125,6 @@ def config_row(name: str, base: Path) -> dict:
     """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
     from .defense import detection_metrics, load_search, with_method
     from .evaluate import evaluate_stage
-    from .removal_study import ensemble_removed
 
     params, attack, poison, size = _ground_truth(name, base)
 
@@ -173,8 +173,6 @@ def config_row(name: str, base: Path) -> dict:
 
 
 def _removed_pct(logits: np.ndarray | None, rule: str) -> float:
-    from .removal_study import ensemble_removed
-
     return float("nan") if logits is None else 100 * ensemble_removed(logits, rule).mean()
 
 
@@ -258,7 +256,7 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
     """Every window side of one configuration's searches: every blind rule's statistic and pick, and the
     top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
     from .defense import load_search, with_method
-    from .search import WINDOW_RULES, SearchResult, top_k_accuracy
+    from .search import WINDOW_RULES, SearchResult, pick_window, top_k_accuracy
 
     params, attack, poison, _ = _ground_truth(name, base)
     out = []
@@ -268,7 +266,7 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
             continue
         found = load_search(search_dir)
         pooled = pooled_agreement_sweep(with_method(params, method), search_dir).set_index("window")
-        pooled_pick = int(pooled["mean"].idxmax())
+        pooled_pick = pick_window(pooled["mean"].to_dict())
         for _, r in found["sweep"].iterrows():
             w = int(r["window"])
             ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()

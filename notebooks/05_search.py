@@ -160,7 +160,7 @@ lines = []
 for m, label in METHODS.items():
     t, acc = pooled[m], sweep[sweep["method"] == label].set_index("window")["top-20 acc (ground truth)"]
     bar = ax.errorbar(t.index, t["mean"], t["std"], marker="o", capsize=3, label=label)
-    w = int(t["mean"].idxmax())
+    w = search.pick_window(t["mean"].to_dict())
     ax.plot([w], [t.loc[w, "mean"]], "*", color=bar[0].get_color(), ms=16, mec="k")
     lines.append(
         f"- {label}, pooled agreement: picks w = {w} px, top-20 accuracy {100 * acc[w]:.0f}% against "
