@@ -8,7 +8,7 @@ DATA_ROOT ?=
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements/constraints.txt requirements/base.txt requirements/cpu.txt pyproject.toml
 
-.PHONY: reproduce test lint unit sync data bench venv clean-artifacts
+.PHONY: reproduce test lint unit sync data bench venv clean-artifacts report lab
 
 # The environment: a venv with the exact CPU pins (torch and torchvision held by the constraints file).
 $(STAMP): $(REQUIREMENTS)
@@ -20,9 +20,20 @@ $(STAMP): $(REQUIREMENTS)
 
 venv: $(STAMP)
 
-## Run every notebook on a profile (default: the CPU-scale CIFAR-10 one); figures go to figures/<profile>/.
+DEFAULT_PARAMS := params/cifar10.yaml
+## Run every notebook on a profile. The default profile publishes: figures/cifar10/ and the executed
+## notebooks/*.ipynb. Any other PARAMS writes its figures under runs/<profile>/<time>/ only.
 reproduce: $(STAMP)
-	$(PY) -m helpers.reproduce --params $(PARAMS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(PY) -m helpers.reproduce --params $(PARAMS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish)
+
+## The HTML book from the executed notebooks: build/report/html/index.html (helpers/report.py).
+report: $(STAMP)
+	$(PY) -m helpers.report
+
+## Step through the notebooks in JupyterLab with the project's environment (its Python is the kernel).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 ## Lint, notebook pairs, unit tests and the papermill smoke run of every notebook.
 test: lint unit

@@ -59,6 +59,7 @@ from .search import (
     iterative_search,
     paste_locations,
     pick_window,
+    pooled_agreement,
     random_windows,
     shared_locations,
     top_k_accuracy,
@@ -236,36 +237,54 @@ class Scorer:
         self.seconds["flip_test"] += time.perf_counter() - start
         return scores
 
-    def agreement(self, idx: np.ndarray, w: int) -> tuple[float, float]:
-        """``destination_agreement`` of the located windows of images ``idx`` and of random windows of the
-        same side cut from the same images, every patch pasted at the same places."""
+    def agreement(self, idx: np.ndarray, w: int, draws: int = 1) -> dict[str, float]:
+        """How much the located windows of images ``idx`` agree on where they send the flip images, against
+        random windows of the same side cut from the same images, every patch pasted at the same places.
+
+        ``agreement``: ``destination_agreement`` on draw 0 (seed ``search.seed``), located and random.
+        ``pooled``: ``pooled_agreement``, located minus random, its mean and sd over ``draws`` draws of the
+        paste places and random windows (draw ``d`` seeded by ``search.seed + 1000 * d``)."""
         start = time.perf_counter()
-        seed, size = self.ctx.params.search.seed, self.ctx.size
+        q, size = self.ctx.params.search, self.ctx.size
         located = self.patches(idx, w)
-        corners = random_windows(idx, size, w, seed)
-        chance = cut_patches(self.ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
-        places = shared_locations(len(idx), len(self.flip_pixels), size, w, seed)
-        out = []
-        for patches in (located, chance):
-            after = flip_destinations(
-                self.ctx.model,
-                self.ctx.normalise,
-                self.flip_pixels,
-                patches.to(self.flip_pixels.device),
-                places,
-                self.ctx.params.search.batch_size,
+        out, pooled = {}, []
+        for draw in range(draws):
+            seed = q.seed + 1000 * draw
+            corners = random_windows(idx, size, w, seed)
+            chance = cut_patches(self.ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
+            places = shared_locations(len(idx), len(self.flip_pixels), size, w, seed)
+            after = {
+                name: flip_destinations(
+                    self.ctx.model,
+                    self.ctx.normalise,
+                    self.flip_pixels,
+                    patches.to(self.flip_pixels.device),
+                    places,
+                    q.batch_size,
+                )
+                for name, patches in (("located", located), ("random", chance))
+            }
+            if draw == 0:
+                for name, moved in after.items():
+                    out[f"agreement_{name}"] = destination_agreement(moved, self.flip_before)
+            pooled.append(
+                pooled_agreement(after["located"], self.flip_before)
+                - pooled_agreement(after["random"], self.flip_before)
             )
-            out.append(destination_agreement(after, self.flip_before))
+        out["agreement"] = out["agreement_located"] - out["agreement_random"]
+        out["pooled"] = float(np.mean(pooled))
+        out["pooled_sd"] = float(np.std(pooled, ddof=1)) if draws > 1 else float("nan")
         self.seconds["flip_test"] += time.perf_counter() - start
-        return out[0], out[1]
+        return out
 
 
 def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
     used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule``: ``rsd`` and
     ``contrast`` over the first round's scores, the same images for every side
-    (``helpers.search.choose_window``); ``agreement`` over each side's top candidates (``search.window_top_k``)
-    against random windows of the same images (``helpers.search.destination_agreement``). Every rule's
+    (``helpers.search.choose_window``); ``agreement`` and ``pooled`` over each side's top candidates
+    (``search.window_top_k``) against random windows of the same images
+    (``helpers.search.destination_agreement``, ``helpers.search.pooled_agreement``). Every rule's
     statistic and pick is saved (``sweep.csv``) with the ranking, candidate boxes and top patches of the
     side used, and every side's scores."""
     _check(variant)
@@ -303,13 +322,14 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             picks[rule], stats = choose_window(population, rule, q.window_top_k)
             table[rule] = table["window"].map(stats)
             table[f"{rule}_pick"] = table["window"] == picks[rule]
-        agree = {w: scorer.agreement(results[w].ranking()[: q.window_top_k], w) for w in windows}
-        stats = {w: located - chance for w, (located, chance) in agree.items()}
-        picks["agreement"] = pick_window(stats)
-        table["agreement_located"] = table["window"].map({w: v[0] for w, v in agree.items()})
-        table["agreement_random"] = table["window"].map({w: v[1] for w, v in agree.items()})
-        table["agreement"] = table["window"].map(stats)
-        table["agreement_pick"] = table["window"] == picks["agreement"]
+        agree = pd.DataFrame(
+            [scorer.agreement(results[w].ranking()[: q.window_top_k], w, q.window_draws) for w in windows]
+        )
+        for column in agree.columns:
+            table[column] = agree[column].to_numpy()
+        for rule in ("agreement", "pooled"):
+            picks[rule] = pick_window(dict(zip(windows, agree[rule], strict=True)))
+            table[f"{rule}_pick"] = table["window"] == picks[rule]
         w = picks[q.window_rule] if q.window_px is None else q.window_px
         table["used"] = table["window"] == w
         chosen = results[w]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import io, paths
 from . import params as params_mod
@@ -185,78 +184,19 @@ def filtered_probe_asr(params: params_mod.Params) -> float:
     return float(probe[np.isclose(probe["labels"], 0.1)]["asr"].mean())
 
 
-# A candidate blind-window rule, evaluated over the cached searches before it joins the pipeline: the
-# pipeline's `agreement` averages each pair of candidates' share of same-destination moves, so a pair with
-# one image moved in common weighs as much as one with three hundred, and it draws the paste places and the
-# random windows once; at 4-8 px its statistic's sd over draws was 0.10-0.15 (0.01-0.05 at 12-24 px).
-POOLED = "pooled agreement"
-POOLED_DRAWS = 8  # paste places and random windows drawn with seeds search.seed + 1000 * draw (draw 0: the pipeline's)
 # The configurations each blind rule was chosen after seeing (its top-20 per side, ground truth): on the rest
 # it is held out. The paper's RSD and the contrast statistic were not chosen on any of these.
 CHOSEN_ON = {
     "agreement": ("default", "automobile-21", "frog-33"),
-    POOLED: ("default", "automobile-21", "frog-33", "ship-44", "size-8px", "size-10px"),
+    "pooled": ("default", "automobile-21", "frog-33", "ship-44", "size-8px", "size-10px"),
 }
-
-
-def pooled_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
-    """``helpers.search.destination_agreement`` pooled over the pairs: of all the flip images that two of the
-    ``C`` patches both moved (counted once per ordered pair), the share both sent to the same cluster."""
-    if len(after) < 2:
-        return float("nan")
-    moved = after != before[None]
-    both = moved[:, None] & moved[None]
-    same = both & (after[:, None] == after[None])
-    off = ~torch.eye(len(after), dtype=torch.bool)
-    return float(same[off].sum() / both[off].sum().clamp(min=1))
-
-
-def pooled_agreement_sweep(
-    params: params_mod.Params, search_dir: Path, draws: int = POOLED_DRAWS, variant: str = "poisoned"
-) -> pd.DataFrame:
-    """Per window side of a cached search: the pooled agreement of its top ``search.window_top_k`` located
-    windows minus that of random windows of the same images, the mean and sd over ``draws`` draws;
-    ``variant``: the data the search ran on (``poisoned`` or ``clean``). Written beside the generality runs
-    (``artifacts/generality/pooled_<search key>_<draws>.csv``) and read back from there."""
-    from .cam import cut_patches
-    from .defense import Scorer, defense_context, load_search
-    from .search import SearchResult, flip_destinations, random_windows, shared_locations
-
-    path = paths.artifacts_dir() / "generality" / f"pooled_{search_dir.name}_{draws}.csv"
-    if path.is_file():
-        return pd.read_csv(path)
-    q, found = params.search, load_search(search_dir)
-    ctx = defense_context(params, variant, progress=False)
-    windows = [int(w) for w in found["sweep"]["window"]]
-    scorer = Scorer(ctx, q.method, windows)
-    rows = []
-    for w in windows:
-        idx = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()[: q.window_top_k]
-        located = scorer.patches(idx, w)
-        for draw in range(draws):
-            seed = q.seed + 1000 * draw
-            corners = random_windows(idx, ctx.size, w, seed)
-            chance = cut_patches(ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
-            places = shared_locations(len(idx), len(scorer.flip_pixels), ctx.size, w, seed)
-            agree = [
-                pooled_agreement(
-                    flip_destinations(ctx.model, ctx.normalise, scorer.flip_pixels, p, places, q.batch_size),
-                    scorer.flip_before,
-                )
-                for p in (located, chance)
-            ]
-            rows.append({"window": w, "draw": draw, "located": agree[0], "random": agree[1]})
-    table = pd.DataFrame(rows).assign(statistic=lambda t: t["located"] - t["random"])
-    table = table.groupby("window", as_index=False)["statistic"].agg(["mean", "std"])
-    io.write_text(path, table.to_csv(index=False))
-    return table
 
 
 def window_sweep_rows(name: str, base: Path) -> list[dict]:
     """Every window side of one configuration's searches: every blind rule's statistic and pick, and the
     top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
     from .defense import load_search, with_method
-    from .search import WINDOW_RULES, SearchResult, pick_window, top_k_accuracy
+    from .search import WINDOW_RULES, SearchResult, top_k_accuracy
 
     params, attack, poison, _ = _ground_truth(name, base)
     out = []
@@ -265,8 +205,6 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
         if search_dir is None:
             continue
         found = load_search(search_dir)
-        pooled = pooled_agreement_sweep(with_method(params, method), search_dir).set_index("window")
-        pooled_pick = pick_window(pooled["mean"].to_dict())
         for _, r in found["sweep"].iterrows():
             w = int(r["window"])
             ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()
@@ -278,10 +216,8 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
                     "window": w,
                     "top-20 (%)": 100 * top_k_accuracy(ranking, poison, 20),
                     **{rule: r[rule] for rule in WINDOW_RULES},
-                    POOLED: pooled.loc[w, "mean"],
-                    f"{POOLED} sd": pooled.loc[w, "std"],
+                    "pooled sd": r["pooled_sd"],
                     **{f"{rule} pick": bool(r[f"{rule}_pick"]) for rule in WINDOW_RULES},
-                    f"{POOLED} pick": w == pooled_pick,
                 }
             )
     return out
@@ -292,15 +228,15 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     from .search import WINDOW_RULES
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
-    save_table(table, profile, "07", "generality")
+    save_table(table, profile, "07", "generality", published=True)
     sweep = pd.DataFrame([row for name in names for row in window_sweep_rows(name, base)])
-    save_table(sweep.round(3), profile, "07", "generality_window_sweep")
+    save_table(sweep.round(3), profile, "07", "generality_window_sweep", published=True)
     picks = []
     for (name, label), t in sweep.groupby(["configuration", "method"], sort=False):
         best = t["top-20 (%)"].max()
         row = {"configuration": name, "trigger px": int(t["trigger px"].iloc[0]), "method": label}
         row |= {"best w": int(t.loc[t["top-20 (%)"].idxmax(), "window"]), "best top-20 (%)": best}
-        for rule in (*WINDOW_RULES, POOLED):
+        for rule in WINDOW_RULES:
             pick = t[t[f"{rule} pick"]].iloc[0]
             row |= {
                 f"{rule} w": int(pick["window"]),
@@ -310,9 +246,9 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
             if rule in CHOSEN_ON:
                 row[f"{rule} held out"] = name not in CHOSEN_ON[rule]
         picks.append(row)
-    save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window")
+    save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window", published=True)
     for name in names:  # the params of every configuration, beside the table
-        io.write_text(paths.figures_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
+        io.write_text(paths.published_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
     from .reproduce import git_commit
 
     record = [
@@ -324,7 +260,7 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
         "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
         "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
     ]
-    io.write_text(paths.figures_dir(profile) / "07_generality_RECORD.md", "\n".join(record) + "\n")
+    io.write_text(paths.published_dir(profile) / "07_generality_RECORD.md", "\n".join(record) + "\n")
     return table
 
 

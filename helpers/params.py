@@ -111,8 +111,9 @@ class SearchParams:
     method: str = "patchsearch"  # patchsearch (Grad-CAM) | poisoncam (cluster activation masking)
     window_px: int | None = None  # candidate trigger side w; null: chosen from the data by window_rule
     window_sweep: list[int] = field(default_factory=lambda: [20, 30, 40, 50, 60, 80, 100])  # w tried blind
-    window_rule: str = "rsd"  # blind choice of w: rsd (the paper) | contrast | agreement (helpers.search)
+    window_rule: str = "rsd"  # blind choice of w: rsd (the paper) | contrast | agreement | pooled (helpers.search)
     window_top_k: int = 20  # top candidates the blind rules read: contrast's top mean, agreement's pairs
+    window_draws: int = 8  # pooled rule: draws of paste places and random windows averaged
     cam_layer: str = "layer4"  # PatchSearch's Grad-CAM layer of a ResNet (paper: layer4, 7x7 at 224 px)
     samples_per_cluster: int = 2  # s: images scored per surviving cluster and round
     prune_fraction: float = 0.25  # r: share of the surviving clusters pruned per round
@@ -303,8 +304,10 @@ def _check_ranges(p: Params, source: str) -> None:
         raise ParamsError(
             f"{source}: key 'search.cam_layer' = {q.cam_layer!r} must be one of layer1, layer2, layer3, layer4"
         )
-    if q.window_rule not in ("rsd", "contrast", "agreement"):
-        raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement")
+    if q.window_rule not in ("rsd", "contrast", "agreement", "pooled"):
+        raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement, pooled")
+    if q.window_draws < 1:
+        raise bad("search.window_draws", q.window_draws, "must be at least 1")
     if q.window_top_k < 2:
         raise bad("search.window_top_k", q.window_top_k, "must be at least 2 (the agreement rule compares pairs)")
     if q.window_px is None and not q.window_sweep:

@@ -1,4 +1,6 @@
-"""Figures and tables: one ``savefig`` / ``save_table`` that write under ``figures/<profile>/``."""
+"""Figures and tables: one ``savefig`` / ``save_table`` that write a notebook's outputs to ``paths.figures_dir``
+(the run's folder; ``figures/<profile>/`` only when ``helpers.reproduce --publish`` runs the default
+profile) or, for the runners' ``--publish``, to ``paths.published_dir`` (``published=True``)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from matplotlib.patches import Rectangle
 from . import io, paths
 
 
-def figure_path(profile: str, notebook: str, name: str, suffix: str) -> Path:
-    return paths.figures_dir(profile) / f"{notebook}_{name}{suffix}"
+def figure_path(profile: str, notebook: str, name: str, suffix: str, published: bool = False) -> Path:
+    folder = paths.published_dir(profile) if published else paths.figures_dir(profile)
+    return folder / f"{notebook}_{name}{suffix}"
 
 
-def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 150) -> Path:
-    """Write ``figures/<profile>/<notebook>_<name>.png`` and ``.pdf`` (atomically)."""
-    png = figure_path(profile, notebook, name, ".png")
+def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 150, published: bool = False) -> Path:
+    """Write ``<notebook>_<name>.png`` and ``.pdf`` (atomically) to the output folder (``figure_path``)."""
+    png = figure_path(profile, notebook, name, ".png", published)
     io.atomic_write(png, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
     io.atomic_write(  # no creation date: an unchanged figure stays byte-identical across runs
         png.with_suffix(".pdf"),
@@ -27,9 +30,9 @@ def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 
     return png
 
 
-def save_table(table: pd.DataFrame, profile: str, notebook: str, name: str) -> Path:
-    """Write ``figures/<profile>/<notebook>_<name>.csv`` and a Markdown copy ``.md``."""
-    csv = figure_path(profile, notebook, name, ".csv")
+def save_table(table: pd.DataFrame, profile: str, notebook: str, name: str, published: bool = False) -> Path:
+    """Write ``<notebook>_<name>.csv`` and a Markdown copy ``.md`` to the output folder (``figure_path``)."""
+    csv = figure_path(profile, notebook, name, ".csv", published)
     io.write_text(csv, table.to_csv(index=False))
     io.write_text(csv.with_suffix(".md"), markdown_table(table))
     return csv

@@ -140,10 +140,11 @@ def publish(params: Params, seeds: list[int] | None = None) -> list[Path]:
     """Write the fp32-vs-bf16 table and, with ``seeds``, the table over SSL training seeds."""
     from .plotting import save_table
 
-    written = [save_table(pd.DataFrame(measure(params)), params.profile, "02_precision", "fp32_vs_bf16")]
+    table = pd.DataFrame(measure(params))
+    written = [save_table(table, params.profile, "02_precision", "fp32_vs_bf16", published=True)]
     if seeds:
         table = pd.DataFrame(training_seed_rows(params, seeds))
-        written.append(save_table(table, params.profile, "02_precision", "training_seeds"))
+        written.append(save_table(table, params.profile, "02_precision", "training_seeds", published=True))
     return [path.with_suffix(".md") for path in written]
 
 

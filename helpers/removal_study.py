@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish:
         from .plotting import save_table
 
-        save_table(table, args.publish, "06", "false_removals")
+        save_table(table, args.publish, "06", "false_removals", published=True)
     print(table.to_string())
 
 

@@ -6,9 +6,14 @@ and regenerate ``figures/<profile>/``.
 First ``helpers.pipeline`` computes the SSL models and the defenses, several stages at once (one per core
 on a CPU); the notebooks then find them in the cache (``--no-pipeline`` lets the notebooks compute them
 one after another instead). The percent-format ``.py`` notebooks are the source; each executed copy goes
-to ``runs/<profile>/<UTC time>/`` (never back over the sources) with the effective params beside it. At
-the end ``figures/<profile>/RECORD.md`` and ``record.json`` record the params, the commit, the minutes of
-every pipeline task, stage and notebook, and the wall time of the whole run.
+to ``runs/<profile>/<UTC time>/`` with the effective params beside it, and the figures and tables to
+``runs/<profile>/<UTC time>/figures/``. At the end ``RECORD.md`` and ``record.json`` there record the
+params, the commit, the minutes of every pipeline task, stage and notebook, and the wall time of the run.
+
+``--publish`` (what ``make reproduce`` passes for the default profile, and only for it) writes the figures,
+tables and record to the reference folder ``figures/<profile>/`` instead, and the executed notebooks, with
+their outputs, over the ``.ipynb`` pairs in ``notebooks/`` (``publish_notebook``), so that a reader on
+GitHub sees every figure without running anything. Any other run leaves both untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from . import io, paths
 from . import params as params_mod
 
 KERNEL_NAME = "python3"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"  # tqdm's bars in a notebook kernel
 log = logging.getLogger("helpers.reproduce")
 
 
@@ -56,15 +62,15 @@ def run(
     only: list[str] | None = None,
     progress: bool = True,
     pipeline: bool = True,
+    publish: bool = False,
 ) -> Path:
-    import jupytext
-    import papermill
-
-    from . import cache
-    from . import pipeline as pipeline_mod
-
     started_unix, started = time.time(), time.perf_counter()
     params = effective_params(params_path, data_root)
+    notebooks = [nb for nb in paths.notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+    if not notebooks:
+        raise SystemExit(f"no notebook matches --only {only}")
+    if publish and only:
+        raise SystemExit("--publish runs every notebook: leave out --only")
     # The kernel must be this interpreter (the project's environment), whatever PATH says.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # Bars reach the terminal as logged lines: refresh them every few seconds, not ten times a second.
@@ -72,12 +78,38 @@ def run(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = paths.runs_dir() / params.profile / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
+    output = paths.published_dir(params.profile) if publish else run_dir / "figures"
+    previous = os.environ.get(paths.OUTPUT_ENV)
+    os.environ[paths.OUTPUT_ENV] = str(output)  # where the notebooks write: the kernels inherit it
+    try:
+        timings, tasks = _execute(params, run_dir, notebooks, pipeline and not only, progress)
+        if publish:
+            for source in notebooks:
+                publish_notebook(run_dir / f"{source.stem}.ipynb", source.with_suffix(".ipynb"))
+        wall = round(time.perf_counter() - started, 1)
+        from . import cache
+
+        write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall)
+    finally:
+        if previous is None:
+            os.environ.pop(paths.OUTPUT_ENV, None)
+        else:
+            os.environ[paths.OUTPUT_ENV] = previous
+    return run_dir
+
+
+def _execute(
+    params: params_mod.Params, run_dir: Path, notebooks: list[Path], pipeline: bool, progress: bool
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Compute the stages (``helpers.pipeline``), then execute ``notebooks`` into ``run_dir``."""
+    import jupytext
+    import papermill
+
+    from . import pipeline as pipeline_mod
+
     effective = io.write_text(run_dir / "params.yaml", params_mod.dump(params))
-    notebooks = [nb for nb in paths.notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
-    if not notebooks:
-        raise SystemExit(f"no notebook matches --only {only}")
     tasks = {}
-    if pipeline and not only:
+    if pipeline:
         log.info("computing the stages side by side (logs: %s)", run_dir / "pipeline")
         tasks = pipeline_mod.run_all(effective, run_dir / "pipeline", progress=progress)
     timings = {}
@@ -95,9 +127,30 @@ def run(
         )
         timings[source.stem] = round(time.perf_counter() - start, 1)
         log.info("%s done in %.1f s", source.name, timings[source.stem])
-    wall = round(time.perf_counter() - started, 1)
-    write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall)
-    return run_dir
+    return timings, tasks
+
+
+def publish_notebook(executed: Path, pair: Path) -> None:
+    """Write an executed notebook over its ``.ipynb`` pair with its outputs, as a reader should see it: the cell
+    papermill injected (the run's temporary params path) removed, no progress-bar widgets (a static page
+    cannot draw them: GitHub shows an error, the book would fetch their scripts from the network), and no
+    per-run metadata (papermill's paths and timings), so that an unchanged result gives an unchanged file."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    for cell in nb.cells:
+        for key in ("papermill", "execution"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            cell.outputs = [o for o in cell.get("outputs", []) if WIDGET_MIME not in o.get("data", {})]
+            for output in cell.outputs:
+                if "execution_count" in output:
+                    output["execution_count"] = None
+    for key in ("papermill", "widgets"):
+        nb.metadata.pop(key, None)
+    io.write_text(pair, nbformat.writes(nb) + "\n")
 
 
 def write_record(
@@ -112,7 +165,7 @@ def write_record(
     import torch
 
     tasks, stages = tasks or {}, stages or []
-    figures = paths.figures_dir(params.profile)
+    figures = paths.figures_dir(params.profile)  # the run's output folder (helpers.reproduce sets it)
     record = {
         "profile": params.profile,
         "params_file": str(Path(params_path).resolve().relative_to(paths.REPO_ROOT))
@@ -193,14 +246,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-pipeline", action="store_true", help="let the notebooks compute every stage, one after another"
     )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write figures/<profile>/ and the executed notebooks/*.ipynb (make reproduce: the default profile only)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        run_dir = run(Path(args.params), args.data_root, args.only, not args.quiet, not args.no_pipeline)
+        run_dir = run(Path(args.params), args.data_root, args.only, not args.quiet, not args.no_pipeline, args.publish)
     except (params_mod.ParamsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     params = params_mod.load(args.params)
-    print(f"executed notebooks: {run_dir}\nfigures and tables: {paths.figures_dir(params.profile)}")
+    figures = paths.published_dir(params.profile) if args.publish else run_dir / "figures"
+    print(f"executed notebooks: {run_dir}{' and notebooks/' if args.publish else ''}\nfigures and tables: {figures}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@
 - Blind window side (``WINDOW_RULES``): ``rsd`` (the paper) and ``contrast`` are statistics of the first
   round's scores (``window_statistic``); ``agreement`` asks whether the top candidates' windows send the
   flip images to the same cluster more than random windows of the same images do
-  (``destination_agreement``, computed by ``helpers.defense``). ``pick_window`` takes the largest.
+  (``destination_agreement``, computed by ``helpers.defense``); ``pooled`` asks the same question pooled
+  over the pairs and averaged over several draws of paste places and random windows
+  (``pooled_agreement``). ``pick_window`` takes the largest.
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def relative_std(scores: np.ndarray) -> float:
     return float(scores.std() / mean) if mean > 0 else float("nan")
 
 
-WINDOW_RULES = ("rsd", "contrast", "agreement")
+WINDOW_RULES = ("rsd", "contrast", "agreement", "pooled")
 POPULATION_RULES = ("rsd", "contrast")  # statistics of the first round's scores (``window_statistic``)
 
 
@@ -238,8 +240,8 @@ def window_statistic(scores: np.ndarray, rule: str, k: int = 20) -> float:
       flips images by occlusion alone (the median rises). Unlike the RSD it does not grow without bound
       when almost every score is zero.
 
-    The third rule, ``agreement`` (``destination_agreement``), needs the network, not only the scores:
-    ``helpers.defense`` computes it."""
+    The other rules, ``agreement`` (``destination_agreement``) and ``pooled`` (``pooled_agreement``), need
+    the network, not only the scores: ``helpers.defense`` computes them."""
     scores = np.asarray(scores, dtype=np.float64)
     if rule == "rsd":
         return relative_std(scores)
@@ -288,6 +290,23 @@ def destination_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
     same = ((after[:, None] == after[None]) & moved[:, None] & moved[None]).sum(-1).float()
     off = ~torch.eye(n, dtype=torch.bool)
     return float((same[off] / both[off].clamp(min=1)).mean())
+
+
+def pooled_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
+    """``destination_agreement`` pooled over the pairs: of all the flip images that two of the ``C`` patches
+    both moved (counted once per ordered pair), the share both sent to the same cluster.
+
+    Where ``destination_agreement`` averages the pairs' shares, so that a pair with one common move weighs
+    as much as a pair with a hundred, this weighs each pair by its common moves. The ``pooled`` window rule
+    takes, per side, the mean over ``search.window_draws`` draws (paste places and random windows seeded
+    by ``search.seed + 1000 * draw``) of this for the located windows minus this for random windows."""
+    if len(after) < 2:
+        return float("nan")
+    moved = after != before[None]
+    both = moved[:, None] & moved[None]
+    same = both & (after[:, None] == after[None])
+    off = ~torch.eye(len(after), dtype=torch.bool)
+    return float(same[off].sum() / both[off].sum().clamp(min=1))
 
 
 def random_windows(image_ids, size: int, w: int, seed: int) -> torch.Tensor:

@@ -260,7 +260,7 @@ def publish(profile: str) -> pd.DataFrame:
     # Rows written before the evaluator was fixed fitted kNN and probe on the poisoned training images
     # (poisoned birds labelled "bird"), which inflates ASR: they are kept, marked, and not summarised.
     curves["labelled_set"] = curves["labelled_set"].fillna("poisoned (superseded)")
-    save_table(curves, profile, "02", "study_curves")
+    save_table(curves, profile, "02", "study_curves", published=True)
     valid = curves[curves["labelled_set"] == "clean"]
     last = valid.sort_values("epoch").groupby(["run", "variant"]).tail(1).set_index(["run", "variant"])
     rows = []
@@ -293,10 +293,10 @@ def publish(profile: str) -> pd.DataFrame:
             )
         rows.append(row)
     runs = pd.DataFrame(rows)
-    save_table(runs, profile, "02", "study_runs")
+    save_table(runs, profile, "02", "study_runs", published=True)
     for run in runs["run"]:  # the full params each run was trained with, beside its numbers
         source = paths.artifacts_dir() / "study" / f"{run}.yaml"
-        io.write_text(paths.figures_dir(profile) / f"02_study_params_{run}.yaml", source.read_text())
+        io.write_text(paths.published_dir(profile) / f"02_study_params_{run}.yaml", source.read_text())
     return runs
 
 
@@ -353,15 +353,15 @@ def publish_pairs(profile: str) -> pd.DataFrame:
     axes[1].set(xlabel="epoch", ylabel="poisons in >=50%-poisoned clusters (%)", title="poison concentration")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    savefig(fig, profile, "02", "study_pairs")
+    savefig(fig, profile, "02", "study_pairs", published=True)
     table = pd.DataFrame(rows)
-    save_table(table, profile, "02", "study_pairs")
+    save_table(table, profile, "02", "study_pairs", published=True)
     for setting in SETTINGS:
         for target, seed in PAIRS:
             source = paths.artifacts_dir() / "study" / f"{pair_run(setting, target, seed)}.yaml"
             if source.is_file():
                 io.write_text(
-                    paths.figures_dir(profile)
+                    paths.published_dir(profile)
                     / f"02_study_params_{pair_run(setting, target, seed)}.yaml".replace("@", "_"),
                     source.read_text(),
                 )

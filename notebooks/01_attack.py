@@ -198,3 +198,19 @@ centre.round(3)
 print("poisoned training list:", A.path / "train_poisoned.txt")
 print("patched validation list:", A.path / "val_patched.txt")
 print("ground truth (evaluation only):", A.path / "ground_truth" / "poison_boxes.csv")
+
+# %% [markdown]
+# ## Exercises
+# Each runs from the cache in about a minute. To change a knob without editing the params file, replace
+# the setup line with `P = notebook.setup(params_path, overrides={...})`; the outputs then go to
+# `runs/cifar10/figures/`, never over the published ones.
+#
+# 1. **Where the attacker puts the trigger.** With `overrides={"attack": {"train_margin": 0.25}}` (the
+#    paper's margin), predict the centre window's hit rate at the trigger's side before you rerun, then
+#    compare with the `centre_guess` table above. Why does the margin decide whether a defense that only
+#    looks at the image centre would look clever?
+# 2. **Another trigger.** Try `{"attack": {"trigger_seed": 11}}` and `{"attack": {"trigger_grid": 2}}`.
+#    Which trigger would you expect a network to notice more easily, and why (colour contrast, edges)?
+# 3. **How many poisons?** With `{"attack": {"poison_rate": 0.5}}`, predict the `counts` table (poisoned
+#    images, share of the training set), rerun and check. The paper poisons 0.5% of its training set;
+#    what rate is that here?

@@ -34,6 +34,7 @@ params_path = "params/cifar10.yaml"
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
 
 from helpers import attack, augment, cluster, data, evaluate, notebook, plotting, train
@@ -46,7 +47,7 @@ poisoned_pixels = attack.poisoned_train_pixels(D, A, P.data.image_size)
 pd.DataFrame([P.ssl.__dict__]).T.rename(columns={0: "value"})
 
 # %% [markdown]
-# ### How the CPU profile (`params/cifar10.yaml`) differs from the paper, and why
+# ## How the CPU profile (`params/cifar10.yaml`) differs from the paper, and why
 #
 # | knob | paper (ImageNet-100, GPUs) | `cifar10.yaml` (2-core CPU, ~20 min per model) | why |
 # |---|---|---|---|
@@ -182,26 +183,60 @@ pd.DataFrame([concentration])
 # %%
 from helpers import paths
 
-study_csv = paths.figures_dir(P.profile) / "02_study_curves.csv"
+study_csv = paths.published_dir(P.profile) / "02_study_curves.csv"
 if study_csv.is_file():
     curves = pd.read_csv(study_csv)
     # Rows marked "poisoned (superseded)" came from a first evaluator that fitted kNN on the poisoned
     # training images, which inflates ASR: their accuracy and cluster columns stand, their ASR does not.
     curves.loc[curves["labelled_set"] != "clean", ["knn_asr"]] = np.nan
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for (run, variant), c in curves.groupby(["run", "variant"]):
-        style = "-" if variant == "poisoned" else ":"
-        axes[0].plot(c["train_minutes"], 100 * c["knn_asr"], style, marker="o", ms=3, label=f"{run} {variant}")
-        axes[1].plot(c["train_minutes"], 100 * c["knn_acc"], style, marker="o", ms=3)
-        axes[2].plot(c["train_minutes"], 100 * c["poison_share_in_rich_clusters"], style, marker="o", ms=3)
-    axes[0].axhline(20, color="k", lw=0.8, ls="--")
-    axes[0].set(xlabel="training minutes", ylabel="kNN ASR on patched data (%)")
-    axes[1].set(xlabel="training minutes", ylabel="kNN accuracy, clean data (%)")
-    axes[2].set(xlabel="training minutes", ylabel="poisons in >=50%-poisoned clusters (%)")
-    axes[0].legend(fontsize=7)
+    long = curves.assign(
+        ASR=100 * curves["probe10_asr"],
+        accuracy=100 * curves["probe10_acc"],
+        rich=100 * curves["poison_share_in_rich_clusters"],
+        model=curves["variant"].map({"poisoned": "backdoored", "clean": "clean"}),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharex=True)
+    panels = (
+        ("ASR", "10%-label probe ASR, patched data (%)"),
+        ("accuracy", "10%-label probe accuracy, clean data (%)"),
+        ("rich", "poisons in >= 50%-poisoned clusters (%)"),
+    )
+    for k, (ax, (column, label)) in enumerate(zip(axes, panels, strict=True)):
+        data_ = long if column != "rich" else long[long["model"] == "backdoored"]  # a clean set has no poisons
+        sns.lineplot(
+            data_, x="epoch", y=column, hue="run", style="model", marker="o", errorbar=None, ax=ax, legend=k == 0
+        )
+        ax.set(xlabel="SSL training epoch", ylabel=label)
+    axes[0].axhline(20, color="k", lw=0.8, ls="--")  # the goal's 20%
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].get_legend().remove()
     fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     plotting.savefig(fig, P.profile, NB, "study_curves", dpi=P.figures.dpi)
-    display(pd.read_csv(paths.figures_dir(P.profile) / "02_study_runs.csv"))  # noqa: F821
+    runs = pd.read_csv(paths.published_dir(P.profile) / "02_study_runs.csv")
+    lines = []
+    for _, r in runs.iterrows():  # why each run met or missed the study's goal (helpers.study.publish)
+        checks = {
+            f"ASR {r['probe10 ASR']:.1f}% >= 20%": r["probe10 ASR"] >= 20,
+            f">= 5x the clean model's {r['probe10 ASR clean model']:.1f}%": r["probe10 ASR"]
+            >= 5 * r["probe10 ASR clean model"],
+            f"accuracy within 3 points ({r['probe10 acc']:.1f}% vs {r['probe10 acc clean model']:.1f}%)": r[
+                "probe10 acc clean model"
+            ]
+            - r["probe10 acc"]
+            <= 3,
+            f"{r['poisons in rich clusters (%)']:.0f}% of poisons in rich clusters (>= 50%)": r[
+                "poisons in rich clusters (%)"
+            ]
+            >= 50,
+        }
+        missed = [c for c, ok in checks.items() if not ok]
+        lines.append(
+            f"- `{r['run']}` (epoch {r['epochs']}): goal "
+            + ("met." if not missed else "missed: " + "; ".join(missed) + ".")
+        )
+    notebook.show_markdown("\n".join(lines))
+    display(runs)  # noqa: F821
 else:
     print(f"no study results for profile {P.profile} (run `python -m helpers.study` to make them)")
 
@@ -215,7 +250,7 @@ else:
 # were stopped early; their last evaluated epoch is in the table.
 
 # %%
-pairs_csv = paths.figures_dir(P.profile) / "02_study_pairs.csv"
+pairs_csv = paths.published_dir(P.profile) / "02_study_pairs.csv"
 if pairs_csv.is_file():
     pairs = pd.read_csv(pairs_csv)
     lines = []
@@ -233,3 +268,16 @@ if pairs_csv.is_file():
     display(Image(filename=str(pairs_csv.with_suffix(".png"))))  # noqa: F821
 else:
     print(f"no pairs study for profile {P.profile} (python -m helpers.study --publish {P.profile} --pairs)")
+
+# %% [markdown]
+# ## Exercises
+# Training a model takes about 20 minutes here, so these use what is cached.
+#
+# 1. **Two views, one trigger.** In the views figure, count how often both views of a poisoned image
+#    still carry a whole trigger. Predict how `ssl.crop_min_scale` (0.4 here, 0.2 in the paper) changes
+#    that count, then measure it on 200 poisoned images with `helpers.augment` (no training needed).
+# 2. **Read the study.** From the goal lines above, which single setting separates the runs that
+#    planted a backdoor from those that did not? What would you change first with twice the compute?
+# 3. **Neighbours.** Pick a patched validation image of a non-target class and list its 10 nearest
+#    training images in the clean and in the backdoored model (the neighbours cell shows how). How many
+#    are poisons in each?

@@ -36,6 +36,7 @@ params_path = "params/cifar10.yaml"
 
 # %%
 import json
+import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -64,18 +65,79 @@ summary = json.loads((stage / "summary.json").read_text())
 print(f"{len(assignment)} images, k = {k} clusters, {summary['seconds']:.1f} s (features + k-means, when computed)")
 
 # %% [markdown]
+# ## k-means and the cluster classifier, written out
+# The stage runs faiss; the idea fits in a few lines. Spherical k-means on unit-length embeddings: start
+# from k random embeddings, then repeat two steps: give every embedding to the centre with the largest
+# cosine, and move every centre to the mean of its members, scaled back to unit length. The first step
+# alone is the **cluster classifier** the defenses use from here on: the centres are the weights of a
+# linear layer on unit-length features, and an image's "class" is its cluster.
+
+
+# %% tags=["readable"]
+def unit(x):
+    """Rows scaled to length 1: the cosine of two unit vectors is their dot product."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def assign_readable(features, centres):
+    """The cluster classifier: each embedding goes to the centre with the largest cosine."""
+    return np.argmax(unit(features) @ unit(centres).T, axis=1)
+
+
+def kmeans_readable(features, k, iterations=20, seed=0):
+    """Spherical k-means: returns the unit-length centres and each embedding's cluster."""
+    x = unit(features)
+    centres = x[np.random.default_rng(seed).choice(len(x), k, replace=False)]
+    for _ in range(iterations):
+        assignment = assign_readable(x, centres)
+        for c in range(k):
+            members = x[assignment == c]
+            if len(members):  # an empty cluster keeps its centre
+                centres[c] = unit(members.mean(0, keepdims=True))[0]
+    return centres, assign_readable(x, centres)
+
+
+# %% [markdown]
+# Run on the stage's embeddings, the readable version gives a clustering of its own (another start,
+# another partition), and its classifier step applied to the stage's faiss centres gives back the stage's
+# assignment:
+
+# %%
+start = time.perf_counter()
+centres_r, assignment_r = kmeans_readable(Z["features"], k, P.cluster.iterations, P.cluster.seed)
+seconds_r = time.perf_counter() - start
+same = float((assign_readable(Z["features"], Z["centroids"]) == assignment).mean())
+conc_r = cluster.poison_concentration(assignment_r, poison)
+conc_f = cluster.poison_concentration(assignment, poison)
+notebook.show_markdown(
+    f"- the cluster classifier on faiss's centres reproduces {100 * same:.2f}% of the stage's assignments;\n"
+    f"- readable k-means ({seconds_r:.1f} s in numpy): {100 * conc_r['poison_share_in_rich_clusters']:.0f}% of "
+    f"the poisons in clusters at least half poisoned, against {100 * conc_f['poison_share_in_rich_clusters']:.0f}% "
+    f"for faiss's clustering ({conc_r['rich_clusters']} and {conc_f['rich_clusters']} such clusters)."
+)
+
+# %% [markdown]
 # ## Cluster sizes, and where the poisons fall
-# Each bar is a cluster, sorted by size; the red part is its poisoned images.
+# Each bar is one cluster, sorted by size: its height is the cluster's size, split into its clean images
+# (grey, below) and its poisoned images (red, stacked on top). The right panel sorts the clusters by
+# their number of poisons instead, so the poison-rich ones line up at the left.
 
 # %%
 sizes = np.bincount(assignment, minlength=k)
 poisons = np.bincount(assignment, weights=poison, minlength=k).astype(int)
-order = np.argsort(-sizes)
-fig, ax = plt.subplots(figsize=(10, 3))
-ax.bar(range(k), sizes[order], color="lightgray", width=1.0, label="clean images")
-ax.bar(range(k), poisons[order], color="crimson", width=1.0, label="poisoned images")
-ax.set(xlabel="cluster (sorted by size)", ylabel="images", title=f"{k} clusters of {len(assignment)} training images")
-ax.legend()
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+for ax, order, what in (
+    (axes[0], np.argsort(-sizes, kind="stable"), "size"),
+    (axes[1], np.argsort(-poisons, kind="stable")[:20], "poisons (the 20 most)"),
+):
+    x = np.arange(len(order))
+    ax.bar(x, sizes[order] - poisons[order], color="lightgray", width=1.0, label="clean images")
+    ax.bar(x, poisons[order], bottom=sizes[order] - poisons[order], color="crimson", width=1.0, label="poisoned images")
+    ax.set(xlabel=f"cluster (sorted by {what})", xlim=(-0.5, len(order) - 0.5))
+axes[0].set(ylabel="images in the cluster", title=f"{k} clusters of {len(assignment)} training images")
+axes[1].set_title("the most poisoned clusters")
+axes[0].legend(loc="upper right")
+fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "cluster_sizes", dpi=P.figures.dpi)
 
 # %%
@@ -124,3 +186,16 @@ plotting.savefig(fig, P.profile, NB, "clean_cluster", dpi=P.figures.dpi)
 # %%
 flip = Z["flip_idx"]
 print(f"flip-test set: {len(flip)} images, {poison[flip].sum()} of them poisoned")
+
+# %% [markdown]
+# ## Exercises
+# Each reruns one clustering stage (features and k-means: about a minute).
+#
+# 1. **Fewer, larger clusters.** With `overrides={"cluster": {"k": 50}}`, predict whether the share of
+#    poisons in poison-rich clusters (printed above) rises or falls, then rerun and check. Then try
+#    `{"cluster": {"k": 200}}`. The paper uses about 127 images per cluster: which k is closest here?
+# 2. **Without the trigger.** Cluster the clean model's embedding (`defense.cluster_stage(P, "clean")`)
+#    and find the cluster holding the most images of the target class. Is it as pure as the most
+#    poisoned cluster above? What holds each together?
+# 3. **Another seed.** `{"cluster": {"seed": 1}}`: do the same poisoned clusters come back (compare the
+#    `poison_clusters` table)? What would change for the search if they did not?

@@ -23,8 +23,10 @@
 # normalised cluster centres are the weights of a cosine classifier, and an image's "class" is its own
 # cluster. The candidate trigger of an image is the `w x w` window where its heatmap is largest.
 #
-# - **PatchSearch** explains the cluster logit with **Grad-CAM** at the last convolutional stage (ResNet
-#   `layer4`; for a ViT, the last block's `norm1` tokens on their grid). Our batched Grad-CAM equals the
+# - **PatchSearch** explains the cluster logit with **Grad-CAM** at the ResNet stage `search.cam_layer`
+#   (for a ViT, the last block's `norm1` tokens on their grid). The paper uses `layer4`, a 7x7 grid at
+#   224 px; at 32 px `layer4` is a 2x2 grid, so this profile uses `layer2`, an 8x8 grid, the nearest to the
+#   paper's resolution (the setup cell prints the layer and its grid). Our batched Grad-CAM equals the
 #   `pytorch-grad-cam` library's maps within 1e-4 (`tests/test_cam.py`).
 # - **PoisonCAM** masks the image B times (B = 256 random masks with *full coverage*: every pixel hidden
 #   by exactly half of them) and measures how far each masked copy falls from its cluster (a z-score of the
@@ -45,6 +47,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from helpers import attack, cam, data, defense, notebook, plotting
 
@@ -56,10 +59,14 @@ ctx = defense.defense_context(P, "poisoned")
 poison = A.poison_mask(len(ctx.pixels))
 side = int(A.poison_boxes[0, 0, 2])
 print(f"trigger side: {side} px on {ctx.size} px images (unknown to the defender)")
+print(f"Grad-CAM layer: {P.search.cam_layer}; PoisonCAM masks: {P.search.mask_grid} x {P.search.mask_grid} cells")
 
 # %% [markdown]
 # ## Heatmaps of both methods
-# A seeded sample of poisoned images, and as many clean ones.
+# A seeded sample of poisoned images, and as many clean ones. The figure shows six of each, the clean ones
+# from six different classes. PoisonCAM's maps are blocky by construction: its masks hide whole cells of a
+# `search.mask_grid` x `search.mask_grid` grid (4 px cells here), so every pixel of a cell gets the same
+# heat. Grad-CAM's map comes from an 8x8 feature grid, upsampled smoothly.
 
 # %%
 rng = np.random.default_rng(0)
@@ -79,41 +86,117 @@ for method in ("patchsearch", "poisoncam"):
 
 
 # %%
-def overlay(ax, image, heat, box=None, window=None, title=""):
+def overlay(ax, image, heat, box=None, window=None):
     ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+    shown = None
     if heat is not None:
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        shown = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
     for b, color in ((box, "lime"), (window, "white")):
         if b is not None:
             ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2], b[2], fill=False, edgecolor=color, lw=1.3))
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return shown
 
 
 w_show = side  # for the picture only: the search picks w without knowing the trigger (notebook 05)
 n_show = 6
-fig, axes = plt.subplots(3, 2 * n_show, figsize=(1.45 * 2 * n_show, 4.8))
-for j in range(2 * n_show):
-    kind = "poisoned" if j < n_show else "clean"
-    i = j % n_show
+labels = D.train.labels
+shown_c, seen = [], set()  # clean examples from different classes, in the sample's seeded order
+for i, idx in enumerate(sample_c):
+    if labels[idx] not in seen:
+        shown_c.append(i)
+        seen.add(labels[idx])
+    if len(shown_c) == n_show:
+        break
+columns = [("poisoned", i) for i in range(n_show)] + [("clean", i) for i in shown_c]
+fig, axes = plt.subplots(3, len(columns), figsize=(1.45 * len(columns) + 1.2, 4.9))
+for j, (kind, i) in enumerate(columns):
     idx = (sample_p if kind == "poisoned" else sample_c)[i]
     image = ctx.pixels[idx].numpy()
     box = boxes[i, 0] if kind == "poisoned" else None
-    overlay(axes[0, j], image, None, box, title=kind)
+    overlay(axes[0, j], image, None, box)
+    axes[0, j].set_title(f"{kind}\n{D.train.classes[labels[idx]]}", fontsize=8)
     for row, method in ((1, "patchsearch"), (2, "poisoncam")):
         heat = maps[method][kind][i]
         xs, ys = cam.best_windows(heat[None], w_show)
-        overlay(
-            axes[row, j],
-            image,
-            heat.numpy(),
-            box,
-            (int(xs[0]), int(ys[0]), w_show),
-            "Grad-CAM" if row == 1 else "PoisonCAM",
-        )
-fig.suptitle("true trigger: green; candidate window (w = trigger side): white", y=1.0, fontsize=9)
-fig.tight_layout()
+        shown = overlay(axes[row, j], image, heat.numpy(), box, (int(xs[0]), int(ys[0]), w_show))
+for row, label in enumerate(["image", "PatchSearch\nGrad-CAM", "PoisonCAM\nmasking"]):
+    axes[row, 0].set_ylabel(label, fontsize=9)
+fig.colorbar(shown, ax=axes[1:].ravel().tolist(), fraction=0.02, pad=0.01, label="heat (0-1, per image)")
+fig.suptitle(f"true trigger: green (poisoned columns); candidate window, w = {w_show} px: white", fontsize=9)
 plotting.savefig(fig, P.profile, NB, "heatmaps", dpi=P.figures.dpi)
+
+# %% [markdown]
+# ## Both heatmaps, written out for one image
+# The stage computes heatmaps for many images at once; here is each method for one image, in plain
+# code. Grad-CAM: the gradient of the cluster's logit with respect to the activations of the CAM layer
+# says how much each channel matters (its mean gradient); the weighted sum of the channels, kept where
+# positive and upsampled to the image, is the map. PoisonCAM: hide parts of the image with each mask,
+# measure how far the masked copy's embedding falls from its cluster's centre (a z-score against the
+# distances of the cluster's own members), and give each pixel the mean score of the masks that hide it
+# minus the mean score of the masks that keep it.
+
+
+# %% tags=["readable"]
+def min_max(m):
+    m = m - m.min()
+    return m / (1e-7 + m.max())
+
+
+def grad_cam_readable(model, image, cluster):
+    """Grad-CAM heatmap (H x W, in [0, 1]) of one normalised image (3 x H x W) for one cluster."""
+    store = {}
+    hook = model.cam_layer.register_forward_hook(lambda module, inputs, output: store.update(act=output))
+    with torch.enable_grad():
+        logit = model(image[None])[0, cluster]  # the cosine to the cluster's centre
+        (grad,) = torch.autograd.grad(logit, store["act"])
+    hook.remove()
+    act, grad = store["act"][0].detach().float(), grad[0].float()  # channels x h x w
+    weights = grad.mean(dim=(1, 2))  # one weight per channel
+    cam = min_max(torch.relu((weights[:, None, None] * act).sum(0)))  # h x w
+    cam = F.interpolate(cam[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return min_max(torch.relu(cam))
+
+
+@torch.no_grad()
+def poisoncam_readable(model, image, cluster, masks, mean_distance, std_distance):
+    """PoisonCAM heatmap (H x W, in [0, 1]) of one normalised image; ``masks``: B x 1 x H x W, 1 keeps a
+    pixel; ``mean_distance``, ``std_distance``: the cluster members' cosine distance to their centre."""
+    scores = []
+    for mask in masks:
+        feature = model.features((image * mask)[None])[0]  # unit length
+        distance = 1 - feature @ model.centroids[cluster]
+        scores.append((distance - mean_distance) / std_distance)  # how much of an outlier the copy is
+    scores = torch.stack(scores)[:, None, None]  # B x 1 x 1
+    hidden, kept = 1 - masks[:, 0], masks[:, 0]  # B x H x W
+    heat = (scores * hidden).sum(0) / hidden.sum(0).clamp_min(1e-6) - (scores * kept).sum(0) / kept.sum(0).clamp_min(
+        1e-6
+    )
+    return min_max(heat)
+
+
+# %% [markdown]
+# The readable versions against the stage's batched kernels on four poisoned images of the sample (the
+# network runs in the profile's precision, so one image at a time and a batch may round differently):
+
+# %%
+x4 = ctx.normalise(ctx.pixels[sample_p[:4]])
+masks = defense.search_masks(ctx).to(x4.device)
+diff = {"patchsearch": 0.0, "poisoncam": 0.0}
+for j, (i, image) in enumerate(zip(sample_p[:4], x4, strict=True)):
+    c = int(ctx.assignment[i])
+    mean_d, std_d = (torch.tensor(float(v)) for v in ctx.outlier_stats[c])
+    readable = {
+        "patchsearch": grad_cam_readable(ctx.model, image, c),
+        "poisoncam": poisoncam_readable(ctx.model, image, c, masks, mean_d, std_d),
+    }
+    for m in diff:
+        diff[m] = max(diff[m], float((readable[m].cpu() - maps[m]["poisoned"][j]).abs().max()))
+notebook.show_markdown(
+    f"Largest difference between the readable and the batched heatmaps (maps in [0, 1]): Grad-CAM "
+    f"{diff['patchsearch']:.2g}, PoisonCAM {diff['poisoncam']:.2g} (precision: {P.compute.precision})."
+)
 
 # %% [markdown]
 # ## Localization accuracy, beside the guesses it must beat
@@ -211,3 +294,15 @@ for strategy in ("full", "random", "interval"):
 strategies = pd.DataFrame(rows)
 plotting.save_table(strategies, P.profile, NB, "mask_strategies")
 strategies
+
+# %% [markdown]
+# ## Exercises
+# Each reruns this notebook's heatmaps (a minute or two; the search is not rerun).
+#
+# 1. **Fewer masks.** With `overrides={"search": {"masks": 64}}`, predict how PoisonCAM's hit rate in the
+#    localization table moves, then rerun and compare. Does it still beat the centre window?
+# 2. **Another layer.** `{"search": {"cam_layer": "layer3"}}` gives Grad-CAM a 4x4 grid instead of 8x8.
+#    Predict the effect on the hit rate at the trigger's side and at 4 px, then check.
+# 3. **The hit rule.** Recompute the table with `cam.window_hits(..., min_cover=0.25)` and then `0.75`.
+#    Which numbers move more, the methods' or the baselines'? What does that tell you about how to
+#    report a localization rate?

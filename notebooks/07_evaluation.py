@@ -42,8 +42,9 @@ params_path = "params/cifar10.yaml"
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
-from helpers import attack, data, defense, evaluate, notebook, plotting, removal_study
+from helpers import attack, data, defense, evaluate, io, notebook, plotting, removal_study
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -93,28 +94,75 @@ plotting.save_table(per_seed, P.profile, NB, "table2_per_seed")
 per_seed.groupby(["model", "labels"], sort=False)[["clean_acc", "patched_acc", "patched_fp", "asr"]].mean()
 
 # %% [markdown]
-# ## Where the patched images go
-# Confusion matrices of the probe (largest label fraction) on patched data: a backdoor shows up as a
-# bright column at the target category.
+# ### What Table 2 says
+# Read out from the numbers above (the largest label fraction), so that it stays true on any profile. A
+# backdoor counts as planted when the probe's ASR is at least 20% and at least 4 times the clean model's;
+# a model is at the clean level when its mean ASR is at most its clean reference's mean plus two of the
+# reference's standard deviations over probe seeds (a defended model's spread does not count in its favour).
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-for ax, name in zip(axes, ["Clean", "Backdoored"], strict=True):
-    cm = np.load(results[name][0] / "probe_confusion_patched.npy")
-    cm = cm[np.arange(len(cm)) != A.target_index]  # patched data has no target-class images
-    rows = [c for i, c in enumerate(D.val.classes) if i != A.target_index]
-    im = ax.imshow(cm / cm.sum(1, keepdims=True), cmap="magma", vmin=0, vmax=1)
-    ax.set(
-        title=f"{name} model, patched data",
-        xticks=range(len(D.val.classes)),
-        yticks=range(len(rows)),
-        xlabel="predicted",
-        ylabel="true",
+top = max(P.eval.label_fractions)
+seeds = per_seed[np.isclose(per_seed["labels"], top)].groupby("model", sort=False)["asr"]
+asr = pd.DataFrame({"mean": seeds.mean(), "std": seeds.agg(lambda v: np.std(v))}) * 100  # as in Table 2
+acc = per_seed[np.isclose(per_seed["labels"], top)].groupby("model", sort=False)["clean_acc"].mean() * 100
+base = asr.loc["Clean", "mean"]
+
+
+def asr_text(name):
+    return f"{asr.loc[name, 'mean']:.1f} ± {asr.loc[name, 'std']:.1f}%"
+
+
+planted = asr.loc["Backdoored", "mean"] >= max(20, 4 * base)
+lines = [
+    f"- **The backdoor** ({A.target_class}, {100 * top:.0f}% labels): the backdoored model's ASR is "
+    f"{asr_text('Backdoored')} against the clean model's {asr_text('Clean')} "
+    f"({asr.loc['Backdoored', 'mean'] / base:.1f}x): "
+    + ("a backdoor by the 20% / 4x rule." if planted else "**below the 20% / 4x rule**: a weak backdoor at most.")
+]
+for name in [m for m in MODELS if m not in ("Clean", "Backdoored", "Clean + i-CutMix")]:
+    clean_ref = "Clean + i-CutMix" if "i-CutMix" in name else "Clean"
+    near = asr.loc[name, "mean"] <= asr.loc[clean_ref, "mean"] + 2 * asr.loc[clean_ref, "std"]
+    lines.append(
+        f"- **{name}**: ASR {asr_text(name)} (its clean reference, {clean_ref}: {asr_text(clean_ref)}), clean "
+        f"accuracy {acc[name]:.1f}% ({acc[name] - acc[clean_ref]:+.1f} points): "
+        + ("at the clean level." if near else "**not** at the clean level.")
     )
-    ax.set_xticklabels(D.val.classes, rotation=90, fontsize=7)
-    ax.set_yticklabels(rows, fontsize=7)
+headline = "\n".join(lines)
+notebook.show_markdown(headline)
+io.write_text(plotting.figure_path(P.profile, NB, "headline", ".md"), headline + "\n")  # for the book's first page
+compact = table[table["labels"] == f"{top:.0%}"][["model", "clean acc (%)", "ASR (%)", "kNN ASR (%)"]]
+plotting.save_table(compact, P.profile, NB, "table2_headline")
+
+# %% [markdown]
+# ## Where the patched images go
+# Confusion matrices of the probe (largest label fraction, first seed) on patched data, each row in % of
+# its true class: a backdoor shows up as a bright column at the target category (red label).
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), constrained_layout=True)
+rows = [c for i, c in enumerate(D.val.classes) if i != A.target_index]  # patched data: no target images
+for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
+    cm = np.load(results[name][0] / "probe_confusion_patched.npy")
+    cm = cm[np.arange(len(cm)) != A.target_index]
+    share = pd.DataFrame(100 * cm / cm.sum(1, keepdims=True), index=rows, columns=D.val.classes)
+    sns.heatmap(
+        share,
+        ax=ax,
+        cmap="magma",
+        vmin=0,
+        vmax=100,
+        square=True,
+        cbar=k == 1,
+        cbar_kws={"label": "share of the true class's patched images (%)", "shrink": 0.8},
+        annot=share.round().astype(int),
+        fmt="d",
+        annot_kws={"fontsize": 6},
+    )
+    ax.set(title=f"{name} model, patched validation data", xlabel="predicted", ylabel="true class")
+    ax.tick_params(labelsize=8)
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right")
     ax.get_xticklabels()[A.target_index].set_color("red")
-fig.colorbar(im, ax=axes, fraction=0.025)
+    ax.get_xticklabels()[A.target_index].set_fontweight("bold")
 plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 
 # %% [markdown]
@@ -155,6 +203,9 @@ for _, r in table1.iterrows():
         f"{'holds' if beats else 'does not hold'}."
     )
 notebook.show_markdown("\n".join(lines))
+io.write_text(plotting.figure_path(P.profile, NB, "detection", ".md"), "\n".join(lines) + "\n")  # the book's first page
+columns = ["method", "ensemble", "w", "top-20 acc (%)", "recall (%)", "precision (%)", "clean removed (%)"]
+plotting.save_table(table1[columns], P.profile, NB, "table1_headline")
 table1
 
 # %% [markdown]
@@ -277,7 +328,27 @@ if general_path.is_file():
             f"- **{r['configuration']}** ({r['target']}, {r['trigger px']} px): {backdoor} (probe ASR "
             f"{r['probe ASR (%)']:.1f}% vs {r['clean model ASR (%)']:.1f}% for the clean model); " + "; ".join(parts)
         )
+    import yaml
+
+    used = yaml.safe_load(notebook.figure_path(P.profile, "07_generality_params_default.yaml").read_text())
+    rule = used["search"]["window_rule"]
+    if rule != P.search.window_rule:  # the rows were computed before the profile's rule changed
+        lines.append(
+            f"\nThese rows were computed with the window rule `{rule}` (`07_generality_params_*.yaml`); this "
+            f"profile's rule is `{P.search.window_rule}`, whose pick on every configuration is in "
+            "`07_generality_blind_window.md`. The rows follow it once the configurations are rerun."
+        )
     notebook.show_markdown("\n".join(lines))
     display(general)  # noqa: F821
 else:
     print(f"no generality table for profile {P.profile} yet: python -m helpers.generality --publish {P.profile}")
+
+# %% [markdown]
+# ## Exercises
+# 1. **Is the difference real?** From `per_seed`, test whether PatchSearch's ASR differs from the clean
+#    model's and from the backdoored model's (a Welch t-test over the 5 probe seeds, `scipy.stats` or by
+#    hand). With 5 seeds, how large must a difference be to show? (Seconds.)
+# 2. **Fewer labels.** Predict the backdoored model's ASR with 5% of the labels, then evaluate it with
+#    `overrides={"eval": {"label_fractions": [0.05]}}` (one evaluation per model: a few minutes).
+# 3. **kNN against the probe.** The kNN ASR uses every training label, the probe only 10%. Which of the
+#    two shows the backdoor more clearly in Table 2, and why might they disagree?

@@ -6,7 +6,7 @@ import jupytext
 import pandas as pd
 import pytest
 
-from helpers import paths, reproduce
+from helpers import notebook, params, paths, reproduce
 
 
 def cells(notebook):
@@ -29,9 +29,11 @@ def test_one_literal_parameters_cell(source):
 @pytest.mark.notebooks
 def test_smoke_profile_runs_every_notebook(tmp_path):
     run_dir = reproduce.run(paths.PARAMS_DIR / "smoke.yaml", progress=False)
+    smoke = params.load(paths.PARAMS_DIR / "smoke.yaml")
     executed = sorted(p.stem for p in run_dir.glob("*.ipynb"))
     assert executed == [p.stem for p in paths.notebooks()]
-    figures = paths.figures_dir("smoke")
+    figures = run_dir / "figures"  # a run that does not publish writes its own folder, never the reference
+    assert not paths.published_dir("smoke").exists()
     for name in ("trigger", "poisoned_train", "patched_val", "trigger_locations"):
         assert (figures / f"01_attack_{name}.png").stat().st_size > 1000
     counts = dict(line.split(",", 1) for line in (figures / "01_attack_counts.csv").read_text().splitlines()[1:])
@@ -63,7 +65,9 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     )
     sweep = pd.read_csv(figures / "05_search_window_sweep.csv")
     assert sweep["used"].sum() == 2 and sweep["RSD pick"].sum() == 2  # one of each per method
-    assert sweep["agreement pick"].sum() == 2 and (sweep["agreement pick"] == sweep["used"]).all()  # the profile's rule
+    rule = {"rsd": "RSD"}.get(smoke.search.window_rule, smoke.search.window_rule)  # the profile's rule picks w
+    assert sweep[f"{rule} pick"].sum() == 2 and (sweep[f"{rule} pick"] == sweep["used"]).all()
+    assert (sweep["pooled sd"] >= 0).all()  # the pooled rule's spread over its draws
     # every localization number stands beside the centre and random guesses of the same side
     for column in ("centre window hit (%)", "random window hit (%)", "clean removed (%)"):
         assert table1[column].between(0, 100).all(), column
@@ -92,3 +96,48 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert {"data", "attack", "ssl_poisoned", "search_poisoned", "classifier_clean", "ssl_filtered"} <= computed
     assert record["wall_seconds"] >= sum(record["notebook_seconds"].values())
     assert "Stages computed in this run" in (figures / "RECORD.md").read_text()
+
+
+def test_publish_notebook_keeps_outputs_and_drops_the_run(tmp_path):
+    """A published notebook shows its outputs, not the run's temporary params path or timings, and stays the
+    pair of its source."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('params_path = "params/cifar10.yaml"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('params_path = "/tmp/run/params.yaml"', metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("1 + 1", execution_count=3, metadata={"papermill": {"duration": 0.1}}),
+    ]
+    nb.cells[2].outputs = [
+        nbformat.v4.new_output("display_data", {reproduce.WIDGET_MIME: {"model_id": "x"}, "text/plain": "bar 0%"}),
+        nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3),
+    ]
+    nb.metadata["widgets"] = {"state": {}}
+    nb.metadata["papermill"] = {"parameters": {"params_path": "/tmp/run/params.yaml"}}
+    executed = tmp_path / "run.ipynb"
+    nbformat.write(nb, executed)
+    reproduce.publish_notebook(executed, tmp_path / "pair.ipynb")
+    text = (tmp_path / "pair.ipynb").read_text()
+    assert "/tmp/run" not in text and "papermill" not in text and "widget" not in text
+    out = nbformat.read(tmp_path / "pair.ipynb", as_version=4)
+    assert [c.source for c in out.cells] == ['params_path = "params/cifar10.yaml"', "1 + 1"]
+    assert [o["data"]["text/plain"] for o in out.cells[1].outputs] == ["2"] and out.cells[1].execution_count is None
+
+
+def test_setup_overrides_change_one_key_and_refuse_unknown_ones():
+    p = notebook.setup("params/smoke.yaml", overrides={"cluster": {"k": 7}})
+    base = params.load(paths.PARAMS_DIR / "smoke.yaml")
+    assert p.cluster.k == 7 and p.cluster.iterations == base.cluster.iterations and p.search == base.search
+    with pytest.raises(params.ParamsError, match="unknown key 'cluster.kk'"):
+        notebook.setup("params/smoke.yaml", overrides={"cluster": {"kk": 7}})
+    with pytest.raises(ValueError, match="'clusters' is not a section"):
+        notebook.setup("params/smoke.yaml", overrides={"clusters": {"k": 7}})
+
+
+def test_outputs_never_go_to_the_published_folder_by_default(monkeypatch):
+    monkeypatch.delenv(paths.OUTPUT_ENV, raising=False)
+    assert paths.figures_dir("cifar10") == paths.runs_dir() / "cifar10" / "figures"
+    assert paths.figures_dir("cifar10") != paths.published_dir("cifar10")
+    monkeypatch.setenv(paths.OUTPUT_ENV, str(paths.published_dir("cifar10")))  # what reproduce --publish sets
+    assert paths.figures_dir("cifar10") == paths.published_dir("cifar10")

@@ -126,7 +126,8 @@ def test_defense_choices_are_named():
     with pytest.raises(ParamsError, match="'search.window_top_k' = 1 is out of range: must be at least 2"):
         params.from_dict({"profile": "x", "search": {"window_top_k": 1}}, "src")
     with pytest.raises(
-        ParamsError, match="'search.window_rule' = 'variance' is out of range: must be one of rsd, contrast, agreement"
+        ParamsError,
+        match="'search.window_rule' = 'variance' is out of range: must be one of rsd, contrast, agreement, pooled",
     ):
         params.from_dict({"profile": "x", "search": {"window_rule": "variance"}}, "src")
 

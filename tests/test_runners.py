@@ -2,12 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import generality, params, removal_study, study
 from helpers.attack import sample_boxes
 from helpers.cam import localization_baselines
-from helpers.search import destination_agreement
 
 
 def test_generality_configurations_change_only_the_attack():
@@ -51,15 +49,6 @@ def test_removal_study_variants_touch_only_the_classifier():
     v = removal_study.variant_params(p, "paper")
     assert v.classifier.paste_scale == [0.3333, 1.3333] and v.search == p.search and v.attack == p.attack
     assert removal_study.variant_params(p, "paste-2/3") == p  # the profile's own
-
-
-def test_pooled_agreement_weighs_pairs_by_their_common_moves():
-    before = torch.tensor([0, 0, 0, 0])
-    # patches 0 and 1 both move images 0-2 and agree on 0 and 1; patch 2 moves image 3 only (no common move)
-    after = torch.tensor([[1, 1, 2, 0], [1, 1, 3, 0], [0, 0, 0, 4]])
-    assert np.isclose(generality.pooled_agreement(after, before), 4 / 6)  # pooled over the ordered pairs
-    assert np.isclose(destination_agreement(after, before), 2 * (2 / 3) / 6)  # the per-pair mean
-    assert np.isnan(generality.pooled_agreement(after[:1], before))
 
 
 def test_ensemble_rules_mean_and_unanimous():

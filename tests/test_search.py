@@ -16,6 +16,7 @@ from helpers.search import (
     iterative_search,
     paste_locations,
     pick_window,
+    pooled_agreement,
     prune_count,
     random_windows,
     relative_std,
@@ -174,6 +175,15 @@ def test_window_rules():
     w, stats = choose_window({4: np.zeros(5), 6: np.array([0, 0, 5.0]), 8: np.array([0, 0, 5.0])}, "contrast", k=1)
     assert w == 6 and np.isclose(stats[8], 5.0)  # a tie goes to the smaller side
     assert choose_window({4: np.zeros(3), 6: np.zeros(3)}, "rsd")[0] == 4  # all nan: the smallest side
+
+
+def test_pooled_agreement_weighs_pairs_by_their_common_moves():
+    before = torch.tensor([0, 0, 0, 0])
+    # patches 0 and 1 both move images 0-2 and agree on 0 and 1; patch 2 moves image 3 only (no common move)
+    after = torch.tensor([[1, 1, 2, 0], [1, 1, 3, 0], [0, 0, 0, 4]])
+    assert np.isclose(pooled_agreement(after, before), 4 / 6)  # pooled over the ordered pairs
+    assert np.isclose(destination_agreement(after, before), 2 * (2 / 3) / 6)  # the per-pair mean
+    assert np.isnan(pooled_agreement(after[:1], before))
 
 
 class PlantedTriggerNet(torch.nn.Module):
