@@ -139,7 +139,8 @@ def publish_notebook(executed: Path, pair: Path) -> None:
 
     nb = nbformat.read(executed, as_version=4)
     nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
-    for cell in nb.cells:
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:03d}"  # stable: jupytext gives every read new random ids
         for key in ("papermill", "execution"):
             cell.metadata.pop(key, None)
         if cell.cell_type == "code":

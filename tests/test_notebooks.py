@@ -123,6 +123,7 @@ def test_publish_notebook_keeps_outputs_and_drops_the_run(tmp_path):
     out = nbformat.read(tmp_path / "pair.ipynb", as_version=4)
     assert [c.source for c in out.cells] == ['params_path = "params/cifar10.yaml"', "1 + 1"]
     assert [o["data"]["text/plain"] for o in out.cells[1].outputs] == ["2"] and out.cells[1].execution_count is None
+    assert [c.id for c in out.cells] == ["cell-000", "cell-001"]  # the same ids on every run
 
 
 def test_setup_overrides_change_one_key_and_refuse_unknown_ones():
