@@ -65,6 +65,7 @@ def run(
     publish: bool = False,
 ) -> Path:
     started_unix, started = time.time(), time.perf_counter()
+    commit = git_commit()  # before the run writes anything (a published run rewrites notebooks/*.ipynb)
     params = effective_params(params_path, data_root)
     notebooks = [nb for nb in paths.notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not notebooks:
@@ -89,7 +90,7 @@ def run(
         wall = round(time.perf_counter() - started, 1)
         from . import cache
 
-        write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall)
+        write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall, commit)
     finally:
         if previous is None:
             os.environ.pop(paths.OUTPUT_ENV, None)
@@ -162,6 +163,7 @@ def write_record(
     tasks: dict[str, dict] | None = None,
     stages: list[dict] | None = None,
     wall_seconds: float | None = None,
+    commit: str | None = None,
 ) -> None:
     import torch
 
@@ -172,7 +174,7 @@ def write_record(
         "params_file": str(Path(params_path).resolve().relative_to(paths.REPO_ROOT))
         if Path(params_path).resolve().is_relative_to(paths.REPO_ROOT)
         else str(params_path),
-        "commit": git_commit(),
+        "commit": commit or git_commit(),
         "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": wall_seconds,
         "pipeline_task_seconds": {name: info["seconds"] for name, info in tasks.items()},
