@@ -125,7 +125,7 @@ def training_step_readable(model, optimiser, images, patches, p, w, g, scale, no
     optimiser.zero_grad()
     loss.backward()
     optimiser.step()
-    return float(loss)
+    return loss.item()
 
 
 # %% [markdown]
