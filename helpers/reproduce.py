@@ -144,6 +144,8 @@ def publish_notebook(executed: Path, pair: Path) -> None:
         cell.id = f"cell-{i:03d}"  # stable: jupytext gives every read new random ids
         for key in ("papermill", "execution"):
             cell.metadata.pop(key, None)
+        if not cell.metadata.get("tags", True):  # papermill's empty tag lists, which jupytext does not write
+            cell.metadata.pop("tags")
         if cell.cell_type == "code":
             cell.execution_count = None
             cell.outputs = [o for o in cell.get("outputs", []) if WIDGET_MIME not in o.get("data", {})]
