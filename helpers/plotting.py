@@ -19,15 +19,15 @@ def figure_path(profile: str, notebook: str, name: str, suffix: str, published: 
     return folder / f"{notebook}_{name}{suffix}"
 
 
-def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 150, published: bool = False) -> Path:
-    """Write ``<notebook>_<name>.png`` and ``.pdf`` (atomically) to the output folder (``figure_path``)."""
+def savefig(fig: plt.Figure, profile: str, notebook: str, name: str, dpi: int = 150, published: bool = False) -> None:
+    """Write ``<notebook>_<name>.png`` and ``.pdf`` (atomically) to the output folder (``figure_path``).
+    Returns nothing, so that a notebook cell ending with it shows the figure and no file path."""
     png = figure_path(profile, notebook, name, ".png", published)
     io.atomic_write(png, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
     io.atomic_write(  # no creation date: an unchanged figure stays byte-identical across runs
         png.with_suffix(".pdf"),
         lambda p: fig.savefig(p, bbox_inches="tight", format="pdf", metadata={"CreationDate": None}),
     )
-    return png
 
 
 def save_table(table: pd.DataFrame, profile: str, notebook: str, name: str, published: bool = False) -> Path:

@@ -128,10 +128,10 @@ for name in [m for m in MODELS if m not in ("Clean", "Backdoored", "Clean + i-Cu
         + ("at the clean level." if near else "**not** at the clean level.")
     )
 headline = "\n".join(lines)
-notebook.show_markdown(headline)
 io.write_text(plotting.figure_path(P.profile, NB, "headline", ".md"), headline + "\n")  # for the book's first page
 compact = table[table["labels"] == f"{top:.0%}"][["model", "clean acc (%)", "ASR (%)", "kNN ASR (%)"]]
 plotting.save_table(compact, P.profile, NB, "table2_headline")
+notebook.show_markdown(headline)
 
 # %% [markdown]
 # ## Where the patched images go
