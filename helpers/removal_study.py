@@ -83,7 +83,11 @@ def rows(params: params_mod.Params, variants: list[str], methods: list[str]) -> 
                 if not np.array_equal(ensemble_removed(z["logits"], "mean"), z["removed"]):
                     raise RuntimeError(f"{folder}: the stored removals are not the mean rule's")
                 poison = attack.poison_mask(len(labels)) if dataset == "poisoned" else np.zeros(len(labels), bool)
-                history = pd.read_csv(folder / "history.csv")
+                history = pd.read_csv(folder / "history.csv").groupby("model")
+                trained = {
+                    "iterations (mean)": history["iteration"].max().mean(),
+                    "last proxy F1 (mean)": history["proxy_f1"].last().mean(),
+                }
                 for ensemble in ENSEMBLES:
                     removed = ensemble_removed(z["logits"], ensemble)
                     clean_removed = removed & ~poison
@@ -95,8 +99,7 @@ def rows(params: params_mod.Params, variants: list[str], methods: list[str]) -> 
                         "removed": int(removed.sum()),
                         "recall (%)": 100 * (removed & poison).sum() / poison.sum() if poison.any() else float("nan"),
                         "clean removed (%)": 100 * clean_removed.sum() / (~poison).sum(),
-                        "iterations (mean)": history.groupby("model")["iteration"].max().mean(),
-                        "last proxy F1 (mean)": history.groupby("model")["proxy_f1"].last().mean(),
+                        **trained,
                     }
                     row |= {
                         f"clean removed: {c}": int((clean_removed & (labels == i)).sum()) for i, c in enumerate(classes)

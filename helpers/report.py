@@ -34,8 +34,8 @@ author = "the project's authors"
 extensions = ["myst_nb"]
 html_theme = "sphinx_book_theme"
 html_title = "PatchSearch & PoisonCAM"
-html_theme_options = {{"show_toc_level": 2, "use_download_button": True}}
-html_context = {{"default_mode": "light"}}  # without it the theme's first page load logs an error
+html_theme_options = {"show_toc_level": 2, "use_download_button": True}
+html_context = {"default_mode": "light"}  # without it the theme's first page load logs an error
 html_favicon = "_figures/favicon.png"
 nb_execution_mode = "off"  # the notebooks were executed by `make reproduce`: show their stored outputs
 myst_enable_extensions = ["dollarmath", "colon_fence"]
@@ -122,7 +122,7 @@ def build(profile: str = "cifar10", out: Path | None = None, strict: bool = True
     if source.exists():
         shutil.rmtree(source)
     source.mkdir(parents=True)
-    io.write_text(source / "conf.py", CONF.format())
+    io.write_text(source / "conf.py", CONF)
     io.write_text(source / "index.md", landing_page(profile, source))
     for nb in notebooks:
         shutil.copyfile(nb, source / nb.name)

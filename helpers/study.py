@@ -251,6 +251,18 @@ def evaluate_final(names: list[str], base: Path, variants: tuple[str, ...] = ("c
             evaluator(params.ssl.epochs, model, history)
 
 
+def goal_checks(asr: float, clean_asr: float, acc: float, clean_acc: float, rich_share: float) -> dict[str, bool]:
+    """The study's goal for one run, part by part (fractions, not %): the 10%-label probe's ASR at least 20%
+    and at least 5x the clean model's, clean accuracy within 3 points of the clean model's, and at least
+    half of the poisons in clusters at least half poisoned."""
+    return {
+        "ASR >= 20%": asr >= 0.2,
+        "ASR >= 5x the clean model's": asr >= 5 * clean_asr,
+        "accuracy within 3 points of the clean model's": clean_acc - acc <= 0.03,
+        ">= 50% of the poisons in rich clusters": rich_share >= 0.5,
+    }
+
+
 def publish(profile: str) -> pd.DataFrame:
     """Copy the study's rows to ``figures/<profile>/02_study_curves.csv`` and summarise each run's last
     evaluation against its clean model and the goals in ``02_study_runs.csv`` (+ Markdown)."""
@@ -284,13 +296,14 @@ def publish(profile: str) -> pd.DataFrame:
                 row[f"{m} ASR clean model"] = round(100 * clean[f"{m}_asr"], 1)
         row["poisons in rich clusters (%)"] = round(100 * poisoned["poison_share_in_rich_clusters"], 1)
         if clean is not None:
-            asr, asr_clean = poisoned["probe10_asr"], clean["probe10_asr"]
-            row["goal met (probe)"] = bool(
-                asr >= 0.2
-                and asr >= 5 * asr_clean
-                and clean["probe10_acc"] - poisoned["probe10_acc"] <= 0.03
-                and poisoned["poison_share_in_rich_clusters"] >= 0.5
+            checks = goal_checks(
+                poisoned["probe10_asr"],
+                clean["probe10_asr"],
+                poisoned["probe10_acc"],
+                clean["probe10_acc"],
+                poisoned["poison_share_in_rich_clusters"],
             )
+            row["goal met (probe)"] = all(checks.values())
         rows.append(row)
     runs = pd.DataFrame(rows)
     save_table(runs, profile, "02", "study_runs", published=True)

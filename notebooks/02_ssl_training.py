@@ -181,7 +181,7 @@ pd.DataFrame([concentration])
 # of the clean model's, and at least half of the poisons in clusters that are at least half poisoned.
 
 # %%
-from helpers import paths
+from helpers import paths, study
 
 study_csv = paths.published_dir(P.profile) / "02_study_curves.csv"
 if study_csv.is_file():
@@ -216,23 +216,15 @@ if study_csv.is_file():
     runs = pd.read_csv(paths.published_dir(P.profile) / "02_study_runs.csv")
     lines = []
     for _, r in runs.iterrows():  # why each run met or missed the study's goal (helpers.study.publish)
-        checks = {
-            f"ASR {r['probe10 ASR']:.1f}% >= 20%": r["probe10 ASR"] >= 20,
-            f">= 5x the clean model's {r['probe10 ASR clean model']:.1f}%": r["probe10 ASR"]
-            >= 5 * r["probe10 ASR clean model"],
-            f"accuracy within 3 points ({r['probe10 acc']:.1f}% vs {r['probe10 acc clean model']:.1f}%)": r[
-                "probe10 acc clean model"
-            ]
-            - r["probe10 acc"]
-            <= 3,
-            f"{r['poisons in rich clusters (%)']:.0f}% of poisons in rich clusters (>= 50%)": r[
-                "poisons in rich clusters (%)"
-            ]
-            >= 50,
-        }
+        checks = study.goal_checks(  # the table holds %, the goal fractions
+            *(r[c] / 100 for c in ("probe10 ASR", "probe10 ASR clean model", "probe10 acc", "probe10 acc clean model")),
+            r["poisons in rich clusters (%)"] / 100,
+        )
         missed = [c for c, ok in checks.items() if not ok]
         lines.append(
-            f"- `{r['run']}` (epoch {r['epochs']}): goal "
+            f"- `{r['run']}` (epoch {r['epochs']}; ASR {r['probe10 ASR']:.1f}% vs {r['probe10 ASR clean model']:.1f}%, "
+            f"accuracy {r['probe10 acc']:.1f}% vs {r['probe10 acc clean model']:.1f}%, "
+            f"{r['poisons in rich clusters (%)']:.0f}% of poisons in rich clusters): goal "
             + ("met." if not missed else "missed: " + "; ".join(missed) + ".")
         )
     notebook.show_markdown("\n".join(lines))

@@ -103,7 +103,7 @@ per_seed.groupby(["model", "labels"], sort=False)[["clean_acc", "patched_acc", "
 # %%
 top = max(P.eval.label_fractions)
 seeds = per_seed[np.isclose(per_seed["labels"], top)].groupby("model", sort=False)["asr"]
-asr = pd.DataFrame({"mean": seeds.mean(), "std": seeds.agg(lambda v: np.std(v))}) * 100  # as in Table 2
+asr = pd.DataFrame({"mean": seeds.mean(), "std": seeds.std(ddof=0)}) * 100  # the std of Table 2
 acc = per_seed[np.isclose(per_seed["labels"], top)].groupby("model", sort=False)["clean_acc"].mean() * 100
 base = asr.loc["Clean", "mean"]
 

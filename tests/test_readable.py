@@ -116,5 +116,6 @@ def test_pasting_of_notebook_06():
 @pytest.mark.parametrize("stem", ["03_clustering", "04_trigger_localization", "05_search", "06_poison_classifier"])
 def test_readable_cells_define_functions_only(stem):
     """A readable cell is the algorithm, not a computation: executing it alone defines functions and runs nothing."""
-    names = {k for k, v in readable(stem).items() if not k.startswith("__")} - {"np", "torch", "F", "math"}
-    assert names and all(callable(readable(stem)[k]) for k in names)
+    defined = {k: v for k, v in readable(stem).items() if not k.startswith("__")}
+    names = set(defined) - {"np", "torch", "F", "math"}
+    assert names and all(callable(defined[k]) for k in names)

@@ -59,3 +59,10 @@ def test_ensemble_rules_mean_and_unanimous():
     assert removal_study.ensemble_removed(logits, "unanimous").tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="majority"):
         removal_study.ensemble_removed(logits, "majority")
+
+
+def test_study_goal_checks_name_each_part():
+    met = study.goal_checks(0.30, 0.05, 0.40, 0.42, 0.8)
+    assert all(met.values())
+    missed = study.goal_checks(0.37, 0.091, 0.391, 0.375, 0.877)  # the study's AdamW run: 4.1x, not 5x
+    assert [k for k, ok in missed.items() if not ok] == ["ASR >= 5x the clean model's"]
