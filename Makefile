@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/cifar10.yaml
 DATA_ROOT ?=
+RETRAIN ?=
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements/constraints.txt requirements/base.txt requirements/cpu.txt pyproject.toml
 
@@ -23,9 +24,11 @@ venv: $(STAMP)
 DEFAULT_PARAMS := params/cifar10.yaml
 ## Run every notebook on a profile. The default profile publishes: figures/cifar10/ and the executed
 ## notebooks/*.ipynb. Any other PARAMS writes its figures under runs/<profile>/<time>/ only.
+## It starts from the checkpoints shipped in figures/<profile>/checkpoints/ (verified; helpers/checkpoints.py);
+## RETRAIN=1 uses none and computes every stage again from nothing (about 4 hours on 2 CPU cores).
 reproduce: $(STAMP)
 	$(PY) -m helpers.reproduce --params $(PARAMS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish)
+		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish) $(if $(RETRAIN),--retrain)
 
 ## The HTML book from the executed notebooks: build/report/html/index.html (helpers/report.py).
 report: $(STAMP)
@@ -49,7 +52,8 @@ unit: $(STAMP)
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
-## Download CIFAR-10 (needs a network) and write the JPEG ImageFolder layout to data/cifar10.
+## Download CIFAR-10 (needs a network) as JPEG files in the ImageFolder layout to data/cifar10: the same files as
+## the shared copy (helpers/fetch_data.py); `make reproduce` does this itself when it finds no CIFAR-10.
 data: $(STAMP)
 	$(PY) -m helpers.fetch_data --out data/cifar10
 

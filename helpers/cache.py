@@ -3,6 +3,13 @@
 A stage's outputs are computed into a temporary folder and renamed into place only when complete,
 with the params the stage read written beside them (``params.yaml``, the completion marker).
 A killed computation leaves no half-written result; the next run simply recomputes it.
+
+Two environment variables, set by ``helpers.reproduce`` and inherited by its pipeline and notebook kernels:
+
+- ``PATCHSEARCH_STAGE_LOG``: a file to which every stage lookup appends ``{"stage", "key", "hit"}`` (one JSON
+  line): the run's record lists the stages it used, and ``helpers.checkpoints`` ships them.
+- ``PATCHSEARCH_RECOMPUTE_BEFORE``: a Unix time; a result finished before it counts as a miss and is computed
+  again, then put in place of the old one (``make reproduce RETRAIN=1``: every stage from nothing).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from . import paths
+from . import io, paths
 from .params import Params, key_of, stage_hash, stage_key_material, stage_params
 
 log = logging.getLogger(__name__)
 
 MARKER = "params.yaml"
+STAGE_LOG_ENV = "PATCHSEARCH_STAGE_LOG"
+RECOMPUTE_ENV = "PATCHSEARCH_RECOMPUTE_BEFORE"
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,9 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
     material = stage_key_material(params, stage)  # built once: it hashes the data folder's manifest
     key = key_of(material)
     final = paths.artifacts_dir() / stage / key
-    if (final / MARKER).is_file():
+    if (final / MARKER).is_file() and not _stale(final):
         log.info("cache hit  %s/%s", stage, key)
+        _log_use(stage, key, hit=True)
         return StageResult(stage, key, final, hit=True)
     log.info("cache miss %s/%s: computing", stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -67,17 +77,50 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
         }
         (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MARKER).write_text(yaml.safe_dump(stage_params(params, stage), sort_keys=True))
-        if final.exists():  # an incomplete folder from an older crash, or a concurrent run that won
-            if (final / MARKER).is_file():
+        if final.exists():  # an incomplete folder from an older crash, a concurrent run that won, or a recompute
+            if (final / MARKER).is_file() and not _stale(final):
                 shutil.rmtree(tmp)
+                _log_use(stage, key, hit=True)
                 return StageResult(stage, key, final, hit=True)
-            log.warning("replacing the unfinished %s/%s left by an interrupted run", stage, key)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            if (final / MARKER).is_file():
+                log.info("replacing %s/%s with the result computed again", stage, key)
+            else:
+                log.warning("replacing the unfinished %s/%s left by an interrupted run", stage, key)
+        io.replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _log_use(stage, key, hit=False)
     return StageResult(stage, key, final, hit=False)
+
+
+def _stale(folder: Path) -> bool:
+    """A result finished before ``$PATCHSEARCH_RECOMPUTE_BEFORE`` (a run that retrains everything)."""
+    before = os.environ.get(RECOMPUTE_ENV)
+    if not before:
+        return False
+    try:
+        finished = json.loads((folder / "stage.json").read_text()).get("finished_unix", 0)
+    except (OSError, json.JSONDecodeError):
+        return True
+    return finished < float(before)
+
+
+def _log_use(stage: str, key: str, hit: bool) -> None:
+    path = os.environ.get(STAGE_LOG_ENV)
+    if path:
+        with open(path, "a") as f:  # one short line per write: appends from several processes do not interleave
+            f.write(json.dumps({"stage": stage, "key": key, "hit": hit}) + "\n")
+
+
+def stages_used(log_path: Path) -> list[str]:
+    """``stage/key`` of every stage a run looked up (``$PATCHSEARCH_STAGE_LOG``), in first-use order."""
+    seen: dict[str, None] = {}
+    if Path(log_path).is_file():
+        for line in Path(log_path).read_text().splitlines():
+            entry = json.loads(line)
+            seen.setdefault(f"{entry['stage']}/{entry['key']}", None)
+    return list(seen)
 
 
 def computed_since(since_unix: float) -> list[dict]:

@@ -43,6 +43,7 @@ NOT_RESULT_CODE = frozenset(
         "removal_study",
         "precision_study",
         "fetch_data",
+        "checkpoints",
     }
 )
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Put the finished folder ``tmp`` at ``final``; an older ``final`` is moved aside first, then removed, so
+    that ``final`` is always either the old folder or the new one, never a mixture."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    return final
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -30,8 +30,8 @@ DEFAULT_DATA_ROOTS = {
 }
 
 HOW_TO_GET_DATA = {
-    "cifar10": "run `make data` (downloads CIFAR-10 through torchvision and writes the JPEG ImageFolder "
-    "layout to data/cifar10), or point data.root / $PATCHSEARCH_DATA_ROOT at an existing copy",
+    "cifar10": "run `make data` (downloads CIFAR-10 as JPEG files in the ImageFolder layout to data/cifar10; "
+    "`make reproduce` does it itself), or point data.root / $PATCHSEARCH_DATA_ROOT at an existing copy",
     "imagenet100": "build ImageNet-100 from ImageNet with UMBCvision/SSL-Backdoor's "
     "scripts/create_imagenet_subset.py (train/ and val/ class folders), then set data.root or "
     "$PATCHSEARCH_DATA_ROOT to it",

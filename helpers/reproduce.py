@@ -14,6 +14,12 @@ params, the commit, the minutes of every pipeline task, stage and notebook, and 
 tables and record to the reference folder ``figures/<profile>/`` instead, and the executed notebooks, with
 their outputs, over the ``.ipynb`` pairs in ``notebooks/`` (``publish_notebook``), so that a reader on
 GitHub sees every figure without running anything. Any other run leaves both untouched.
+
+Before anything runs, the profile's shipped checkpoints (``figures/<profile>/checkpoints/``, see
+``helpers.checkpoints``) that match the params, code and data are verified and copied into the cache, so
+that a fresh clone trains nothing. ``--retrain`` (``make reproduce RETRAIN=1``) installs none and computes
+every stage again from nothing. If no data root exists and the dataset is CIFAR-10, it is downloaded first
+(``helpers.fetch_data``: the same files as the shared copy, checked by their manifest).
 """
 
 from __future__ import annotations
@@ -49,11 +55,28 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def effective_params(params_path: Path, data_root: str | None) -> params_mod.Params:
+def effective_params(params_path: Path, data_root: str | None, fetch: bool = True) -> params_mod.Params:
+    """The params with the data root resolved. Where no root is named and none is found, CIFAR-10 is
+    downloaded to ``data/cifar10`` (``fetch``); otherwise a missing root fails early, saying how to get it."""
+    from .data import DataError
+
     p = params_mod.load(params_path)
     if data_root:
         p = dataclasses.replace(p, data=dataclasses.replace(p.data, root=data_root))
-    return params_mod.with_resolved_root(p)  # fails early, with how to get the data, if it is missing
+    try:
+        return params_mod.with_resolved_root(p)
+    except DataError as missing:
+        if not (fetch and p.data.dataset == "cifar10" and not p.data.root and not os.environ.get(paths.DATA_ROOT_ENV)):
+            raise
+        from . import fetch_data
+
+        target = paths.DEFAULT_DATA_ROOTS["cifar10"][-1]
+        log.info("no CIFAR-10 found (%s): downloading it to %s", missing, target)
+        try:
+            fetch_data.fetch(target)
+        except fetch_data.FetchError as e:
+            raise DataError(f"{missing}; downloading it failed: {e}") from e
+        return params_mod.with_resolved_root(p)
 
 
 def run(
@@ -63,6 +86,7 @@ def run(
     progress: bool = True,
     pipeline: bool = True,
     publish: bool = False,
+    retrain: bool = False,
 ) -> Path:
     started_unix, started = time.time(), time.perf_counter()
     commit = git_commit()  # before the run writes anything (a published run rewrites notebooks/*.ipynb)
@@ -80,22 +104,50 @@ def run(
     run_dir = paths.runs_dir() / params.profile / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
     output = paths.published_dir(params.profile) if publish else run_dir / "figures"
-    previous = os.environ.get(paths.OUTPUT_ENV)
-    os.environ[paths.OUTPUT_ENV] = str(output)  # where the notebooks write: the kernels inherit it
+    from . import cache, checkpoints
+
+    # What the pipeline's processes and the notebooks' kernels inherit: where to write, the stage log, and
+    # for a retrain the time before which every cached result counts as a miss.
+    env = {paths.OUTPUT_ENV: str(output), cache.STAGE_LOG_ENV: None, cache.RECOMPUTE_ENV: None}
+    if retrain:
+        env[cache.RECOMPUTE_ENV] = str(started_unix)
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update({k: v for k, v in env.items() if v is not None})
+    for name in (k for k, v in env.items() if v is None):
+        os.environ.pop(name, None)
     try:
+        if retrain:
+            log.info("--retrain: no shipped checkpoint is used; every stage is computed again")
+            shipped = {"retrain": True}
+        else:
+            report = checkpoints.install(params)
+            log.info(report.summary())
+            shipped = {"installed": len(report.installed), "present": len(report.present), "refused": report.refused}
+            shipped = shipped if checkpoints.read_manifest(params.profile) else {}
         timings, tasks = _execute(params, run_dir, notebooks, pipeline and not only, progress)
         if publish:
             for source in notebooks:
                 publish_notebook(run_dir / f"{source.stem}.ipynb", source.with_suffix(".ipynb"))
         wall = round(time.perf_counter() - started, 1)
-        from . import cache
-
-        write_record(params, params_path, run_dir, timings, tasks, cache.computed_since(started_unix), wall, commit)
+        used = {f.stem: cache.stages_used(f) for f in sorted((run_dir / "stages").glob("*.jsonl"))}
+        write_record(
+            params,
+            params_path,
+            run_dir,
+            timings,
+            tasks,
+            cache.computed_since(started_unix),
+            wall,
+            commit,
+            used,
+            shipped,
+        )
     finally:
-        if previous is None:
-            os.environ.pop(paths.OUTPUT_ENV, None)
-        else:
-            os.environ[paths.OUTPUT_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return run_dir
 
 
@@ -107,15 +159,19 @@ def _execute(
     import papermill
 
     from . import pipeline as pipeline_mod
+    from .cache import STAGE_LOG_ENV
 
     effective = io.write_text(run_dir / "params.yaml", params_mod.dump(params))
+    (run_dir / "stages").mkdir(exist_ok=True)  # which stages each part of the run looked up
     tasks = {}
     if pipeline:
         log.info("computing the stages side by side (logs: %s)", run_dir / "pipeline")
+        os.environ[STAGE_LOG_ENV] = str(run_dir / "stages" / "pipeline.jsonl")
         tasks = pipeline_mod.run_all(effective, run_dir / "pipeline", progress=progress)
     timings = {}
     for source in notebooks:
         log.info("running %s (profile %s)", source.name, params.profile)
+        os.environ[STAGE_LOG_ENV] = str(run_dir / "stages" / f"{source.stem}.jsonl")
         start = time.perf_counter()
         papermill.execute_notebook(
             jupytext.read(source),
@@ -166,10 +222,12 @@ def write_record(
     stages: list[dict] | None = None,
     wall_seconds: float | None = None,
     commit: str | None = None,
+    used: dict[str, list[str]] | None = None,
+    shipped: dict | None = None,
 ) -> None:
     import torch
 
-    tasks, stages = tasks or {}, stages or []
+    tasks, stages, used = tasks or {}, stages or [], used or {}
     figures = paths.figures_dir(params.profile)  # the run's output folder (helpers.reproduce sets it)
     record = {
         "profile": params.profile,
@@ -182,6 +240,9 @@ def write_record(
         "pipeline_task_seconds": {name: info["seconds"] for name, info in tasks.items()},
         "stage_seconds": [{"stage": d["stage"], "key": d["key"], "seconds": d["seconds"]} for d in stages],
         "notebook_seconds": timings,
+        "stages_used": sorted({name for names in used.values() for name in names}),
+        "notebook_stages": {name: names for name, names in used.items() if name != "pipeline"},
+        "shipped_checkpoints": shipped or {},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -205,6 +266,7 @@ def write_record(
         f"- precision: {params.compute.precision} (SSL pre-training: {params.compute.ssl_precision}); "
         "whole run (stages and notebooks): "
         + (f"{wall_seconds / 60:.1f} min" if wall_seconds is not None else "not measured"),
+        f"- shipped checkpoints: {_shipped_line(shipped or {})}",
         "",
     ]
     if tasks:
@@ -238,6 +300,15 @@ def write_record(
     io.write_text(figures / "RECORD.md", "\n".join(lines))
 
 
+def _shipped_line(shipped: dict) -> str:
+    if shipped.get("retrain"):
+        return "none used (--retrain: every stage computed again)"
+    if not shipped:
+        return "none for this profile"
+    text = f"{shipped['installed']} stages installed into the cache, {shipped['present']} already there"
+    return text + (f", refused: {', '.join(shipped['refused'])}" if shipped["refused"] else ", none refused")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"), help="params file (profile)")
@@ -252,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         "--no-pipeline", action="store_true", help="let the notebooks compute every stage, one after another"
     )
     parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="use no shipped checkpoint and compute every stage again from nothing (make reproduce RETRAIN=1)",
+    )
+    parser.add_argument(
         "--publish",
         action="store_true",
         help="write figures/<profile>/ and the executed notebooks/*.ipynb (make reproduce: the default profile only)",
@@ -259,7 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        run_dir = run(Path(args.params), args.data_root, args.only, not args.quiet, not args.no_pipeline, args.publish)
+        run_dir = run(
+            Path(args.params),
+            args.data_root,
+            args.only,
+            not args.quiet,
+            not args.no_pipeline,
+            args.publish,
+            args.retrain,
+        )
     except (params_mod.ParamsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     params = params_mod.load(args.params)

@@ -51,6 +51,7 @@ from helpers import attack, data, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "01_attack"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 rng = np.random.default_rng(0)  # only picks which examples to show
 
 # %% [markdown]

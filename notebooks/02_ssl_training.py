@@ -41,6 +41,7 @@ from helpers import attack, augment, cluster, data, evaluate, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "02_ssl_training"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 poisoned_pixels = attack.poisoned_train_pixels(D, A, P.data.image_size)

@@ -46,6 +46,7 @@ from helpers import attack, cluster, data, defense, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "03_clustering"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 poison = A.poison_mask(len(D.train.images))

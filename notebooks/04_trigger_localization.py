@@ -53,6 +53,7 @@ from helpers import attack, cam, data, defense, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "04_trigger_localization"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 ctx = defense.defense_context(P, "poisoned")

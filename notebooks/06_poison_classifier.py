@@ -52,6 +52,7 @@ from helpers import attack, cam, data, defense, notebook, plotting, poison_class
 
 P = notebook.setup(params_path)
 NB = "06_poison_classifier"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 poison = A.poison_mask(len(D.train.images))

@@ -48,6 +48,7 @@ from helpers import attack, data, defense, evaluate, io, notebook, plotting, rem
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
+notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 

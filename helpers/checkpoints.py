@@ -1,0 +1,387 @@
+"""Shipped checkpoints: the default profile's expensive stage results, committed in the repository, so that
+``make reproduce`` on a fresh clone regenerates every figure and table in minutes instead of hours.
+
+    figures/<profile>/checkpoints/
+        MANIFEST.json       every shipped stage: its key, the params it read, the key material (params with
+                            the data replaced by a manifest of its files, and the code's fingerprint), the
+                            commit of the run that used it, its compute time, and the sha256 of every file
+        <stage>/<key>/...   the stage's files, as the cache holds them, with three differences:
+                            - the backbones of the models that only the shipped evaluations read (i-CutMix,
+                              retrained on a filtered list) are stored in fp16 (half the bytes; they load
+                              into fp32); the clean and the backdoored model, which notebooks 02-05 run
+                              live (the clustering recomputed from them must match the shipped searches),
+                              stay exact;
+                            - ``features.npz`` of an evaluation is left out (29 MB each; nothing reads it);
+                            - absolute paths in text files (file lists, scores, params) are written as
+                              ``@DATA_ROOT@`` and ``@ARTIFACTS@`` and restored for this machine on install.
+
+Only what the notebooks need to skip training is shipped: the SSL models, the searches, the poison
+classifiers and the evaluations (``SHIPPED_STAGES``). The data, the attack and the clustering are
+recomputed on the spot in seconds.
+
+**Install** (``install``, which ``make reproduce`` and every notebook's ``setup`` call): for each shipped
+stage, the key is recomputed from *your* params, code and data. If it equals the shipped key, every file's
+sha256 is checked against the manifest (a mismatch is refused with ``CheckpointError``, naming the file)
+and the stage is copied into the cache, atomically. If it differs, the shipped result is not the one your
+run asks for: it is refused, the reason is reported (which params, which code or which data differ) and
+the stage is computed as usual. Stages already in your cache are left alone.
+
+**Retrain everything**: ``make reproduce RETRAIN=1`` (``helpers.reproduce --retrain``) installs nothing
+and recomputes every stage of the run, cached or not (``cache.RECOMPUTE_ENV``).
+
+**Ship** (maintainers, after a published ``make reproduce`` whose record lists the stages it used):
+
+    python -m helpers.checkpoints ship      # figures/cifar10/record.json -> figures/cifar10/checkpoints/
+    python -m helpers.checkpoints verify    # hashes and keys against this checkout, as install does
+
+``tests/test_checkpoints.py`` checks that the shipped keys are the ones the committed code computes, so
+that a change which alters a stage's results cannot land without shipping its new results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import io, paths
+from .io import CheckpointError
+from .params import Params, from_dict, key_of, stage_key_material
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+SHIPPED_STAGES = ("ssl_", "search_", "classifier_", "eval_")  # stage name prefixes
+LEFT_OUT = frozenset({"features.npz"})  # evaluation features: 29 MB each, read by nothing
+HALF_PRECISION = frozenset({"backbone.safetensors"})  # except for the EXACT_MODELS
+EXACT_MODELS = ("ssl_clean", "ssl_poisoned")  # with the profile's own params (no variant): run live by 02-05
+TEXT_SUFFIXES = frozenset({".txt", ".csv", ".yaml", ".json"})
+DATA_TOKEN, ARTIFACTS_TOKEN = "@DATA_ROOT@", "@ARTIFACTS@"
+
+
+def shipped_dir(profile: str) -> Path:
+    return paths.published_dir(profile) / "checkpoints"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _variant(stage_params: dict, profile_params: Params) -> dict[str, dict]:
+    """The keys in which a shipped stage's params differ from its profile's (``ssl.icutmix: true`` for the
+    i-CutMix models, ``search.method: poisoncam``...), as ``notebook.setup`` overrides; the data root is
+    the data's place on the shipping machine, not a parameter."""
+    profile = profile_params.to_dict()
+    out: dict[str, dict] = {}
+    for section, values in stage_params.items():
+        for key, value in values.items():
+            if (section, key) != ("data", "root") and profile.get(section, {}).get(key) != value:
+                out.setdefault(section, {})[key] = value
+    return out
+
+
+def _with_variant(params: Params, variant: dict[str, dict]) -> Params:
+    raw = params.to_dict()
+    for section, values in variant.items():
+        raw[section] = {**raw[section], **values}
+    return from_dict(raw, f"{params.profile} + shipped variant {variant}")
+
+
+def _differences(shipped: dict, yours: dict) -> list[str]:
+    """Why two key materials differ, in words: each param that differs, the code, or the data."""
+    a, b = _flatten(shipped), _flatten(yours)
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) == b.get(name):
+            continue
+        if name == "params.data.root":
+            theirs, ours = (str(x.get(name)).removeprefix("manifest:") for x in (a, b))
+            out.append(f"the data files differ from those they were made from (manifest {theirs} shipped, {ours} here)")
+        elif name == "code":
+            out.append("the code of the helpers modules this stage runs has changed since they were made")
+        else:
+            out.append(
+                f"{name.removeprefix('params.')}: {a.get(name, '(absent)')!r} shipped, {b.get(name, '(absent)')!r} here"
+            )
+    return out
+
+
+@dataclass
+class Report:
+    """What ``install`` did with each shipped stage."""
+
+    installed: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)  # already in the cache
+    refused: dict[str, list[str]] = field(default_factory=dict)  # stage/key -> reasons
+    refused_seconds: float = 0.0  # what computing the refused stages took when they were made
+
+    def summary(self) -> str:
+        n = len(self.installed) + len(self.present) + len(self.refused)
+        text = (
+            f"shipped checkpoints: {len(self.installed)} of {n} stages installed into the cache, "
+            f"{len(self.present)} already there, {len(self.refused)} refused"
+        )
+        by_reason: dict[tuple[str, ...], list[str]] = {}
+        for name, reasons in self.refused.items():
+            by_reason.setdefault(tuple(reasons), []).append(name)
+        for reasons, names in by_reason.items():
+            text += f"\n  refused {', '.join(names)}: " + "; ".join(reasons)
+        if self.refused:
+            text += (
+                f"\n  the refused stages will be computed: about {self.refused_seconds / 60:.0f} min of compute "
+                "(one core each) when they were made"
+            )
+        return text
+
+
+def read_manifest(profile: str) -> dict | None:
+    path = shipped_dir(profile) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
+
+
+def install(params: Params, profile: str | None = None) -> Report:
+    """Copy every shipped stage that your params, code and data ask for into the cache (see the module's
+    docstring). Raises ``CheckpointError`` naming the file if a shipped file's sha256 is not the manifest's."""
+    report = Report()
+    manifest = read_manifest(profile or params.profile)
+    if manifest is None:
+        return report
+    base = shipped_dir(profile or params.profile)
+    for entry in manifest["stages"]:
+        name = f"{entry['stage']}/{entry['key']}"
+        material = stage_key_material(_with_variant(params, entry["variant"]), entry["stage"])
+        key = key_of(material)
+        if key != entry["key"]:
+            report.refused[name] = _differences(entry["key_material"], material) or ["the key differs"]
+            report.refused_seconds += entry["seconds"]
+            continue
+        final = paths.artifacts_dir() / entry["stage"] / key
+        if (final / "params.yaml").is_file():
+            report.present.append(name)
+            continue
+        _install_stage(base / entry["stage"] / key, final, entry, params)
+        report.installed.append(name)
+    return report
+
+
+def verify_files(source: Path, entry: dict) -> None:
+    """Every file the manifest lists, present and with its sha256; nothing else."""
+    name = f"{entry['stage']}/{entry['key']}"
+    for rel, expected in entry["files"].items():
+        path = source / rel
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: missing from the shipped checkpoint {name}; restore it with "
+                f"`git checkout -- {path}`, or retrain with `make reproduce RETRAIN=1`"
+            )
+        got = sha256(path)
+        if got != expected:
+            raise CheckpointError(
+                f"{path}: sha256 {got[:16]}... is not the manifest's {expected[:16]}...: refused to load the shipped "
+                f"checkpoint {name} (the file was changed or damaged). Restore it with `git checkout -- {path}`, "
+                "or retrain with `make reproduce RETRAIN=1`"
+            )
+    extra = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
+    unlisted = [rel for rel in extra if rel not in entry["files"]]
+    if unlisted:
+        raise CheckpointError(f"{source}: files not in the manifest: {', '.join(unlisted[:5])}; refused")
+
+
+def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> None:
+    verify_files(source, entry)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel in entry["files"]:
+            src, dst = source / rel, tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.suffix in TEXT_SUFFIXES:
+                text = src.read_text()
+                text = text.replace(DATA_TOKEN, str(params.data.root)).replace(
+                    ARTIFACTS_TOKEN, str(paths.artifacts_dir())
+                )
+                dst.write_text(text)
+            else:
+                shutil.copyfile(src, dst)
+        info = json.loads((tmp / "stage.json").read_text())
+        info["shipped"] = {
+            "commit": entry["commit"],
+            "installed_unix": round(time.time(), 1),
+            "left_out": entry["left_out"],
+            "half_precision": entry["half_precision"],
+        }
+        (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
+        if (final / "params.yaml").is_file():  # a concurrent install won
+            shutil.rmtree(tmp)
+            return
+        io.replace_dir(tmp, final)  # over an unfinished folder, if any
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _to_half(src: Path, dst: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in io.load_weights(src).items()}
+    metadata["shipped_as"] = "float16 (loads into the float32 model)"
+    io.save_weights(dst, tensors, metadata)
+
+
+def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> dict:
+    """Write the shipped checkpoints of the stages a published run used (``record.json``'s ``stages_used``)."""
+    record = json.loads(Path(record_path).read_text())
+    if "stages_used" not in record:
+        raise CheckpointError(f"{record_path}: no 'stages_used' (run `make reproduce` first: the record lists them)")
+    if record["commit"].endswith("-dirty"):
+        raise CheckpointError(
+            f"{record_path}: made at a dirty work tree ({record['commit']}): commit, rerun, then ship"
+        )
+    profile_params = from_dict(record["params"], f"{record_path} params")
+    profile = profile_params.profile
+    out_dir = out_dir or shipped_dir(profile)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    data_root, artifacts = str(profile_params.data.root), str(paths.artifacts_dir())
+    entries = []
+    try:
+        for used in record["stages_used"]:
+            stage, key = used.split("/")
+            if not stage.startswith(SHIPPED_STAGES):
+                continue
+            source = paths.artifacts_dir() / stage / key
+            if not (source / "params.yaml").is_file():
+                raise CheckpointError(f"{source}: not a complete stage result in the cache")
+            info = json.loads((source / "stage.json").read_text())
+            stage_params = yaml.safe_load((source / "params.yaml").read_text())
+            variant = _variant(stage_params, profile_params)
+            exact = stage in EXACT_MODELS and not variant
+            files, left_out, halved = {}, [], []
+            for src in sorted(p for p in source.rglob("*") if p.is_file()):
+                rel = str(src.relative_to(source))
+                dst = tmp / stage / key / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if rel in LEFT_OUT:
+                    left_out.append(rel)
+                    continue
+                if half and not exact and rel in HALF_PRECISION:
+                    _to_half(src, dst)
+                    halved.append(rel)
+                elif src.suffix in TEXT_SUFFIXES:
+                    dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
+                else:
+                    shutil.copyfile(src, dst)
+                files[rel] = sha256(dst)
+            entries.append(
+                {
+                    "stage": stage,
+                    "key": key,
+                    "variant": variant,
+                    "params": stage_params,
+                    "key_material": info["key_material"],
+                    "commit": record["commit"],
+                    "seconds": info["seconds"],
+                    "left_out": left_out,
+                    "half_precision": halved,
+                    "files": files,
+                }
+            )
+        manifest = {
+            "profile": profile,
+            "made_by": "python -m helpers.checkpoints ship",
+            "record_commit": record["commit"],
+            "record_finished_utc": record["finished_utc"],
+            "stages": entries,
+        }
+        io.write_json(tmp / MANIFEST, manifest)
+        io.replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def verify(params: Params) -> list[str]:
+    """Check every shipped file's sha256 and every shipped key against this checkout: lines to print."""
+    manifest = read_manifest(params.profile)
+    if manifest is None:
+        return [f"no shipped checkpoints for profile {params.profile} ({shipped_dir(params.profile)})"]
+    lines = []
+    for entry in manifest["stages"]:
+        name = f"{entry['stage']}/{entry['key']}"
+        verify_files(shipped_dir(params.profile) / entry["stage"] / entry["key"], entry)
+        material = stage_key_material(_with_variant(params, entry["variant"]), entry["stage"])
+        reasons = _differences(entry["key_material"], material)
+        history = {True: "in this history", False: "NOT in this history", None: "history unknown"}
+        lines.append(
+            f"{name}: files ok; "
+            + ("key ok" if key_of(material) == entry["key"] else "REFUSED: " + "; ".join(reasons))
+            + f"; made at {entry['commit'][:10]} ({history[git_is_ancestor(entry['commit'])]})"
+        )
+    return lines
+
+
+def git_is_ancestor(commit: str) -> bool | None:
+    """Whether ``commit`` is in this checkout's history (None where git cannot tell)."""
+    result = subprocess.run(
+        ["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=paths.REPO_ROOT, capture_output=True, text=True
+    )
+    return {0: True, 1: False}.get(result.returncode)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["ship", "verify", "install"])
+    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument(
+        "--record", default=None, help="ship: the published record (default figures/<profile>/record.json)"
+    )
+    parser.add_argument("--fp32", action="store_true", help="ship: keep backbones in fp32")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from .params import load, with_resolved_root
+
+    params = with_resolved_root(load(args.params))
+    if args.action == "ship":
+        record = Path(args.record) if args.record else paths.published_dir(params.profile) / "record.json"
+        manifest = ship(record, half=not args.fp32)
+        size = sum(p.stat().st_size for p in shipped_dir(params.profile).rglob("*") if p.is_file())
+        print(f"shipped {len(manifest['stages'])} stages, {size / 2**20:.1f} MiB, in {shipped_dir(params.profile)}")
+    elif args.action == "verify":
+        print("\n".join(verify(params)))
+    else:
+        print(install(params).summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Shipped checkpoints: ship, verify, install, refuse; the retrain switch; the shipped set against this code."""
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import cache, checkpoints, io, paths
+from helpers.io import CheckpointError
+from helpers.params import load, with_resolved_root
+
+SHARED_CIFAR10 = paths.DEFAULT_DATA_ROOTS["cifar10"][0]
+
+
+def make_stage(params, stage="ssl_poisoned"):
+    """A cached stage like a trained model's: weights, a file list naming data and artifacts, left-out features."""
+    weights = {"conv.weight": torch.randn(8, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
+
+    def compute(out, final):
+        io.save_weights(out / "backbone.safetensors", weights, {"precision": "bf16"})
+        image = Path(params.data.root) / "train" / "dog" / "000.png"
+        poisoned = final.parent.parent / "attack" / "k" / "dog" / "001.png"
+        (out / "filtered.txt").write_text(f"{image} 1\n{poisoned} 1\n")
+        np.savez(out / "features.npz", x=np.zeros(3))
+
+    return cache.cached_stage(stage, params, compute), weights
+
+
+def write_record(params, used, commit="0123456789abcdef"):
+    record = {"commit": commit, "finished_utc": "now", "params": params.to_dict(), "stages_used": used}
+    return io.write_json(paths.runs_dir() / "record.json", record)
+
+
+@pytest.fixture
+def shipped(tiny_params):
+    """A model retrained on a filtered list (shipped in fp16) and the backdoored model (run live: exact)."""
+    result, weights = make_stage(tiny_params, "ssl_filtered")
+    exact, _ = make_stage(tiny_params, "ssl_poisoned")
+    used = [f"data/{'0' * 16}", f"ssl_filtered/{result.key}", f"ssl_poisoned/{exact.key}"]
+    manifest = checkpoints.ship(write_record(tiny_params, used))
+    shutil.rmtree(paths.artifacts_dir())  # a fresh clone: nothing cached
+    return manifest, result, weights
+
+
+def test_ship_then_install_restores_the_stage_in_half_precision(tiny_params, shipped):
+    manifest, result, weights = shipped
+    entry, exact = manifest["stages"]  # only the expensive kinds are shipped: not data/
+    assert (entry["stage"], entry["key"], entry["commit"]) == ("ssl_filtered", result.key, "0123456789abcdef")
+    assert entry["left_out"] == ["features.npz"] and entry["half_precision"] == ["backbone.safetensors"]
+    assert exact["stage"] == "ssl_poisoned" and exact["half_precision"] == []
+    source = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key
+    assert "@DATA_ROOT@/train/dog/000.png 1" in (source / "filtered.txt").read_text()  # no machine's paths
+    assert io.load_weights(source / "backbone.safetensors")["conv.weight"].dtype == torch.float16
+
+    report = checkpoints.install(tiny_params)
+    assert report.installed == [f"ssl_filtered/{result.key}", f"ssl_poisoned/{exact['key']}"] and not report.refused
+    installed = paths.artifacts_dir() / "ssl_filtered" / result.key
+    lines = (installed / "filtered.txt").read_text().splitlines()
+    assert lines[0] == f"{tiny_params.data.root}/train/dog/000.png 1"
+    assert lines[1].startswith(f"{paths.artifacts_dir()}/attack/k/")
+    loaded = io.load_weights(installed / "backbone.safetensors")
+    assert torch.allclose(loaded["conv.weight"].float(), weights["conv.weight"], atol=2e-3)
+    assert loaded["bn.num_batches_tracked"].item() == 7
+    assert not (installed / "features.npz").exists()
+    assert json.loads((installed / "stage.json").read_text())["shipped"]["commit"] == "0123456789abcdef"
+    # the cache now hits it, and a second install leaves it alone
+    assert cache.cached_stage("ssl_filtered", tiny_params, lambda out, final: pytest.fail("recomputed")).hit
+    assert len(checkpoints.install(tiny_params).present) == 2
+
+
+def test_a_changed_file_is_refused_naming_it_and_nothing_is_installed(tiny_params, shipped):
+    _, result, _ = shipped
+    path = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key / "backbone.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"backbone\.safetensors: sha256 .* is not the manifest's"):
+        checkpoints.install(tiny_params)
+    stage_root = paths.artifacts_dir() / "ssl_filtered"
+    assert not stage_root.exists() or list(stage_root.iterdir()) == []
+
+
+def test_a_missing_or_unlisted_file_is_refused(tiny_params, shipped):
+    _, result, _ = shipped
+    source = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key
+    (source / "extra.npy").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="extra.npy"):
+        checkpoints.install(tiny_params)
+    (source / "extra.npy").unlink()
+    (source / "history.json").unlink(missing_ok=True)
+    (source / "filtered.txt").unlink()
+    with pytest.raises(CheckpointError, match="filtered.txt: missing"):
+        checkpoints.install(tiny_params)
+
+
+def test_other_params_or_data_refuse_the_checkpoint_with_the_reason(tiny_params, shipped, tmp_path):
+    _, result, _ = shipped
+    other = dataclasses.replace(tiny_params, ssl=dataclasses.replace(tiny_params.ssl, epochs=3))
+    report = checkpoints.install(other)
+    assert list(report.refused.values()) == [[f"ssl.epochs: {tiny_params.ssl.epochs!r} shipped, 3 here"]] * 2
+    assert not report.installed and not paths.artifacts_dir().exists()
+    assert "refused ssl_filtered/" in report.summary() and "will be computed" in report.summary()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_params.data.root, copy)
+    (copy / "train" / "dog" / "000.png").write_bytes(b"not the same image")
+    elsewhere = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, root=str(copy)))
+    reasons = list(checkpoints.install(elsewhere).refused.values())[0]
+    assert len(reasons) == 1 and reasons[0].startswith("the data files differ")
+
+
+def test_the_retrain_switch_recomputes_cached_stages_once(tiny_params, monkeypatch):
+    calls = []
+
+    def compute(out, final):
+        calls.append(1)
+        (out / "n.txt").write_text(str(len(calls)))
+
+    first = cache.cached_stage("data", tiny_params, compute)
+    monkeypatch.setenv(cache.RECOMPUTE_ENV, str(time.time() + 1))  # every result so far is older
+    again = cache.cached_stage("data", tiny_params, compute)
+    assert not again.hit and again.path == first.path and (again.path / "n.txt").read_text() == "2"
+    monkeypatch.setenv(cache.RECOMPUTE_ENV, "0")
+    assert cache.cached_stage("data", tiny_params, compute).hit and len(calls) == 2
+
+
+def test_the_stage_log_lists_what_a_run_used(tiny_params, monkeypatch, tmp_path):
+    monkeypatch.setenv(cache.STAGE_LOG_ENV, str(tmp_path / "used.jsonl"))
+    a = cache.cached_stage("data", tiny_params, lambda out, final: None)
+    cache.cached_stage("data", tiny_params, lambda out, final: None)
+    assert cache.stages_used(tmp_path / "used.jsonl") == [f"data/{a.key}"]
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs the shared CIFAR-10 copy")
+def test_the_shipped_checkpoints_are_what_this_code_computes(monkeypatch):
+    """Every shipped file has its manifest's sha256 and every shipped key is the one the committed code and
+    params compute: a change that alters a stage's results cannot land without shipping its new results."""
+    monkeypatch.delenv("PATCHSEARCH_FIGURES")  # the repository's figures/, not the test's folder
+    params = with_resolved_root(load(paths.PARAMS_DIR / "cifar10.yaml"))
+    manifest = checkpoints.read_manifest(params.profile)
+    assert manifest is not None, "no shipped checkpoints for the default profile"
+    lines = checkpoints.verify(params)
+    assert len(lines) == len(manifest["stages"]) >= 20
+    assert all("files ok; key ok" in line for line in lines), "\n".join(lines)
+    size = sum(p.stat().st_size for p in checkpoints.shipped_dir(params.profile).rglob("*") if p.is_file())
+    assert size < 64 * 2**20, f"shipped checkpoints take {size / 2**20:.0f} MiB"
+
+
+def test_the_opening_states_the_cost_with_and_without_the_shipped_checkpoints(tiny_params, shipped):
+    from helpers import notebook
+
+    manifest, result, _ = shipped
+    used = [f"data/{'0' * 16}", f"ssl_filtered/{result.key}"]
+    record = {"commit": "0123456789abcdef", "notebook_seconds": {"02_ssl_training": 12.4}}
+    io.write_json(paths.published_dir("tiny") / "record.json", {**record, "notebook_stages": {"02_ssl_training": used}})
+    text = notebook.opening(tiny_params, "02_ssl_training")
+    seconds = manifest["stages"][0]["seconds"]
+    assert "attack → **SSL training** → clustering" in text
+    assert "12 s in the last `make reproduce` of this profile (commit `0123456`), reading 2 cached stage" in text
+    assert "1 of them are shipped" in text and f"ssl_filtered {seconds / 60:.0f} min" in text
+    assert "no published run" in notebook.opening(tiny_params, "05_search")
