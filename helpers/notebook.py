@@ -79,6 +79,10 @@ def _stage_label(entry: dict) -> str:
     return entry["stage"] + (f" ({variant})" if variant else "")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def opening(params: Params, notebook: str) -> str:
     """Where the notebook sits in the pipeline and what it costs, with and without the shipped checkpoints,
     computed from the profile's last published record (``figures/<profile>/record.json``: its time and the
@@ -105,7 +109,7 @@ def opening(params: Params, notebook: str) -> str:
     )
     if heavy:
         total = sum(e["seconds"] for e in manifest["stages"])
-        each = ", ".join(f"{_stage_label(e)} {e['seconds'] / 60:.0f} min" for e in heavy)
+        each = ", ".join(f"{_stage_label(e)} {_duration(e['seconds'])}" for e in heavy)
         where = shipped_dir(params.profile)
         where = where.relative_to(paths.REPO_ROOT) if where.is_relative_to(paths.REPO_ROOT) else where
         text += (

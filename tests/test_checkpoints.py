@@ -162,5 +162,5 @@ def test_the_opening_states_the_cost_with_and_without_the_shipped_checkpoints(ti
     seconds = manifest["stages"][0]["seconds"]
     assert "attack → **SSL training** → clustering" in text
     assert "12 s in the last `make reproduce` of this profile (commit `0123456`), reading 2 cached stage" in text
-    assert "1 of them are shipped" in text and f"ssl_filtered {seconds / 60:.0f} min" in text
+    assert "1 of them are shipped" in text and f"ssl_filtered {seconds:.0f} s" in text
     assert "no published run" in notebook.opening(tiny_params, "05_search")
