@@ -25,6 +25,7 @@ def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
     if not path.is_absolute():
         path = paths.REPO_ROOT / path
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried first: noise
     params = load(path)
     if overrides:
         raw = params.to_dict()

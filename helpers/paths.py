@@ -71,3 +71,9 @@ def runs_dir() -> Path:
 def notebooks() -> list[Path]:
     """The pipeline's notebooks (percent-format sources) in execution order."""
     return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def shown(path: str | Path) -> str:
+    """A path as a notebook prints it: relative to the repository when inside it (the same on every machine)."""
+    path = Path(path)
+    return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)

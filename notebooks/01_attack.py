@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers import attack, data, notebook, plotting
+from helpers import attack, data, notebook, paths, plotting
 
 P = notebook.setup(params_path)
 NB = "01_attack"
@@ -93,7 +93,7 @@ A = attack.run_attack(P, D)
 counts = pd.DataFrame([A.counts]).T.reset_index()
 counts.columns = ["quantity", "value"]
 plotting.save_table(counts, P.profile, NB, "counts")
-print("attack outputs:", A.path)
+print("attack outputs:", paths.shown(A.path))
 counts
 
 # %% [markdown]
@@ -196,9 +196,9 @@ centre.round(3)
 # - `A.poison_mask(n)` and `ground_truth/`: which images are poisoned, for evaluating the defenses only.
 
 # %%
-print("poisoned training list:", A.path / "train_poisoned.txt")
-print("patched validation list:", A.path / "val_patched.txt")
-print("ground truth (evaluation only):", A.path / "ground_truth" / "poison_boxes.csv")
+print("poisoned training list:", paths.shown(A.path / "train_poisoned.txt"))
+print("patched validation list:", paths.shown(A.path / "val_patched.txt"))
+print("ground truth (evaluation only):", paths.shown(A.path / "ground_truth" / "poison_boxes.csv"))
 
 # %% [markdown]
 # ## Exercises
