@@ -57,7 +57,7 @@ import yaml
 
 from . import io, paths
 from .io import CheckpointError
-from .params import Params, from_dict, key_of, stage_key_material
+from .params import Params, from_dict, key_of, stage_key_material, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,6 @@ def _variant(stage_params: dict, profile_params: Params) -> dict[str, dict]:
             if (section, key) != ("data", "root") and profile.get(section, {}).get(key) != value:
                 out.setdefault(section, {})[key] = value
     return out
-
-
-def _with_variant(params: Params, variant: dict[str, dict]) -> Params:
-    raw = params.to_dict()
-    for section, values in variant.items():
-        raw[section] = {**raw[section], **values}
-    return from_dict(raw, f"{params.profile} + shipped variant {variant}")
 
 
 def _differences(shipped: dict, yours: dict) -> list[str]:
@@ -178,7 +171,7 @@ def install(params: Params, profile: str | None = None) -> Report:
     base = shipped_dir(profile or params.profile)
     for entry in manifest["stages"]:
         name = f"{entry['stage']}/{entry['key']}"
-        material = stage_key_material(_with_variant(params, entry["variant"]), entry["stage"])
+        material = stage_key_material(with_overrides(params, entry["variant"], "shipped variant"), entry["stage"])
         key = key_of(material)
         if key != entry["key"]:
             report.refused[name] = _differences(entry["key_material"], material) or ["the key differs"]
@@ -340,7 +333,7 @@ def verify(params: Params) -> list[str]:
     for entry in manifest["stages"]:
         name = f"{entry['stage']}/{entry['key']}"
         verify_files(shipped_dir(params.profile) / entry["stage"] / entry["key"], entry)
-        material = stage_key_material(_with_variant(params, entry["variant"]), entry["stage"])
+        material = stage_key_material(with_overrides(params, entry["variant"], "shipped variant"), entry["stage"])
         reasons = _differences(entry["key_material"], material)
         history = {True: "in this history", False: "NOT in this history", None: "history unknown"}
         lines.append(

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import paths
 from .cache import RECOMPUTE_ENV
 from .checkpoints import install
-from .params import Params, from_dict, load, with_resolved_root
+from .params import Params, load, with_overrides, with_resolved_root
 
 
 def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
@@ -28,13 +28,7 @@ def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried first: noise
     params = load(path)
     if overrides:
-        raw = params.to_dict()
-        for section, values in overrides.items():
-            if not (isinstance(values, dict) and isinstance(raw.get(section), dict)):
-                example = "{'cluster': {'k': 50}}"
-                raise ValueError(f"overrides: {section!r} is not a section of {path.name} (e.g. {example})")
-            raw[section] = {**raw[section], **values}
-        params = from_dict(raw, f"{path} + overrides {overrides}")
+        params = with_overrides(params, overrides, f"{path.name} overrides")
         print(f"overrides: {overrides}")
     params = with_resolved_root(params)
     print(f"profile {params.profile}: {params.description}\ndata root: {params.data.root}")

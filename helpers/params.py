@@ -178,6 +178,10 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
     figures: FigureParams = field(default_factory=FigureParams)
+    # Named sets of overrides for the rows that change the victim's or the defense's settings beyond the
+    # profile's own (e.g. ``byol: {ssl: {method: byol}}`` for the BYOL rows of Table 2): ``with_variant``.
+    # No stage reads this section: a variant's stages are keyed by the params it produces.
+    variants: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,7 +358,31 @@ def _check_ranges(p: Params, source: str) -> None:
 def from_dict(raw: Any, source: str = "<params>") -> Params:
     params = _build(Params, raw, "", source)
     _check_ranges(params, source)
+    for name in params.variants:
+        with_variant(params, name, source)  # each variant, applied, must be valid params too
     return params
+
+
+def with_overrides(params: Params, overrides: dict, source: str = "overrides") -> Params:
+    """``params`` with some keys replaced, section by section (``{"cluster": {"k": 50}}``); an unknown
+    section or key, or a value out of range, is refused with its name."""
+    raw = params.to_dict()
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{source}: overrides must be a mapping of sections, got {overrides!r}")
+    for section, values in overrides.items():
+        if section == "variants" or not (isinstance(values, dict) and isinstance(raw.get(section), dict)):
+            raise ParamsError(f"{source}: {section!r} is not a section of the params (e.g. {{'cluster': {{'k': 50}}}})")
+        raw[section] = {**raw[section], **values}
+    return from_dict(raw, f"{params.profile} + {source} {overrides}")
+
+
+def with_variant(params: Params, name: str, source: str = "<params>") -> Params:
+    """The params of the profile's variant ``name`` (``variants`` section): its overrides applied, no variants."""
+    if name not in params.variants:
+        known = ", ".join(params.variants) or "none"
+        raise ParamsError(f"{source}: unknown variant '{name}' (the profile's variants: {known})")
+    base = dataclasses.replace(params, variants={})
+    return with_overrides(base, params.variants[name], f"{source} variants.{name}")
 
 
 def load(path: str | Path) -> Params:

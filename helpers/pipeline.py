@@ -42,8 +42,30 @@ class Task:
 DEFENSES = ("patchsearch", "poisoncam")
 
 
-def tasks() -> list[Task]:
-    """The stages of the default pipeline: what notebooks 02-07 read."""
+VARIANT_TASKS = (  # what a profile variant adds (Table 2's rows of another SSL method): PatchSearch only
+    "ssl_clean", "ssl_clean_icutmix", "ssl_poisoned", "ssl_poisoned_icutmix", "defense_patchsearch_poisoned",
+    "ssl_filtered_patchsearch", "ssl_filtered_patchsearch_icutmix",
+)  # fmt: skip
+
+
+def tasks(variants: tuple[str, ...] = ()) -> list[Task]:
+    """The stages of the default pipeline, what notebooks 02-07 read; with ``variants`` (names of the
+    profile's ``variants`` section), also each variant's models, evaluations and PatchSearch defense, as
+    ``<variant>:<task>``."""
+    out = _base_tasks()
+    for variant in variants:
+        keep = select(
+            _base_tasks(), [*VARIANT_TASKS, *(f"eval_{t[4:]}" for t in VARIANT_TASKS if t.startswith("ssl_"))]
+        )
+        out += [
+            Task(f"{variant}:{t.name}", tuple(d if d == "prepare" else f"{variant}:{d}" for d in t.deps), t.minutes)
+            for t in keep
+            if t.name != "prepare"
+        ]
+    return out
+
+
+def _base_tasks() -> list[Task]:
     out = [Task("prepare", (), 0.5)]  # data and attack, once, before anything reads them side by side
     for variant in ("clean", "poisoned"):
         for icutmix in (False, True):
@@ -69,6 +91,11 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     from .evaluate import evaluate_stage
     from .train import train_stage
 
+    if ":" in name:  # a profile variant's task
+        from .params import with_variant
+
+        variant, name = name.split(":", 1)
+        params = with_variant(params, variant)
     icutmix = name.endswith("_icutmix")
     base = name.removesuffix("_icutmix")
     if name == "prepare":
@@ -140,13 +167,15 @@ def run_all(
     progress: bool = True,
     only: list[str] | None = None,
     precision: str | None = None,
+    variants: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Run the tasks of ``tasks()`` (those of ``only`` and what they need), each a process of
     ``python -m helpers.pipeline --task``; ``precision`` overrides ``compute.precision``. Returns each task's
     wall seconds and exit code. A failed task stops the scheduling and raises, naming its log."""
     default_procs, default_threads = default_workers()
     workers, threads = workers or default_procs, threads or default_threads
-    graph = select(tasks(), only)
+    variants = tuple(dict.fromkeys([*variants, *(n.split(":", 1)[0] for n in only or [] if ":" in n)]))
+    graph = select(tasks(variants), only)
     priority = _priorities(graph)
     log_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
@@ -212,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per task (default: 1 on a CPU)")
     parser.add_argument("--only", nargs="*", default=None, help="these tasks and what they need (default: all)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="override the profile's")
+    parser.add_argument("--variants", nargs="*", default=(), help="also these variants of the profile (its variants)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.task:
@@ -226,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     stamp = time.strftime("%Y%m%dT%H%M%S")
     log_dir = paths.runs_dir() / "pipeline" / stamp
-    result = run_all(Path(args.params), log_dir, args.workers, args.threads, True, args.only, args.precision)
+    result = run_all(
+        Path(args.params), log_dir, args.workers, args.threads, True, args.only, args.precision, tuple(args.variants)
+    )
     for name, info in result.items():
         print(f"{name}: {info['seconds'] / 60:.1f} min")
 

@@ -133,13 +133,6 @@ for _setting, _overrides in SETTINGS.items():
         }
 
 
-def with_overrides(params: params_mod.Params, overrides: dict) -> params_mod.Params:
-    raw = params.to_dict()
-    for section, values in overrides.items():
-        raw[section] = {**raw[section], **values}
-    return params_mod.from_dict(raw, "study overrides")
-
-
 class CurveEvaluator:
     """Evaluates a model during training on a fixed validation subset (the curve points)."""
 
@@ -221,7 +214,9 @@ def run_study(names: list[str], base: Path, every: int, variants: list[str]) -> 
     out = paths.artifacts_dir() / "study"
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        params = params_mod.with_resolved_root(with_overrides(params_mod.load(base), RUNS[name]))
+        params = params_mod.with_resolved_root(
+            params_mod.with_overrides(params_mod.load(base), RUNS[name], "study run")
+        )
         io.write_text(out / f"{name}.yaml", params_mod.dump(params))
         for variant in variants:
             evaluator = CurveEvaluator(params, name, variant, out, every)
@@ -239,7 +234,9 @@ def evaluate_final(names: list[str], base: Path, variants: tuple[str, ...] = ("c
 
     out = paths.artifacts_dir() / "study"
     for name in names:
-        params = params_mod.with_resolved_root(with_overrides(params_mod.load(base), RUNS[name]))
+        params = params_mod.with_resolved_root(
+            params_mod.with_overrides(params_mod.load(base), RUNS[name], "study run")
+        )
         for variant in variants:
             folder = stage_dir(params, f"ssl_{variant}")
             if not (folder / "params.yaml").is_file():

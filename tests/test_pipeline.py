@@ -32,3 +32,40 @@ def test_the_longest_chain_starts_first():
     # the poisoned model leads to the defenses and the retrainings: it must start before the clean one
     assert priority["ssl_poisoned"] > priority["ssl_clean"] > priority["ssl_clean_icutmix"]
     assert priority["prepare"] == max(priority.values())
+
+
+def test_a_variant_adds_its_models_and_patchsearch_and_runs_with_its_params(tiny_params, monkeypatch):
+    import dataclasses
+
+    from helpers import params as params_mod
+
+    graph = pipeline.tasks(("byol",))
+    names = [t.name for t in graph]
+    assert len(names) == len(set(names))
+    added = {t.name: t.deps for t in graph if t.name.startswith("byol:")}
+    assert added["byol:ssl_poisoned"] == ("prepare",)  # the data and the attack are the profile's
+    assert added["byol:ssl_filtered_patchsearch_icutmix"] == ("byol:defense_patchsearch_poisoned",)
+    assert "byol:defense_poisoncam_poisoned" not in added and len(added) == 13  # 6 models, 6 evaluations, 1 defense
+    chosen = {t.name for t in pipeline.select(graph, ["byol:eval_filtered_patchsearch"])}
+    assert chosen == {"prepare", "byol:ssl_poisoned", "byol:defense_patchsearch_poisoned",
+                      "byol:ssl_filtered_patchsearch", "byol:eval_filtered_patchsearch"}  # fmt: skip
+
+    p = dataclasses.replace(tiny_params, variants={"byol": {"ssl": {"method": "byol", "lr": 0.003}}})
+    seen = []
+    monkeypatch.setattr("helpers.train.train_stage", lambda params, variant, icutmix, progress: seen.append(params))
+    pipeline.run_task(p, "byol:ssl_poisoned_icutmix")
+    (q,) = seen
+    assert (q.ssl.method, q.ssl.lr, q.ssl.icutmix, q.variants) == ("byol", 0.003, False, {})
+    with pytest.raises(params_mod.ParamsError, match="unknown variant 'simclr'"):
+        pipeline.run_task(p, "simclr:ssl_poisoned")
+
+
+def test_a_variant_must_be_valid_params():
+    from helpers import params as params_mod
+
+    raw = {"profile": "x", "variants": {"byol": {"ssl": {"method": "byol", "lr": 0.003}}}}
+    assert params_mod.with_variant(params_mod.from_dict(raw), "byol").ssl.method == "byol"
+    with pytest.raises(params_mod.ParamsError, match="variants.byol.*unknown key 'ssl.lrate'"):
+        params_mod.from_dict({"profile": "x", "variants": {"byol": {"ssl": {"lrate": 1}}}}, "p.yaml")
+    with pytest.raises(params_mod.ParamsError, match="'sll' is not a section"):
+        params_mod.from_dict({"profile": "x", "variants": {"byol": {"sll": {"lr": 1}}}}, "p.yaml")
