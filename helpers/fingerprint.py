@@ -68,6 +68,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "classifier_clean": _DEFENSE,
     "ssl_filtered": _DEFENSE,
     "eval_filtered": _DEFENSE,
+    "potency_clean": (*_DEFENSE, "potency"),
 }
 
 

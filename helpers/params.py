@@ -203,6 +203,8 @@ for _variant, _inputs in (("poisoned", _DEFENSE), ("clean", ("data", "ssl", "clu
     STAGE_INPUTS[f"cluster_{_variant}"] = _inputs
     STAGE_INPUTS[f"search_{_variant}"] = (*_inputs, "search")
     STAGE_INPUTS[f"classifier_{_variant}"] = (*_inputs, "search", "classifier")
+# Figure 3: the flip test of every clean training image's patch with the clean model (helpers.potency)
+STAGE_INPUTS["potency_clean"] = ("data", "ssl", "cluster", "search")
 STAGE_INPUTS["ssl_filtered"] = (*_DEFENSE, "search", "classifier")  # SSL retrained on the filtered set
 STAGE_INPUTS["eval_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
 

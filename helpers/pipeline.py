@@ -74,6 +74,9 @@ def _base_tasks() -> list[Task]:
     for variant in ("poisoned", "clean"):
         for method in DEFENSES:
             out.append(Task(f"defense_{method}_{variant}", (f"ssl_{variant}",), 10))
+    for icutmix in (False, True):  # Figure 3: the potency of clean patches, with and without i-CutMix
+        name = "potency_clean" + ("_icutmix" if icutmix else "")
+        out.append(Task(name, ("defense_patchsearch_clean", "ssl_clean" + ("_icutmix" if icutmix else "")), 12))
     for method, icutmix in (("patchsearch", False), ("patchsearch", True), ("poisoncam", False)):
         name = f"ssl_filtered_{method}" + ("_icutmix" if icutmix else "")
         out += [
@@ -89,6 +92,7 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     from .data import load_data
     from .defense import classifier_stage, with_method
     from .evaluate import evaluate_stage
+    from .potency import potency_stage
     from .train import train_stage
 
     if ":" in name:  # a profile variant's task
@@ -100,6 +104,8 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     base = name.removesuffix("_icutmix")
     if name == "prepare":
         run_attack(params, load_data(params, progress=progress), progress=progress)
+    elif base == "potency_clean":
+        potency_stage(params, icutmix, progress)
     elif base.startswith("ssl_filtered_"):
         train_stage(with_method(params, base.removeprefix("ssl_filtered_")), "filtered", icutmix, progress)
     elif base.startswith("eval_filtered_"):
