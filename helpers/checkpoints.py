@@ -41,7 +41,6 @@ that a change which alters a stage's results cannot land without shipping its ne
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from typing import Any
 import yaml
 
 from . import io, paths
+from .fingerprint import file_fingerprint
 from .io import CheckpointError
 from .params import Params, from_dict, key_of, stage_key_material, with_overrides
 
@@ -72,14 +72,6 @@ DATA_TOKEN, ARTIFACTS_TOKEN = "@DATA_ROOT@", "@ARTIFACTS@"
 
 def shipped_dir(profile: str) -> Path:
     return paths.published_dir(profile) / "checkpoints"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -161,27 +153,33 @@ def read_manifest(profile: str) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
 
 
-def install(params: Params, profile: str | None = None) -> Report:
+def _key_check(params: Params, entry: dict) -> list[str]:
+    """Why the shipped ``entry`` is not the stage your params, code and data ask for (empty: it is)."""
+    material = stage_key_material(with_overrides(params, entry["variant"], "shipped variant"), entry["stage"])
+    if key_of(material) == entry["key"]:
+        return []
+    return _differences(entry["key_material"], material) or ["the key differs"]
+
+
+def install(params: Params) -> Report:
     """Copy every shipped stage that your params, code and data ask for into the cache (see the module's
     docstring). Raises ``CheckpointError`` naming the file if a shipped file's sha256 is not the manifest's."""
     report = Report()
-    manifest = read_manifest(profile or params.profile)
+    manifest = read_manifest(params.profile)
     if manifest is None:
         return report
-    base = shipped_dir(profile or params.profile)
     for entry in manifest["stages"]:
         name = f"{entry['stage']}/{entry['key']}"
-        material = stage_key_material(with_overrides(params, entry["variant"], "shipped variant"), entry["stage"])
-        key = key_of(material)
-        if key != entry["key"]:
-            report.refused[name] = _differences(entry["key_material"], material) or ["the key differs"]
+        reasons = _key_check(params, entry)
+        if reasons:
+            report.refused[name] = reasons
             report.refused_seconds += entry["seconds"]
             continue
-        final = paths.artifacts_dir() / entry["stage"] / key
+        final = paths.artifacts_dir() / entry["stage"] / entry["key"]
         if (final / "params.yaml").is_file():
             report.present.append(name)
             continue
-        _install_stage(base / entry["stage"] / key, final, entry, params)
+        _install_stage(shipped_dir(params.profile) / entry["stage"] / entry["key"], final, entry, params)
         report.installed.append(name)
     return report
 
@@ -196,7 +194,7 @@ def verify_files(source: Path, entry: dict) -> None:
                 f"{path}: missing from the shipped checkpoint {name}; restore it with "
                 f"`git checkout -- {path}`, or retrain with `make reproduce RETRAIN=1`"
             )
-        got = sha256(path)
+        got = file_fingerprint(path)
         if got != expected:
             raise CheckpointError(
                 f"{path}: sha256 {got[:16]}... is not the manifest's {expected[:16]}...: refused to load the shipped "
@@ -294,7 +292,7 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
                     dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
                 else:
                     shutil.copyfile(src, dst)
-                files[rel] = sha256(dst)
+                files[rel] = file_fingerprint(dst)
             entries.append(
                 {
                     "stage": stage,
@@ -333,12 +331,11 @@ def verify(params: Params) -> list[str]:
     for entry in manifest["stages"]:
         name = f"{entry['stage']}/{entry['key']}"
         verify_files(shipped_dir(params.profile) / entry["stage"] / entry["key"], entry)
-        material = stage_key_material(with_overrides(params, entry["variant"], "shipped variant"), entry["stage"])
-        reasons = _differences(entry["key_material"], material)
+        reasons = _key_check(params, entry)
         history = {True: "in this history", False: "NOT in this history", None: "history unknown"}
         lines.append(
             f"{name}: files ok; "
-            + ("key ok" if key_of(material) == entry["key"] else "REFUSED: " + "; ".join(reasons))
+            + ("REFUSED: " + "; ".join(reasons) if reasons else "key ok")
             + f"; made at {entry['commit'][:10]} ({history[git_is_ancestor(entry['commit'])]})"
         )
     return lines

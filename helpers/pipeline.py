@@ -225,7 +225,7 @@ def run_all(
     return done
 
 
-def with_overrides(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
+def with_compute(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
     """``params`` with ``compute.precision`` and ``compute.ssl_precision`` (resolved) and ``compute.threads``
     replaced where given."""
     from .compute import resolve_precision
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        params = with_overrides(setup(args.params), args.precision, args.threads)
+        params = with_compute(setup(args.params), args.precision, args.threads)
         run_task(params, args.task, progress=True)
         return
     stamp = time.strftime("%Y%m%dT%H%M%S")
