@@ -69,6 +69,16 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "ssl_filtered": _DEFENSE,
     "eval_filtered": _DEFENSE,
     "potency_clean": (*_DEFENSE, "potency"),
+    # notebook 08: the rest of the paper, each in a module of its own
+    "kd_student": (*_SSL, "loop", "kd"),
+    "eval_kd": (*_EVAL, "loop", "kd", "assess"),
+    "ssl_mix": (*_SSL, "loop", "mixing"),
+    "eval_mix": (*_EVAL, "loop", "mixing", "assess"),
+    "ssl_clean_filtered": (*_DEFENSE, "loop", "retrain"),
+    "eval_clean_filtered": (*_DEFENSE, "loop", "retrain", "assess"),
+    "finetune_clean": (*_DEFENSE, "finetune"),
+    "finetune_poisoned": (*_DEFENSE, "finetune"),
+    "finetune_filtered": (*_DEFENSE, "finetune"),
 }
 
 

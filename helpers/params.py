@@ -159,6 +159,38 @@ class ComputeParams:
 
 
 @dataclass(frozen=True)
+class KDParams:
+    """Trusted-data knowledge distillation (Saha et al. 2022's defense, PatchSearch Table 3; ``helpers.kd``)."""
+
+    trusted: float = 0.25  # share of the clean training set the defender trusts (the paper: 25%, 10%, 5%)
+    epochs: int = 130  # passes over the trusted images (SSL-Backdoor's CompRess runs: 130)
+    batch_size: int = 64  # the trusted sets are small: 5% of 10,000 images is 7 steps of 64 an epoch
+    queue_size: int = 512  # teacher embeddings the similarity distributions are taken over
+    temperature: float = 0.04  # of both distributions (CompRess)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Finetuning the whole backbone on the downstream labels (PatchSearch Table 4; ``helpers.finetune``)."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 0.01  # SGD with momentum 0.9 and a cosine schedule, backbone and head alike
+    weight_decay: float = 0.0005
+    seeds: int = 3  # label subsets (the probe's first ones) per label fraction
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """What i-CutMix pastes and how it weighs the loss (PatchSearch Table 8; ``helpers.mixing``)."""
+
+    fill: str = "crop"  # crop (another image's box: i-CutMix) | black (CutOut) | noise (RandomErase)
+    loss: str = "weighted"  # weighted (lambda own + (1 - lambda) partner) | onehot (own key only)
+
+
+@dataclass(frozen=True)
 class FigureParams:
     n_examples: int = 16  # images per example grid
     localization_sample: int = 200  # poisoned (and as many clean) images whose heatmaps notebook 04 evaluates
@@ -178,6 +210,9 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
     figures: FigureParams = field(default_factory=FigureParams)
+    kd: KDParams = field(default_factory=KDParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    mix: MixParams = field(default_factory=MixParams)
     # Named sets of overrides for the rows that change the victim's or the defense's settings beyond the
     # profile's own (e.g. ``byol: {ssl: {method: byol}}`` for the BYOL rows of Table 2): ``with_variant``.
     # No stage reads this section: a variant's stages are keyed by the params it produces.
@@ -207,6 +242,15 @@ for _variant, _inputs in (("poisoned", _DEFENSE), ("clean", ("data", "ssl", "clu
 STAGE_INPUTS["potency_clean"] = ("data", "ssl", "cluster", "search")
 STAGE_INPUTS["ssl_filtered"] = (*_DEFENSE, "search", "classifier")  # SSL retrained on the filtered set
 STAGE_INPUTS["eval_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
+# The rest of the paper (notebook 08): each stage reads the sections of the model it starts from
+STAGE_INPUTS["kd_student"] = ("data", "attack", "ssl", "kd")  # Table 3: the backdoored model distilled
+STAGE_INPUTS["eval_kd"] = ("data", "attack", "ssl", "kd", "eval")
+STAGE_INPUTS["ssl_mix"] = ("data", "attack", "ssl", "mix")  # Table 8: i-CutMix's parts
+STAGE_INPUTS["eval_mix"] = ("data", "attack", "ssl", "mix", "eval")
+STAGE_INPUTS["ssl_clean_filtered"] = (*_DEFENSE, "search", "classifier")  # Table 10: the clean set, defended
+STAGE_INPUTS["eval_clean_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
+for _variant in ("clean", "poisoned", "filtered"):  # Table 4: finetuned instead of a linear probe
+    STAGE_INPUTS[f"finetune_{_variant}"] = (*STAGE_INPUTS[f"eval_{_variant}"], "finetune")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -353,6 +397,26 @@ def _check_ranges(p: Params, source: str) -> None:
             )
     if p.compute.threads is not None and p.compute.threads < 1:
         raise bad("compute.threads", p.compute.threads, "must be at least 1 or null")
+    k, f, m = p.kd, p.finetune, p.mix
+    if not 0 < k.trusted <= 1:
+        raise bad("kd.trusted", k.trusted, "must be in (0, 1] (a share of the training set)")
+    for key, value in (
+        ("kd.epochs", k.epochs),
+        ("kd.queue_size", k.queue_size),
+        ("kd.batch_size", k.batch_size),
+        ("finetune.epochs", f.epochs),
+        ("finetune.batch_size", f.batch_size),
+        ("finetune.seeds", f.seeds),
+    ):
+        if value < 1:
+            raise bad(key, value, "must be at least 1")
+    for key, value in (("kd.temperature", k.temperature), ("finetune.lr", f.lr)):
+        if value <= 0:
+            raise bad(key, value, "must be positive")
+    if m.fill not in ("crop", "black", "noise"):
+        raise bad("mix.fill", m.fill, "must be one of crop, black, noise")
+    if m.loss not in ("weighted", "onehot"):
+        raise bad("mix.loss", m.loss, "must be one of weighted, onehot")
     if p.figures.n_examples < 1:
         raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
 
@@ -445,7 +509,7 @@ def with_resolved_root(params: Params) -> Params:
 # Stages whose result depends on the precision of the networks they run: SSL pre-training runs in
 # ``compute.ssl_precision``; every other network pass in ``compute.precision``.
 NETWORK_STAGES = frozenset(s for s in STAGE_INPUTS if s not in ("data", "attack"))
-PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned"})  # what they train on needs no other network
+PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned", "ssl_mix"})  # what they train on needs no other network
 
 
 def resolve_input_path(path: str | Path) -> Path:

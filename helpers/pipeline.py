@@ -42,9 +42,10 @@ class Task:
 DEFENSES = ("patchsearch", "poisoncam")
 
 
-VARIANT_TASKS = (  # what a profile variant adds (Table 2's rows of another SSL method): PatchSearch only
+VARIANT_TASKS = (  # what a profile variant adds (Table 2's rows of another SSL method, Table 9's attack)
     "ssl_clean", "ssl_clean_icutmix", "ssl_poisoned", "ssl_poisoned_icutmix", "defense_patchsearch_poisoned",
-    "ssl_filtered_patchsearch", "ssl_filtered_patchsearch_icutmix",
+    "ssl_filtered_patchsearch", "ssl_filtered_patchsearch_icutmix", "defense_poisoncam_poisoned",
+    "ssl_filtered_poisoncam",
 )  # fmt: skip
 
 
@@ -83,7 +84,55 @@ def _base_tasks() -> list[Task]:
             Task(name, (f"defense_{method}_poisoned",), 12),
             Task(f"eval_filtered_{method}" + ("_icutmix" if icutmix else ""), (name,), 1),
         ]
+    return out + _more_tasks()
+
+
+MIX_ROWS = (("crop", "onehot"), ("black", "weighted"), ("black", "onehot"), ("noise", "weighted"), ("noise", "onehot"))
+FINETUNED = ("clean", "poisoned", "filtered_patchsearch", "filtered_patchsearch_icutmix")
+
+
+def _more_tasks() -> list[Task]:
+    """Notebook 08's stages (the rest of the paper), each task its training and the evaluation of it."""
+    from .kd import TABLE3_TRUSTED
+
+    out = [Task(f"kd_{round(100 * share)}", ("ssl_poisoned",), 16 * share / 0.25) for share in TABLE3_TRUSTED]
+    out += [Task(f"mix_{fill}_{loss}", ("prepare",), 13) for fill, loss in MIX_ROWS]  # crop + weighted: i-CutMix
+    out += [Task(f"retrain_clean_{method}", (f"defense_{method}_clean",), 13) for method in DEFENSES]
+    out += [Task(f"finetune_{name}", (f"ssl_{name}",), 8) for name in FINETUNED]
     return out
+
+
+def run_more_task(params: Params, name: str, progress: bool = False) -> bool:
+    """Run one of ``_more_tasks``; False when ``name`` is not one of them."""
+    from .assess import evaluate_model_stage
+    from .defense import with_method
+
+    kind, _, rest = name.partition("_")
+    if kind == "kd":
+        from .kd import kd_stage, with_trusted
+
+        params = with_trusted(params, int(rest) / 100)
+        evaluate_model_stage("eval_kd", params, lambda: kd_stage(params, progress), progress)
+    elif kind == "mix":
+        from .mixing import mix_stage, with_mix
+
+        params = with_mix(params, *rest.split("_"))
+        evaluate_model_stage("eval_mix", params, lambda: mix_stage(params, progress), progress)
+    elif kind == "retrain":
+        from .retrain import retrain_clean_stage
+
+        params = with_method(params, rest.removeprefix("clean_"))
+        evaluate_model_stage("eval_clean_filtered", params, lambda: retrain_clean_stage(params, progress), progress)
+    elif kind == "finetune":
+        from .finetune import finetune_stage
+
+        icutmix, rest = rest.endswith("_icutmix"), rest.removesuffix("_icutmix")
+        if rest.startswith("filtered_"):
+            params, rest = with_method(params, rest.removeprefix("filtered_")), "filtered"
+        finetune_stage(params, rest, icutmix, progress)
+    else:
+        return False
+    return True
 
 
 def run_task(params: Params, name: str, progress: bool = False) -> None:
@@ -117,7 +166,7 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     elif base.startswith("defense_"):
         method, variant = base.removeprefix("defense_").split("_")
         classifier_stage(with_method(params, method), variant, progress)
-    else:
+    elif not run_more_task(params, name, progress):
         raise ValueError(f"unknown task {name!r} (known: {', '.join(t.name for t in tasks())})")
 
 

@@ -34,7 +34,7 @@ def test_the_longest_chain_starts_first():
     assert priority["prepare"] == max(priority.values())
 
 
-def test_a_variant_adds_its_models_and_patchsearch_and_runs_with_its_params(tiny_params, monkeypatch):
+def test_a_variant_adds_its_models_and_both_defenses_and_runs_with_its_params(tiny_params, monkeypatch):
     import dataclasses
 
     from helpers import params as params_mod
@@ -45,7 +45,8 @@ def test_a_variant_adds_its_models_and_patchsearch_and_runs_with_its_params(tiny
     added = {t.name: t.deps for t in graph if t.name.startswith("byol:")}
     assert added["byol:ssl_poisoned"] == ("prepare",)  # the data and the attack are the profile's
     assert added["byol:ssl_filtered_patchsearch_icutmix"] == ("byol:defense_patchsearch_poisoned",)
-    assert "byol:defense_poisoncam_poisoned" not in added and len(added) == 13  # 6 models, 6 evaluations, 1 defense
+    assert added["byol:ssl_filtered_poisoncam"] == ("byol:defense_poisoncam_poisoned",)
+    assert len(added) == 16  # 7 models, 7 evaluations, 2 defenses
     chosen = {t.name for t in pipeline.select(graph, ["byol:eval_filtered_patchsearch"])}
     assert chosen == {"prepare", "byol:ssl_poisoned", "byol:defense_patchsearch_poisoned",
                       "byol:ssl_filtered_patchsearch", "byol:eval_filtered_patchsearch"}  # fmt: skip
