@@ -16,8 +16,8 @@
                               ``@DATA_ROOT@`` and ``@ARTIFACTS@`` and restored for this machine on install.
 
 Only what the notebooks need to skip training is shipped: the SSL models, the searches, the poison
-classifiers, the evaluations and the potency scores (``SHIPPED_STAGES``). The data, the attack and the clustering are
-recomputed on the spot in seconds.
+classifiers, the evaluations, the potency scores and notebook 08's finetunings (``SHIPPED_STAGES``). The
+data, the attack and the clustering are recomputed on the spot in seconds.
 
 **Install** (``install``, which ``make reproduce`` and every notebook's ``setup`` call): for each shipped
 stage, the key is recomputed from *your* params, code and data. If it equals the shipped key, every file's
@@ -62,7 +62,7 @@ from .params import Params, from_dict, key_of, stage_key_material, with_override
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
-SHIPPED_STAGES = ("ssl_", "search_", "classifier_", "eval_", "potency_")  # stage name prefixes
+SHIPPED_STAGES = ("ssl_", "search_", "classifier_", "eval_", "potency_", "finetune_", "kd_")  # stage name prefixes
 LEFT_OUT = frozenset({"features.npz"})  # evaluation features: 29 MB each, read by nothing
 HALF_PRECISION = frozenset({"backbone.safetensors"})  # except for the EXACT_MODELS
 EXACT_MODELS = ("ssl_clean", "ssl_poisoned")  # with the profile's own params (no variant): run live by 02-05

@@ -44,6 +44,7 @@ NOT_RESULT_CODE = frozenset(
         "precision_study",
         "fetch_data",
         "checkpoints",
+        "heldout",
     }
 )
 

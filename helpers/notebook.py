@@ -66,6 +66,7 @@ STEPS = {
     "05_search": "search",
     "06_poison_classifier": "poison classifier",
     "07_evaluation": "evaluation",
+    "08_more_defenses": "more defenses",
 }
 
 

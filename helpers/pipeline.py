@@ -66,6 +66,25 @@ def tasks(variants: tuple[str, ...] = ()) -> list[Task]:
     return out
 
 
+# The variants notebooks 07 and 08 read, when the profile defines them, and the evaluations they show
+NOTEBOOK_VARIANTS = {
+    "byol": tuple(  # Table 2's BYOL rows (notebook 07)
+        f"eval_{m}" for m in ("clean", "clean_icutmix", "poisoned", "poisoned_icutmix", "filtered_patchsearch")
+    )
+    + ("eval_filtered_patchsearch_icutmix",),
+    "repeated": ("eval_clean", "eval_poisoned", "eval_filtered_patchsearch", "eval_filtered_poisoncam"),  # Table 9
+}
+
+
+def notebook_tasks(variant_names) -> tuple[tuple[str, ...], list[str]]:
+    """What ``make reproduce`` computes before the notebooks: every task of the profile itself, and of each
+    of ``variant_names`` (the profile's variants) that a notebook reads, the evaluations it shows. Returns
+    the variants and the task names (for ``run_all``)."""
+    variants = tuple(v for v in variant_names if v in NOTEBOOK_VARIANTS)
+    names = [t.name for t in _base_tasks()] + [f"{v}:{t}" for v in variants for t in NOTEBOOK_VARIANTS[v]]
+    return variants, names
+
+
 def _base_tasks() -> list[Task]:
     out = [Task("prepare", (), 0.5)]  # data and attack, once, before anything reads them side by side
     for variant in ("clean", "poisoned"):

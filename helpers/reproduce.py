@@ -167,7 +167,8 @@ def _execute(
     if pipeline:
         log.info("computing the stages side by side (logs: %s)", run_dir / "pipeline")
         os.environ[STAGE_LOG_ENV] = str(run_dir / "stages" / "pipeline.jsonl")
-        tasks = pipeline_mod.run_all(effective, run_dir / "pipeline", progress=progress)
+        variants, names = pipeline_mod.notebook_tasks(params.variants)
+        tasks = pipeline_mod.run_all(effective, run_dir / "pipeline", progress=progress, only=names, variants=variants)
     timings = {}
     for source in notebooks:
         log.info("running %s (profile %s)", source.name, params.profile)

@@ -147,3 +147,20 @@ def test_trusted_indices_are_a_seeded_share_without_repeats():
     a = trusted_indices(1000, 0.05, 0)
     assert len(a) == 50 and len(set(a.tolist())) == 50 and np.all(np.diff(a) > 0)
     assert np.array_equal(a, trusted_indices(1000, 0.05, 0)) and not np.array_equal(a, trusted_indices(1000, 0.05, 1))
+
+
+def test_held_out_images_lie_outside_the_training_subset_and_the_test_split(tiny_params):
+    """The held-out selection reads only training-split images the profile's subset leaves out."""
+    import dataclasses
+
+    from helpers.data import load_data
+    from helpers.heldout import heldout_images
+
+    p = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, train_per_class=4))
+    pixels, labels = heldout_images(p, per_class=2, seed=0)
+    assert pixels.shape == (6, 3, 20, 20) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    inside = load_data(p, progress=False).train.pixels
+    for image in pixels:  # random-noise images: equal pixels mean the same file
+        assert not any(np.array_equal(image, other) for other in inside)
+    with pytest.raises(ValueError, match="only 2 training images of frog lie outside"):
+        heldout_images(p, per_class=3, seed=0)

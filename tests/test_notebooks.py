@@ -91,7 +91,24 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     # the pipeline computed every stage before the notebooks: each task's and each stage's time is recorded
     from helpers import pipeline
 
-    assert set(record["pipeline_task_seconds"]) == {t.name for t in pipeline.tasks()}
+    variants, names = pipeline.notebook_tasks(smoke.variants)
+    assert variants == ("byol", "repeated")
+    assert set(record["pipeline_task_seconds"]) == {t.name for t in pipeline.select(pipeline.tasks(variants), names)}
+    byol = pd.read_csv(figures / "07_evaluation_table2_byol.csv")
+    assert byol["model"].tolist()[:6] == [m for m in models if m != "PoisonCAM"] and len(byol) == 12
+    # notebook 08: every table has its rows, ours beside the paper's
+    t3 = pd.read_csv(figures / "08_more_defenses_table3_kd.csv")
+    assert t3["trusted data"].tolist()[:7] == ["100%", "0%", "25%", "10%", "5%", "0%", "0%"]
+    t4 = pd.read_csv(figures / "08_more_defenses_table4_finetuning.csv")
+    assert sorted(set(t4["evaluation"])) == ["finetuned", "linear"] and len(t4) == 4 * 2 * 2
+    t8 = pd.read_csv(figures / "08_more_defenses_table8_icutmix.csv")
+    assert len(t8) == 7 * 2 and t8["ASR (%)"].between(0, 100).all()
+    coverage = pd.read_csv(figures / "08_more_defenses_icutmix_coverage.csv").set_index("per query view")
+    assert coverage.loc["views with a trigger (%)"].between(0, 100).all()
+    t9 = pd.read_csv(figures / "08_more_defenses_table9_repeated.csv")
+    assert t9["model"].tolist()[:4] == ["Clean", "Backdoored", "PatchSearch", "PoisonCAM"]
+    t10 = pd.read_csv(figures / "08_more_defenses_table10_retrained.csv")
+    assert t10["training images"].iloc[0] == 400 and (t10["training images"].iloc[1:3] < 400).all()
     computed = {d["stage"] for d in record["stage_seconds"]}
     assert {"data", "attack", "ssl_poisoned", "search_poisoned", "classifier_clean", "ssl_filtered"} <= computed
     assert record["wall_seconds"] >= sum(record["notebook_seconds"].values())
