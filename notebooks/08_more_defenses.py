@@ -295,19 +295,19 @@ coverage = pd.DataFrame(
 ).round(2)
 plotting.save_table(coverage.reset_index(names="per query view"), P.profile, NB, "icutmix_coverage")
 c_ours, c_paper = coverage.iloc[:, 0], coverage.iloc[:, 1]
+given = "views given a quarter trigger or more (%)"
 notebook.show_markdown(
-    f"Here {c_ours['views with a trigger (%)']:.0f}% of the query views show a trigger (paper's geometry: "
+    f"Here {c_ours['views with a trigger (%)']:.1f}% of the query views show a trigger (paper's geometry: "
     f"{c_paper['views with a trigger (%)']:.1f}%); the box covers on average "
     f"{c_ours['trigger area covered by the box (%)']:.0f}% of a visible trigger and hides all of it in "
-    f"{c_ours['trigger hidden entirely (%)']:.0f}% of those views (paper's geometry: "
-    f"{c_paper['trigger area covered by the box (%)']:.0f}% and {c_paper['trigger hidden entirely (%)']:.0f}%). "
-    f"The box also pastes a quarter of a trigger or more into {c_ours['views given a quarter trigger or more (%)']:.1f}% "
-    f"of all views here, {c_ours['views given a quarter trigger or more (%)'] / max(c_paper['views given a quarter trigger or more (%)'], 1e-9):.0f} "
-    f"times as often as with the paper's geometry ({c_paper['views given a quarter trigger or more (%)']:.2f}%). With the weighted "
-    f"loss each such view is pulled, with weight 1 - λ, towards the key of the poisoned image the piece came "
-    f"from: i-CutMix itself shows the trigger in non-target images next to a target-category key. With a "
-    f"tenth of the training set poisoned that happens to about one view in "
-    f"{100 / max(c_ours['views given a quarter trigger or more (%)'], 1e-9):.0f}; at the paper's 0.5% it almost never does."
+    f"{c_ours['trigger hidden entirely (%)']:.2f}% of those views (paper's geometry: "
+    f"{c_paper['trigger area covered by the box (%)']:.0f}% and {c_paper['trigger hidden entirely (%)']:.2f}%). "
+    f"The box also pastes a quarter of a trigger or more into {c_ours[given]:.1f}% of all views here, "
+    f"{c_ours[given] / max(c_paper[given], 1e-9):.0f} times as often as with the paper's geometry "
+    f"({c_paper[given]:.2f}%). With the weighted loss each such view is pulled, with weight 1 - λ, towards the "
+    f"key of the poisoned image the piece came from: i-CutMix itself shows the trigger in non-target images "
+    f"next to a target-category key. With {A.poison_idx.size / n:.0%} of the training set poisoned that happens "
+    f"to about one view in {100 / max(c_ours[given], 1e-9):.0f}; at the paper's 0.5% it almost never does."
 )
 coverage
 
