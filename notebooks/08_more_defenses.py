@@ -42,6 +42,7 @@ params_path = "params/cifar10.yaml"
 # %%
 import dataclasses
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -161,6 +162,18 @@ notebook.show_markdown(
 )
 table3
 
+# %%
+fig, ax = plt.subplots(figsize=(7, 4))
+markers = {"Clean": "o", "Backdoored": "X", "PatchSearch": "s", "PoisonCAM": "D"}
+for name in rows3:
+    ax.scatter(t3.loc[name, "clean acc (%)"], t3.loc[name, "ASR (%)"], s=60, marker=markers.get(name, "^"), label=name)
+ax.axhline(CLEAN_LEVEL, color="gray", ls="--", lw=1, label="clean level (notebook 07's rule)")
+ax.set_xlabel(f"clean accuracy (%), {TOP:.0%} labels")
+ax.set_ylabel("ASR (%)")
+ax.set_title("Trusted-data distillation against PatchSearch: accuracy and attack success")
+ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+plotting.savefig(fig, P.profile, NB, "kd_tradeoff", dpi=P.figures.dpi)
+
 # %% [markdown]
 # ## Finetuning instead of a linear probe (paper Table 4)
 # The downstream labels are clean, so why not train the whole backbone on them? The paper finds that
@@ -262,6 +275,22 @@ notebook.show_markdown(
     )
 )
 table8
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.6))
+labels, means, stds = [], [], []
+for (fill, loss), probe in mixes.items():
+    seeds = probe[np.isclose(probe["labels"], TOP)]["asr"] * 100
+    labels.append("no i-CutMix" if fill == "none" else f"{fill} box\n{loss}")
+    means.append(seeds.mean())
+    stds.append(seeds.std(ddof=0))
+ax.bar(range(len(means)), means, yerr=stds, capsize=3, color=["gray"] + ["tab:blue"] * (len(means) - 1))
+ax.axhline(CLEAN_LEVEL, color="gray", ls="--", lw=1, label="clean level")
+ax.set_xticks(range(len(labels)), labels, fontsize=8)
+ax.set_ylabel(f"ASR (%), {TOP:.0%} labels")
+ax.set_title("i-CutMix's parts: ASR (mean ± std over probe seeds)")
+ax.legend(fontsize=8)
+plotting.savefig(fig, P.profile, NB, "icutmix_ablation", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ### Why i-CutMix barely helps here: how often the box meets a trigger

@@ -83,6 +83,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         "05_search_window_rsd",
         "06_poison_classifier_proxy_f1",
         "07_evaluation_precision_recall",
+        "08_more_defenses_kd_tradeoff",
+        "08_more_defenses_icutmix_ablation",
     ):
         assert (figures / f"{name}.png").stat().st_size > 1000
     record = json.loads((figures / "record.json").read_text())
