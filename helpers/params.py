@@ -376,6 +376,12 @@ def _check_ranges(p: Params, source: str) -> None:
         ("classifier.max_iters", c.max_iters),
         ("classifier.eval_every", c.eval_every),
         ("classifier.patience", c.patience),
+        ("kd.epochs", p.kd.epochs),
+        ("kd.queue_size", p.kd.queue_size),
+        ("kd.batch_size", p.kd.batch_size),
+        ("finetune.epochs", p.finetune.epochs),
+        ("finetune.batch_size", p.finetune.batch_size),
+        ("finetune.seeds", p.finetune.seeds),
     ):
         if value < 1:
             raise bad(key, value, "must be at least 1")
@@ -400,16 +406,6 @@ def _check_ranges(p: Params, source: str) -> None:
     k, f, m = p.kd, p.finetune, p.mix
     if not 0 < k.trusted <= 1:
         raise bad("kd.trusted", k.trusted, "must be in (0, 1] (a share of the training set)")
-    for key, value in (
-        ("kd.epochs", k.epochs),
-        ("kd.queue_size", k.queue_size),
-        ("kd.batch_size", k.batch_size),
-        ("finetune.epochs", f.epochs),
-        ("finetune.batch_size", f.batch_size),
-        ("finetune.seeds", f.seeds),
-    ):
-        if value < 1:
-            raise bad(key, value, "must be at least 1")
     for key, value in (("kd.temperature", k.temperature), ("finetune.lr", f.lr)):
         if value <= 0:
             raise bad(key, value, "must be positive")

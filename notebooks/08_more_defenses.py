@@ -367,7 +367,8 @@ if "repeated" in P.variants:
         removed = np.load(defense.classifier_stage(defense.with_method(R, method), "poisoned") / "classifier.npz")[
             "removed"
         ]
-        detection[method] = (100 * (removed & poison).sum() / poison.sum(), int(removed.sum()))
+        # recall beside chance: a random pick of as many images finds that share of the poisons
+        detection[method] = (100 * (removed & poison).sum() / poison.sum(), int(removed.sum()), 100 * removed.mean())
     table9 = paper_table(repeated, PAPER_T9, ["paper clean acc", "paper patched acc", "paper patched FP"])
     plotting.save_table(table9, P.profile, NB, "table9_repeated")
     t9 = table9[table9["labels"] == f"{TOP:.0%}"].set_index("model")["ASR (%)"]
@@ -384,7 +385,8 @@ if "repeated" in P.variants:
             else "**not a backdoor** by notebook 07's 20% / 4x rule: more triggers did not make a stronger attack here. "
         )
         + "; ".join(
-            f"{name} removed {detection[m][1]} images, {detection[m][0]:.0f}% of the poisons, and its retrained model's "
+            f"{name} removed {detection[m][1]} images, {detection[m][0]:.0f}% of the poisons (a random pick of as many: "
+            f"{detection[m][2]:.0f}%), and its retrained model's "
             f"ASR is {t9[name]:.1f}% ({'at' if t9[name] <= r_level else '**above**'} the clean level, up to {r_level:.1f}%)"
             for name, m in (("PatchSearch", "patchsearch"), ("PoisonCAM", "poisoncam"))
         )
