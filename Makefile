@@ -9,7 +9,7 @@ RETRAIN ?=
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements/constraints.txt requirements/base.txt requirements/cpu.txt pyproject.toml
 
-.PHONY: reproduce test lint unit sync data bench venv clean-artifacts report lab
+.PHONY: reproduce test lint unit sync data bench venv clean-artifacts report lab gpu-status gpu-prepare gpu-install
 
 # The environment: a venv with the exact CPU pins (torch and torchvision held by the constraints file).
 $(STAMP): $(REQUIREMENTS)
@@ -64,3 +64,15 @@ bench: $(STAMP)
 ## Remove every cached stage result, listing each first (never silently).
 clean-artifacts: $(STAMP)
 	$(PY) -m helpers.cache --clean
+
+## The GPU queue of params/cifar10-gpu.yaml (helpers/gpu.py): which jobs are done, the next one prepared in .gpu/
+## for one command on a lent GPU (`python3 -m helpers.gpu run --out "$OUT"`, carrying .gpu), and the files it
+## brought back checked and shipped into figures/cifar10-gpu/checkpoints/ (FROM=<the folder they came back to>).
+gpu-status: $(STAMP)
+	$(PY) -m helpers.gpu status
+
+gpu-prepare: $(STAMP)
+	$(PY) -m helpers.gpu prepare
+
+gpu-install: $(STAMP)
+	$(PY) -m helpers.gpu install "$(FROM)"

@@ -358,6 +358,109 @@ def bench_grad_cam(n: int = 256) -> None:
     )
 
 
+def matmul_rate(n: int, dtype: torch.dtype = torch.bfloat16, repeat: int = 10) -> float:
+    """FLOP/s of an ``n x n x n`` matrix product on the run's device (the peak the SSL step is held against)."""
+    from .compute import device_for_run
+
+    device = device_for_run()
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeat / (time.perf_counter() - start)
+
+
+def ssl_flops_per_image(p, size: int = 32, batch: int = 8) -> float:
+    """FLOPs of one SSL training step per image (forward and backward of every network, both views),
+    counted by ``torch.utils.flop_counter`` on the run's device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .augment import BatchAugment
+    from .compute import device_for_run
+    from .train import augment_config, build_model
+
+    device = device_for_run()
+    model = build_model(p, size).to(device)
+    augment = BatchAugment(augment_config(p, size))
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = augment(x, g), augment(x, g)
+    with FlopCounterMode(display=False) as counter:
+        model(v1, v2).backward()
+    return counter.get_total_flops() / batch
+
+
+def profile_bench(prm, deadline: float | None = None) -> str:
+    """A profile's network on this machine, as a Markdown table: the SSL step in fp32 and bf16 and the share of
+    the measured bf16 matrix rate it reaches, feature extraction, the flip test batched and per candidate,
+    Grad-CAM and PoisonCAM's masked passes (``helpers.gpu``'s job J2 brings it back from the GPU)."""
+    from .cam import ClusterClassifier, Normaliser, assign, grad_cam_batched, make_masks, poisoncam_heatmaps
+    from .compute import device_for_run
+    from .evaluate import extract_features
+    from .search import flip_test, flip_test_loop, paste_locations
+    from .train import backbone_for
+
+    gpu = torch.cuda.is_available()
+    device = device_for_run()
+    rows = []
+
+    def add(what: str, value: float, unit: str, note: str = "") -> None:
+        rows.append(f"| {what} | {value:,.1f} | {unit} | {note} |")
+
+    steps = 20 if gpu else 1
+    rates = {prec: ssl_rate(prm.ssl, prec, batch=prm.ssl.batch_size, steps=steps) for prec in ("fp32", "bf16")}
+    flops = ssl_flops_per_image(prm.ssl)
+    peak = matmul_rate(8192 if gpu else 512)
+    for prec, rate in rates.items():
+        add(f"SSL step ({prm.ssl.method}, batch {prm.ssl.batch_size}), {prec}", rate, "img/s")
+    add("SSL step bf16 / fp32", rates["bf16"] / rates["fp32"], "x")
+    add("SSL step's FLOPs per image (counted)", flops / 1e9, "GFLOP")
+    add("bf16 matrix product (measured peak)", peak / 1e12, "TFLOP/s", "8192^3" if gpu else "512^3")
+    add("SSL step bf16, share of that peak", 100 * rates["bf16"] * flops / peak, "%")
+    torch.manual_seed(0)
+    size = 32
+    backbone = backbone_for(prm.ssl, size).to(device).eval().to(memory_format=torch.channels_last)
+    norm = Normaliser((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device)
+    n = 8192 if gpu else 256
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    t = best_of(lambda: extract_features(backbone, pixels, (0.5,) * 3, (0.25,) * 3, 1024, precision="bf16"), 2)
+    add("feature extraction, bf16", n / t, "img/s")
+    k = min(prm.cluster.k, n // 2)
+    feats = torch.as_tensor(extract_features(backbone, pixels[:k], (0.5,) * 3, (0.25,) * 3, 1024, precision="bf16"))
+    model = ClusterClassifier(backbone, feats, prm.search.cam_layer, "bf16").to(device).eval()
+    flips = pixels[:k].to(device)
+    before = assign(model, norm(flips))
+    n_cand, w = (64 if gpu else 4), 8
+    patches = pixels[k : k + n_cand, :, 4 : 4 + w, 4 : 4 + w].contiguous().to(device)
+    clusters = assign(model, norm(pixels[k : k + n_cand].to(device)))
+    loc = paste_locations(np.arange(n_cand), k, size, size, w, seed=0)
+    bs = prm.search.batch_size
+    t_batched = best_of(lambda: flip_test(model, norm, flips, before, patches, clusters, loc, bs), 2)
+    t_loop = best_of(lambda: flip_test_loop(model, norm, flips, before, patches, clusters, loc), 2)
+    add(f"flip test, batched ({k} flip images)", n_cand / t_batched, "candidates/s")
+    add("flip test, per-candidate loop", n_cand / t_loop, "candidates/s", f"batched is {t_loop / t_batched:.1f}x")
+    m = 1024 if gpu else 16
+    x = norm(pixels[:m].to(device))
+    targets = assign(model, x).cpu()
+    t = best_of(lambda: grad_cam_batched(model, x, targets, max(1, bs // 4)), 2)
+    add("Grad-CAM, batched", m / t, "img/s")
+    q = prm.search
+    masks = make_masks(q.mask_strategy, q.masks, size, q.mask_grid, q.mask_keep, q.seed).to(device)
+    stats = np.tile([[0.0, 1.0]], (k, 1)).astype(np.float32)
+    m = 128 if gpu else 4
+    t = best_of(lambda: poisoncam_heatmaps(model, x[:m], targets[:m], masks, stats, bs), 2)
+    add(f"PoisonCAM heatmaps ({q.masks} masked passes each)", m / t, "img/s", f"{m * q.masks / t:,.0f} passes/s")
+    machine = torch.cuda.get_device_name(0) if gpu else "CPU"
+    head = f"Benchmark of profile {prm.profile} on {machine} (torch {torch.__version__})"
+    return "\n".join([head, "", "| what | value | unit | note |", "|---|---:|---|---|", *rows]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)

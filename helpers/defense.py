@@ -70,6 +70,11 @@ VARIANTS = ("poisoned", "clean")
 SCORE_RULE = {"patchsearch": "into", "poisoncam": "changed"}  # each paper's poison score
 
 
+def score_rule(params: Params) -> str:
+    """The flip test's count: ``search.score_rule``, or where that is null the method's paper's own."""
+    return params.search.score_rule or SCORE_RULE[params.search.method]
+
+
 def with_method(params: Params, method: str) -> Params:
     return dataclasses.replace(params, search=dataclasses.replace(params.search, method=method))
 
@@ -121,7 +126,10 @@ def cluster_stage(params: Params, variant: str = "poisoned", progress: bool = Tr
             flip_idx=flip_set(feats, assignment, clustering.centroids),
             outlier_stats=cluster_outlier_stats(feats, assignment, clustering.centroids),
         )
-        io.write_json(out / "summary.json", {"seconds": time.perf_counter() - start, "n": len(feats)})
+        summary = {"seconds": time.perf_counter() - start, "n": len(feats)}
+        if clustering.backend != "faiss":  # where faiss is missing (the GPU image), say what clustered instead
+            summary["kmeans"] = clustering.backend
+        io.write_json(out / "summary.json", summary)
 
     return cached_stage(f"cluster_{variant}", params, compute).path
 
@@ -138,7 +146,7 @@ class DefenseContext:
     assignment: np.ndarray
     flip_idx: np.ndarray
     outlier_stats: np.ndarray
-    features: np.ndarray
+    features: np.ndarray | None  # None where a shipped clustering leaves them out (notebook 03 extracts them)
 
     @property
     def size(self) -> int:
@@ -164,7 +172,7 @@ def defense_context(params: Params, variant: str = "poisoned", progress: bool = 
         z["assignment"],
         z["flip_idx"],
         z["outlier_stats"],
-        z["features"],
+        z["features"] if "features" in z.files else None,
     )
 
 
@@ -232,7 +240,7 @@ class Scorer:
             torch.as_tensor(self.ctx.assignment[idx]),
             locations,
             q.batch_size,
-            SCORE_RULE[self.method],
+            score_rule(self.ctx.params),
         )
         self.seconds["flip_test"] += time.perf_counter() - start
         return scores
@@ -354,7 +362,7 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             Image.fromarray(patch.permute(1, 2, 0).numpy()).save(out / "top_patches" / f"{rank:04d}_{i}.png")
         summary = {
             "method": q.method,
-            "score_rule": SCORE_RULE[q.method],
+            "score_rule": score_rule(params),
             "window": w,
             "window_rule": None if q.window_px else q.window_rule,
             "scored": int(chosen.scored.sum()),

@@ -1,9 +1,18 @@
 """What a cached stage's result depends on besides its params: the code it runs and the files it reads.
 
 - **Code.** ``STAGE_CODE`` lists, for every stage, the ``helpers`` modules whose code computes its result,
-  the upstream stages' modules included (as ``params.STAGE_INPUTS`` does for params). A module's
-  fingerprint hashes its syntax tree with docstrings removed: editing the code changes it; editing a
-  comment, a docstring or the layout does not, nor does any change to notebooks, plotting or docs.
+  the upstream stages' modules included (as ``params.STAGE_INPUTS`` does for params). A stage's key holds
+  the *identity* of each of those modules, read from the committed lock ``helpers/code.lock.json``, not
+  the code itself: a key needs no parsing, no torch, and is the same on every Python version.
+  The lock also holds each module's *source* fingerprint (its syntax tree with docstrings removed,
+  written as Python 3.11's ``ast.dump`` writes it, whatever Python runs: ``dump_tree``), so comments,
+  docstrings and layout never count. ``tests/test_code_lock.py`` fails when a module's code has moved
+  from its lock entry, until one of two commands records it:
+  ``python -m helpers.fingerprint bump <module>`` when its results change (a new identity: every stage
+  that runs it is computed again), or ``python -m helpers.fingerprint renew <module>``, which first proves
+  the smoke profile's stage outputs unchanged, bit for bit, by running them with the committed code and
+  with yours (``helpers.codelock``), and keeps the identity (refactors, renames, a path that only another
+  machine takes: shipped results stay valid).
   ``tests/test_fingerprint.py`` checks that every module a stage's modules import is either listed for
   that stage or declared as not computing results (``NOT_RESULT_CODE``), so a forgotten dependency fails
   a test instead of serving a stale artifact.
@@ -18,6 +27,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -83,6 +93,36 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
+LOCK_NAME = "code.lock.json"
+# Fields that Pythons after 3.11 added to nodes 3.11 already had (3.12: PEP 695's type parameters): left out
+# so that the same source has the same fingerprint on 3.11, 3.12 and 3.13.
+LATER_FIELDS = frozenset({"type_params"})
+
+
+def dump_tree(node: object) -> str:
+    """``ast.dump(node, annotate_fields=False)`` exactly as Python 3.11 writes it, on any Python: 3.12 adds
+    ``type_params`` to every function and class, 3.13 leaves out empty fields; neither is code."""
+    if isinstance(node, ast.AST):
+        cls, args, keywords = type(node), [], False
+        for name in node._fields:
+            if name in LATER_FIELDS:
+                continue
+            try:
+                value = getattr(node, name)
+            except AttributeError:
+                keywords = True
+                continue
+            if value is None and getattr(cls, name, ...) is None:  # an optional field left out (3.11's rule)
+                keywords = True
+                continue
+            text = dump_tree(value)
+            args.append(f"{name}={text}" if keywords else text)
+        return f"{cls.__name__}({', '.join(args)})"
+    if isinstance(node, list):
+        return f"[{', '.join(dump_tree(x) for x in node)}]"
+    return repr(node)
+
+
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
@@ -96,7 +136,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 def source_fingerprint(source: str) -> str:
     """Hash of Python source as code: comments, docstrings and formatting do not count."""
     tree = _strip_docstrings(ast.parse(source))
-    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+    return hashlib.sha256(dump_tree(tree).encode()).hexdigest()
 
 
 def module_fingerprint(name: str, package_dir: Path | None = None) -> str:
@@ -110,12 +150,86 @@ def _file_source_fingerprint(path: str, mtime_ns: int, size: int) -> str:
     return source_fingerprint(Path(path).read_text())
 
 
+def result_modules() -> list[str]:
+    """The modules whose code computes some stage's result: the ones the lock holds."""
+    return sorted({name for modules in STAGE_CODE.values() for name in modules})
+
+
+def lock_path(package_dir: Path | None = None) -> Path:
+    return (package_dir or PACKAGE_DIR) / LOCK_NAME
+
+
+def read_lock(package_dir: Path | None = None) -> dict:
+    path = lock_path(package_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the code lock is missing; restore it with `git checkout -- {path}`") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
+
+
+def module_identity(name: str, package_dir: Path | None = None) -> str:
+    """The identity of module ``name`` that cache keys hold (the lock's)."""
+    modules = read_lock(package_dir)["modules"]
+    if name not in modules:
+        raise KeyError(
+            f"helpers/{name}.py is not in {lock_path(package_dir)}: record it with "
+            f"`python -m helpers.fingerprint bump {name}`"
+        )
+    return modules[name]["identity"]
+
+
 def code_fingerprint(stage: str, package_dir: Path | None = None) -> str:
-    """One hash of the code of every module that ``stage`` runs (its own and its upstream stages')."""
+    """One hash of the identities of every module that ``stage`` runs (its own and its upstream stages')."""
     if stage not in STAGE_CODE:
         raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_CODE)})")
-    parts = [f"{name}:{module_fingerprint(name, package_dir)}" for name in sorted(STAGE_CODE[stage])]
+    modules = read_lock(package_dir)["modules"]
+    missing = [name for name in STAGE_CODE[stage] if name not in modules]
+    if missing:
+        module_identity(missing[0], package_dir)  # raises, naming the module and the command
+    parts = [f"{name}:{modules[name]['identity']}" for name in sorted(STAGE_CODE[stage])]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def moved_modules(package_dir: Path | None = None) -> dict[str, str]:
+    """Result modules whose code differs from their lock entry, each with what differs."""
+    modules, out = read_lock(package_dir)["modules"], {}
+    for name in result_modules():
+        if name not in modules:
+            out[name] = "not in the lock"
+        elif module_fingerprint(name, package_dir) != modules[name]["source"]:
+            out[name] = "its code changed since the lock"
+    for name in sorted(set(modules) - set(result_modules())):
+        out[name] = "in the lock but no stage runs it"
+    return out
+
+
+def write_lock(names: list[str], new_identity: bool, package_dir: Path | None = None, proof: str = "") -> dict:
+    """Record the current code of ``names`` in the lock: with ``new_identity`` (a bump) their identity becomes
+    their code's fingerprint, so every stage that runs them misses the cache; without (a renewal, proved by
+    ``helpers.codelock``) the identity stays and shipped results stay valid."""
+    lock = read_lock(package_dir)
+    modules = lock["modules"]
+    unknown = [name for name in names if name not in result_modules()]
+    if unknown:
+        raise KeyError(f"not a module any stage runs: {', '.join(unknown)} (they are: {', '.join(result_modules())})")
+    for name in names:
+        source = module_fingerprint(name, package_dir)
+        if new_identity or name not in modules:
+            modules[name] = {"identity": source, "source": source}
+        else:
+            modules[name] = {**modules[name], "source": source}
+        if proof and not new_identity:
+            modules[name]["renewed_by"] = proof
+    for name in set(modules) - set(result_modules()):
+        del modules[name]
+    lock["modules"] = dict(sorted(modules.items()))
+    path = lock_path(package_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(lock, indent=2) + "\n")
+    os.replace(tmp, path)
+    return lock
 
 
 def helpers_imports(name: str, package_dir: Path | None = None, top_level_only: bool = False) -> set[str]:
@@ -171,3 +285,42 @@ def _tree_stamp(split_dir: Path) -> tuple:
     if not split_dir.is_dir():
         return ()
     return (os.stat(split_dir).st_mtime_ns, *(entry.stat().st_mtime_ns for entry in os.scandir(split_dir)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import subprocess
+    import time
+
+    parser = argparse.ArgumentParser(description="The code lock: which modules moved, and recording them.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("status", help="the modules whose code moved from the lock")
+    bump = sub.add_parser("bump", help="new identities: the results of these modules change (recompute)")
+    bump.add_argument("modules", nargs="+")
+    renew = sub.add_parser("renew", help="keep the identities, after proving the smoke results unchanged")
+    renew.add_argument("modules", nargs="+")
+    renew.add_argument("--keep", default=None, help="keep both runs' artifacts in this folder")
+    args = parser.parse_args(argv)
+    if args.action == "status":
+        moved = moved_modules()
+        print("\n".join(f"{name}: {why}" for name, why in moved.items()) or "every module matches the lock")
+        raise SystemExit(1 if moved else 0)
+    if args.action == "bump":
+        write_lock(args.modules, new_identity=True)
+        print(f"bumped {', '.join(args.modules)}: every stage that runs them will be computed again")
+        return
+    from .codelock import prove_unchanged
+
+    tasks, differences = prove_unchanged(args.modules, args.keep)
+    if differences:
+        print("NOT renewed: the smoke results differ (bump instead if that is intended):")
+        print("\n".join(f"  {line}" for line in differences[:20]))
+        raise SystemExit(1)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    proof = f"smoke tasks {' '.join(tasks)} equal to {head}'s, {time.strftime('%Y-%m-%d')}"
+    write_lock(args.modules, new_identity=False, proof=proof)
+    print(f"renewed {', '.join(args.modules)}: {proof}")
+
+
+if __name__ == "__main__":
+    main()

@@ -63,6 +63,7 @@ stage = defense.cluster_stage(P, "poisoned")
 Z = np.load(stage / "clustering.npz")
 assignment, k = Z["assignment"], P.cluster.k
 summary = json.loads((stage / "summary.json").read_text())
+features = Z["features"] if "features" in Z.files else notebook.training_features(P, "poisoned")  # shipped: left out
 print(f"{len(assignment)} images, k = {k} clusters, {summary['seconds']:.1f} s (features + k-means, when computed)")
 
 # %% [markdown]
@@ -105,9 +106,9 @@ def kmeans_readable(features, k, iterations=20, seed=0):
 
 # %%
 start = time.perf_counter()
-centres_r, assignment_r = kmeans_readable(Z["features"], k, P.cluster.iterations, P.cluster.seed)
+centres_r, assignment_r = kmeans_readable(features, k, P.cluster.iterations, P.cluster.seed)
 seconds_r = time.perf_counter() - start
-same = float((assign_readable(Z["features"], Z["centroids"]) == assignment).mean())
+same = float((assign_readable(features, Z["centroids"]) == assignment).mean())
 conc_r = cluster.poison_concentration(assignment_r, poison)
 conc_f = cluster.poison_concentration(assignment, poison)
 notebook.show_markdown(

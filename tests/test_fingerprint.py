@@ -1,8 +1,11 @@
 """The cache key follows the code a stage runs and the content of the files it reads."""
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +29,7 @@ def edit(path, old, new):
     path.write_text(text.replace(old, new, 1))
 
 
-def test_changing_a_stages_code_is_a_miss_and_a_docstring_or_comment_is_not(tiny_params, package_copy):
+def test_code_that_moved_is_caught_and_only_a_bump_changes_keys(tiny_params, package_copy):
     calls = []
 
     def compute(out, final):
@@ -34,23 +37,71 @@ def test_changing_a_stages_code_is_a_miss_and_a_docstring_or_comment_is_not(tiny
 
     first = cache.cached_stage("ssl_clean", tiny_params, compute)
     data_key = params.stage_hash(tiny_params, "data")
-    # docstrings, comments and layout: the same code, a hit
+    # docstrings, comments and layout: the same code, nothing moved, a hit
     edit(package_copy / "train.py", '"""Train ``p.method``', '"""Train (reworded) ``p.method``')
     edit(package_copy / "train.py", "    rank, world = dist_info()\n", "    rank, world = dist_info()  # a comment\n\n")
+    assert fingerprint.moved_modules() == {}
     assert cache.cached_stage("ssl_clean", tiny_params, compute).hit
-    # the algorithm: a miss for the stages that run it, a hit for the others
+    # the algorithm: the lock test names the module until it is recorded; a bump is a miss for the stages
+    # that run it, a hit for the others
     edit(package_copy / "train.py", "torch.manual_seed(p.seed)", "torch.manual_seed(p.seed + 1)")
+    assert fingerprint.moved_modules() == {"train": "its code changed since the lock"}
+    fingerprint.write_lock(["train"], new_identity=True)
+    assert fingerprint.moved_modules() == {}
     second = cache.cached_stage("ssl_clean", tiny_params, compute)
     assert not second.hit and second.key != first.key and len(calls) == 2
     assert params.stage_hash(tiny_params, "data") == data_key
-    # a later stage's code does not retrain the model; an earlier stage's code does
+    # a renewal (results proved unchanged) keeps every key
+    before = {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS}
     edit(package_copy / "search.py", "def relative_std(", "def relative_std_(")
-    assert cache.cached_stage("ssl_clean", tiny_params, compute).hit
-    before = {stage: params.stage_hash(tiny_params, stage) for stage in ("data", "attack", "ssl_poisoned")}
+    assert set(fingerprint.moved_modules()) == {"search"}
+    fingerprint.write_lock(["search"], new_identity=False, proof="a test")
+    assert {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS} == before
+    assert fingerprint.read_lock()["modules"]["search"]["renewed_by"] == "a test"
+    # an earlier stage's module bumped: the later stages' keys change, the earlier ones' do not
     edit(package_copy / "attack.py", "rng.integers(x_lo", "1 + rng.integers(x_lo")
-    after = {stage: params.stage_hash(tiny_params, stage) for stage in before}
+    fingerprint.write_lock(["attack"], new_identity=True)
+    after = {stage: params.stage_hash(tiny_params, stage) for stage in ("data", "attack", "ssl_poisoned")}
     assert after["data"] == before["data"]
     assert after["attack"] != before["attack"] and after["ssl_poisoned"] != before["ssl_poisoned"]
+
+
+def test_a_module_missing_from_the_lock_is_named_with_the_command(package_copy):
+    lock = fingerprint.read_lock()
+    del lock["modules"]["cluster"]
+    fingerprint.lock_path().write_text(json.dumps(lock))
+    assert fingerprint.moved_modules() == {"cluster": "not in the lock"}
+    with pytest.raises(KeyError, match=r"helpers/cluster\.py is not in .*python -m helpers\.fingerprint bump cluster"):
+        fingerprint.code_fingerprint("search_poisoned")
+    assert fingerprint.code_fingerprint("ssl_clean")  # stages that do not run it keep their keys
+
+
+def test_the_committed_lock_matches_the_code():
+    """Every module a stage runs is recorded with its current code. If this fails, you changed result code:
+    `python -m helpers.fingerprint bump <module>` if its results change, else `... renew <module>` (proves it)."""
+    assert fingerprint.moved_modules() == {}
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_the_code_fingerprint_is_the_same_on_other_pythons(version):
+    """The syntax tree is written as Python 3.11 writes it: 3.12 and 3.13 give the same source fingerprints,
+    and keys, read from the lock, need no parsing at all. Where pyenv has no such Python, the check is skipped."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(root.glob(f"{version}.*/bin/python{version}")) if root.is_dir() else []
+    other = found[-1] if found else shutil.which(f"python{version}")
+    if not other:
+        pytest.skip(f"no Python {version} on this machine")
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from helpers import fingerprint as f; "
+        "print(json.dumps({n: f.module_fingerprint(n) for n in f.result_modules()}))"
+    )
+    result = subprocess.run(
+        [str(other), "-c", script, str(fingerprint.PACKAGE_DIR.parent)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    theirs = json.loads(result.stdout)
+    ours = {name: fingerprint.module_fingerprint(name) for name in fingerprint.result_modules()}
+    assert theirs == ours
 
 
 def test_notebooks_plotting_and_docs_keep_every_hit(tiny_params, package_copy):

@@ -1,0 +1,169 @@
+"""The proof behind renewing a module's lock entry (``python -m helpers.fingerprint renew <module>``).
+
+A renewal keeps a module's identity, so every cached and shipped result of the stages that run it stays
+valid. That is only true if the new code computes the same results. ``prove_unchanged`` checks it:
+
+1. it runs the smoke profile's pipeline tasks whose stages run the modules, twice: with the committed code
+   (a git worktree of ``HEAD``) and with the working tree, each into an artifacts folder of its own;
+2. it compares every stage folder the two runs made, file by file: the same files, equal arrays
+   (``.npz``), tensors (``.safetensors``), tables and JSON with their timings left out, and equal bytes
+   for everything else.
+
+Same machine, same seeds: the pipeline is deterministic, so "unchanged" means bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+from .fingerprint import STAGE_CODE
+
+SMOKE = "params/smoke.yaml"
+# The smoke pipeline task that computes each stage (``helpers.pipeline``'s task names).
+STAGE_TASK = {
+    "data": "prepare",
+    "attack": "prepare",
+    "ssl_clean": "ssl_clean",
+    "ssl_poisoned": "ssl_poisoned",
+    "eval_clean": "eval_clean",
+    "eval_poisoned": "eval_poisoned",
+    "cluster_poisoned": "defense_patchsearch_poisoned",
+    "search_poisoned": "defense_poisoncam_poisoned",
+    "classifier_poisoned": "defense_patchsearch_poisoned",
+    "cluster_clean": "defense_patchsearch_clean",
+    "search_clean": "defense_patchsearch_clean",
+    "classifier_clean": "defense_patchsearch_clean",
+    "potency_clean": "potency_clean",
+    "ssl_filtered": "ssl_filtered_patchsearch",
+    "eval_filtered": "eval_filtered_patchsearch",
+    "kd_student": "kd_5",
+    "eval_kd": "kd_5",
+    "ssl_mix": "mix_black_onehot",
+    "eval_mix": "mix_black_onehot",
+    "ssl_clean_filtered": "retrain_clean_patchsearch",
+    "eval_clean_filtered": "retrain_clean_patchsearch",
+    "finetune_clean": "finetune_clean",
+    "finetune_poisoned": "finetune_poisoned",
+    "finetune_filtered": "finetune_filtered_patchsearch",
+}
+TIMING = ("seconds", "per_s", "_unix", "img_s", "minutes")  # names of measured times: never compared
+
+
+def tasks_for(modules: list[str]) -> list[str]:
+    """The smoke tasks that run every stage whose code includes any of ``modules``."""
+    stages = [stage for stage, code in STAGE_CODE.items() if set(code) & set(modules)]
+    return sorted({STAGE_TASK[stage] for stage in stages})
+
+
+def _timing(name: str) -> bool:
+    return any(part in str(name) for part in TIMING)
+
+
+def _drop_timing(value):
+    if isinstance(value, dict):
+        return {k: _drop_timing(v) for k, v in value.items() if not _timing(k)}
+    if isinstance(value, list):
+        return [_drop_timing(v) for v in value]
+    return value
+
+
+def same_file(a: Path, b: Path, roots: tuple[Path, Path] | None = None) -> bool:
+    """Equal content, timings aside (see the module's docstring); in text, each run's artifacts folder
+    ``roots`` (file lists name their images there) counts as the same place."""
+    if a.suffix == ".npz":
+        za, zb = np.load(a), np.load(b)
+        return sorted(za.files) == sorted(zb.files) and all(
+            np.array_equal(za[k], zb[k], equal_nan=za[k].dtype.kind in "fc") for k in za.files
+        )
+    if a.suffix == ".safetensors":
+        import torch
+        from safetensors.torch import load_file
+
+        ta, tb = load_file(str(a)), load_file(str(b))
+        return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    if a.suffix not in (".json", ".csv", ".txt", ".yaml"):
+        return a.read_bytes() == b.read_bytes()
+    ta, tb = a.read_text(), b.read_text()
+    if roots:
+        ta, tb = ta.replace(str(roots[0]), "@ARTIFACTS@"), tb.replace(str(roots[1]), "@ARTIFACTS@")
+    if a.suffix == ".json":
+        return _drop_timing(json.loads(ta)) == _drop_timing(json.loads(tb))
+    if a.suffix == ".csv":
+        import io
+
+        import pandas as pd
+
+        da, db = pd.read_csv(io.StringIO(ta)), pd.read_csv(io.StringIO(tb))
+        da, db = (d[[c for c in d.columns if not _timing(c)]] for d in (da, db))
+        return da.equals(db)
+    return ta == tb
+
+
+def compare_artifacts(before: Path, after: Path) -> list[str]:
+    """What differs between two artifacts folders' finished stage results (empty: nothing)."""
+
+    def stages(root: Path) -> set[str]:
+        return {str(p.parent.relative_to(root)) for p in root.glob("*/*/params.yaml")}
+
+    a, b = stages(before), stages(after)
+    out = [f"{name}: made only by the committed code" for name in sorted(a - b)]
+    out += [f"{name}: made only by your code" for name in sorted(b - a)]
+    for name in sorted(a & b):
+        fa = {str(p.relative_to(before / name)) for p in (before / name).rglob("*") if p.is_file()}
+        fb = {str(p.relative_to(after / name)) for p in (after / name).rglob("*") if p.is_file()}
+        if fa != fb:
+            out.append(f"{name}: other files ({', '.join(sorted(fa ^ fb)[:5])})")
+            continue
+        roots = (before.resolve(), after.resolve())
+    out += [
+        f"{name}/{rel}: differs" for rel in sorted(fa) if not same_file(before / name / rel, after / name / rel, roots)
+    ]
+    return out
+
+
+def _run_pipeline(tree: Path, artifacts: Path, tasks: list[str], data_root: str, log: Path) -> None:
+    env = {
+        **os.environ,
+        "PATCHSEARCH_ARTIFACTS": str(artifacts),
+        "PATCHSEARCH_RUNS": str(artifacts.parent / f"{artifacts.name}-runs"),
+        "PATCHSEARCH_DATA_ROOT": data_root,
+        "TQDM_DISABLE": "1",
+    }
+    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", SMOKE, "--only", *tasks]
+    with open(log, "w") as out:
+        result = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"the smoke pipeline failed in {tree} (exit {result.returncode}): see {log}")
+
+
+def prove_unchanged(modules: list[str], keep: Path | None = None) -> tuple[list[str], list[str]]:
+    """Run the smoke tasks of ``modules`` with the committed code and with the working tree; return the
+    tasks run and what differs (empty: the results are unchanged)."""
+    from .params import load, resolve_data_root
+
+    tasks = tasks_for(modules)
+    data_root = str(resolve_data_root(load(paths.REPO_ROOT / SMOKE)))
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="codelock-"))
+    work.mkdir(parents=True, exist_ok=True)
+    committed = work / "committed"
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(committed), "HEAD"], cwd=paths.REPO_ROOT,
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        _run_pipeline(committed, work / "before", tasks, data_root, work / "before.log")
+        _run_pipeline(paths.REPO_ROOT, work / "after", tasks, data_root, work / "after.log")
+        return tasks, compare_artifacts(work / "before", work / "after")
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(committed)], cwd=paths.REPO_ROOT, capture_output=True
+        )
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)

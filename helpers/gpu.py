@@ -1,0 +1,741 @@
+"""The GPU queue: the paper-strength profile (``params/cifar10-gpu.yaml``) computed one job at a time on a lent
+GPU, shipped into ``figures/cifar10-gpu/checkpoints/`` so that every CPU reader runs the defenses on it.
+
+A lent GPU comes by chance, for 15 minutes in all, one command of at most 10 minutes, a working tree of at most
+64 MiB travelling there and at most 8 files of 16 MiB coming back. So each job is one prepared command:
+
+    python -m helpers.gpu prepare              # here: the next job, and what it needs, into .gpu/
+    # on the GPU (the device tool, carrying .gpu):  python3 -m helpers.gpu run --out "$OUT"
+    python -m helpers.gpu install <files back> # here: parts joined, every sha256 checked, stages shipped
+
+``prepare`` picks the first job of ``JOBS`` not yet done (the shipped ``MANIFEST.json`` records each job),
+packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB to 18 MB, and the files come
+back byte for byte, so the data manifest and every cache key are the same there), copies in the earlier
+jobs' results the job reads (``Job.needs``), and takes the shipped checkpoints out of git's index for the
+call (they would not fit in 64 MiB; ``install`` or ``restore`` puts them back). ``run`` unpacks, installs
+the carried results into the cache, times a warm-up of as many SSL trainings at once as the job trains,
+sets the epochs from it (the first job: as many as fit, at most the profile's; later jobs: refuse to
+start a training that would not end in time), runs the job's pipeline tasks (``helpers.pipeline``: the
+same code as on a CPU), rounds new backbones to fp16 in place, so that every later stage, there and here,
+reads the weights that are shipped, and writes everything it computed, with the params, cache key, commit
+and sha256 of each file, as one archive split into parts. ``install`` checks the parts, the archive and
+every file, then adds the stages to the shipped manifest, and writes the epochs the warm-up chose into the
+params file. The whole queue runs on a CPU in ``tests/test_gpu_queue.py`` on a tiny version of the
+profile, through the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import io, paths
+from .fingerprint import file_fingerprint
+
+PARAMS = paths.PARAMS_DIR / "cifar10-gpu.yaml"
+STAGING = paths.REPO_ROOT / ".gpu"
+PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
+MAX_PARTS = 7  # and at most 8 files: the parts and job.json
+BUDGET_S = 540  # one command may run 600 s: the job's own deadline leaves a minute for the start and the copy
+PACK_RESERVE_S = 45  # kept for writing the results after the last task
+SHIPPED = ("ssl_", "eval_", "cluster_", "search_", "classifier_")  # the data and the attack take seconds here
+LEFT_OUT = frozenset({"features.npz"})  # evaluation features: read by nothing after the stage
+DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    about: str
+    phases: tuple[tuple[str, ...], ...]  # pipeline tasks (``helpers.pipeline``), phase after phase
+    needs: tuple[str, ...] = ()  # earlier results it reads: "[<variant>:]<stage>[@<search method>]"
+    trains: int = 0  # SSL models trained side by side (the warm-up times as many at once)
+    sets_epochs: bool = False  # its warm-up chooses ssl.epochs for every later job
+    reserve_s: int = 90  # time kept after the training phase for the phases after it
+
+
+JOBS = (
+    Job(
+        "J1",
+        "the backdoored and the clean model side by side, then their linear probes",
+        (("ssl_poisoned", "ssl_clean"), ("eval_poisoned", "eval_clean")),
+        trains=2,
+        sets_epochs=True,
+    ),
+    Job(
+        "J2",
+        "both defenses on the backdoored model: PatchSearch, PoisonCAM with its paper's score and with the flips "
+        "into the candidate's cluster; the GPU benchmark",
+        (
+            ("defense_patchsearch_poisoned", "defense_poisoncam_poisoned", "poisoncam_into:defense_poisoncam_poisoned"),
+            ("bench",),
+        ),
+        needs=("ssl_poisoned",),
+    ),  # fmt: skip
+    Job(
+        "J3",
+        "the models retrained on PatchSearch's and PoisonCAM's filtered lists, then their probes",
+        (
+            ("ssl_filtered_patchsearch", "ssl_filtered_poisoncam"),
+            ("eval_filtered_patchsearch", "eval_filtered_poisoncam"),
+        ),
+        needs=tuple(
+            f"{s}@{m}" for m in ("patchsearch", "poisoncam") for s in ("search_poisoned", "classifier_poisoned")
+        ),
+        trains=2,
+    ),  # fmt: skip
+    Job(
+        "J4",
+        "two more (target, trigger seed) pairs: their backdoored models, their probes and the clean model's",
+        (
+            ("pair2:ssl_poisoned", "pair3:ssl_poisoned"),
+            ("pair2:eval_poisoned", "pair3:eval_poisoned", "pair2:eval_clean", "pair3:eval_clean"),
+        ),
+        needs=("ssl_clean",),
+        trains=2,
+    ),  # fmt: skip
+    Job(
+        "J5",
+        "both defenses on the two pairs' backdoored models",
+        (tuple(f"{v}:defense_{m}_poisoned" for v in ("pair2", "pair3") for m in ("patchsearch", "poisoncam")),),
+        needs=("pair2:ssl_poisoned", "pair3:ssl_poisoned"),
+    ),
+    Job(
+        "J6",
+        "the model retrained on PoisonCAM's filtered list under the flips-into score, and the backdoored model "
+        "with i-CutMix, then their probes",
+        (
+            ("poisoncam_into:ssl_filtered_poisoncam", "ssl_poisoned_icutmix"),
+            ("poisoncam_into:eval_filtered_poisoncam", "eval_poisoned_icutmix"),
+        ),
+        needs=tuple(f"poisoncam_into:{s}@poisoncam" for s in ("search_poisoned", "classifier_poisoned")),
+        trains=2,
+    ),  # fmt: skip
+)
+JOB_BY_NAME = {job.name: job for job in JOBS}
+
+
+class QueueError(RuntimeError):
+    """A queue step that cannot go on; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------- data
+PACK_NAME = "cifar10.pack"
+
+
+def pack_data(root: Path, dest: Path) -> dict:
+    """Every file of ``root/train`` and ``root/test`` in one zlib stream with an index of relative paths and
+    sizes, and the data manifest they hash to (``fingerprint.data_manifest``)."""
+    from .fingerprint import data_manifest
+
+    root = Path(root)
+    files = sorted(p for split in ("train", "test") for p in (root / split).rglob("*") if p.is_file())
+    index, blob = [], zlib.compressobj(level=6)
+    chunks = []
+    for path in files:
+        content = path.read_bytes()
+        index.append([str(path.relative_to(root)), len(content)])
+        chunks.append(blob.compress(content))
+    chunks.append(blob.flush())
+    header = json.dumps({"index": index, "manifest": data_manifest(root, ("train", "test"))}).encode()
+    body = b"".join(chunks)
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header + body)
+
+    io.atomic_write(dest, write)
+    return {"files": len(index), "bytes": sum(size for _, size in index), "packed_bytes": dest.stat().st_size}
+
+
+def unpack_data(pack: Path, dest: Path) -> Path:
+    """The files of ``pack_data`` under ``dest``; refused unless they hash to the manifest packed with them."""
+    from .fingerprint import data_manifest
+
+    raw = Path(pack).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    body = zlib.decompress(raw[8 + size :])
+    offset = 0
+    for rel, length in header["index"]:
+        path = Path(dest) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body[offset : offset + length])
+        offset += length
+    if offset != len(body):
+        raise QueueError(f"{pack}: {len(body) - offset} bytes beyond its index: the pack is damaged")
+    got = data_manifest(dest, ("train", "test"))
+    if got != header["manifest"]:
+        raise QueueError(f"{pack}: unpacked files hash to {got}, packed as {header['manifest']}: the pack is damaged")
+    return Path(dest)
+
+
+# --------------------------------------------------------------------------------------- parts of an archive
+def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[dict]:
+    """``path`` cut into ``<name>.000, .001, ...`` of at most ``part_bytes`` in ``out_dir``, each with its sha256."""
+    parts, n = [], 0
+    with open(path, "rb") as f:
+        while block := f.read(part_bytes):
+            part = Path(out_dir) / f"{Path(path).name}.{n:03d}"
+            part.write_bytes(block)
+            parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+            n += 1
+    return parts
+
+
+def join_parts(folder: Path, parts: list[dict], dest: Path, sha256: str) -> Path:
+    """The parts of ``split_file`` joined into ``dest``; each part and the whole checked against their sha256,
+    and a missing or damaged part named."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for part in parts:
+            path = Path(folder) / part["name"]
+            if not path.is_file():
+                raise QueueError(f"{path}: part missing (job.json lists {len(parts)} parts)")
+            block = path.read_bytes()
+            if hashlib.sha256(block).hexdigest() != part["sha256"]:
+                raise QueueError(f"{path}: sha256 differs from job.json's: the part is damaged; fetch it again")
+            digest.update(block)
+            out.write(block)
+    if digest.hexdigest() != sha256:
+        raise QueueError(f"{dest}: the joined archive's sha256 differs from job.json's")
+    return Path(dest)
+
+
+# ------------------------------------------------------------------------------------------------ the queue
+def shipped_dir(profile: str) -> Path:
+    return paths.published_dir(profile) / "checkpoints"
+
+
+def read_manifest(profile: str) -> dict:
+    path = shipped_dir(profile) / "MANIFEST.json"
+    if not path.is_file():
+        return {"profile": profile, "made_by": "python -m helpers.gpu install", "stages": [], "jobs": {}}
+    return json.loads(path.read_text())
+
+
+def next_job(manifest: dict) -> Job | None:
+    """The first job whose record is missing or says it did not finish."""
+    for job in JOBS:
+        record = manifest.get("jobs", {}).get(job.name)
+        if not record or not record.get("complete"):
+            return job
+    return None
+
+
+def need_params(params, need: str):
+    """``(params, stage)`` of a ``Job.needs`` entry: ``[<variant>:]<stage>[@<search method>]``."""
+    from .defense import with_method
+    from .params import with_variant
+
+    variant, _, rest = need.rpartition(":")
+    stage, _, method = rest.partition("@")
+    if variant:
+        params = with_variant(params, variant)
+    if method:
+        params = with_method(params, method)
+    return params, stage
+
+
+def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str | None = None) -> dict:
+    """Fill ``staging`` with what the next job (or ``job_name``) needs on the GPU: the job, the data pack and
+    the shipped results it reads (see the module's docstring). Returns the job's description."""
+    from .params import load, stage_hash, with_resolved_root
+
+    params = with_resolved_root(load(params_path))
+    manifest = read_manifest(params.profile)
+    job = JOB_BY_NAME[job_name] if job_name else next_job(manifest)
+    if job is None:
+        raise QueueError(f"every job of the queue is done ({', '.join(j.name for j in JOBS)})")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "stages").mkdir(parents=True)
+    by_key = {(e["stage"], e["key"]): e for e in manifest["stages"]}
+    carried = []
+    wanted = [(stage, stage_hash(p, stage)) for p, stage in (need_params(params, need) for need in job.needs)]
+    earlier = manifest.get("jobs", {}).get(job.name, {}).get("stages", [])  # a job that ran out of time: its part
+    wanted += [tuple(stage_key.split("/")) for stage_key in earlier]
+    for stage, key in dict.fromkeys(wanted):
+        entry = by_key.get((stage, key))
+        if entry is None:
+            raise QueueError(
+                f"job {job.name} needs {stage}/{key}, which is not shipped in {shipped_dir(params.profile)}: "
+                "run the jobs before it first (python -m helpers.gpu status)"
+            )
+        shutil.copytree(shipped_dir(params.profile) / stage / key, staging / "stages" / stage / key)
+        carried.append(entry)
+    info = pack_data(Path(params.data.root), staging / PACK_NAME)
+    description = {
+        "job": job.name,
+        "about": job.about,
+        "params": paths.shown(Path(params_path).resolve()),  # repository-relative: the same path on the GPU
+        "commit": _git("rev-parse", "HEAD"),
+        "prepared_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": info,
+        "carried": [f"{e['stage']}/{e['key']}" for e in carried],
+    }
+    io.write_json(staging / "stages" / "entries.json", carried)
+    io.write_json(staging / "job.json", description)
+    return description
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+# ------------------------------------------------------------------------------------------------ on the GPU
+def warmup_rate(params_path: Path, seconds_hint: int = 0, steps: int | None = None) -> float:
+    """Images per second of one SSL training of the profile on this machine (``bench.ssl_rate``: the real
+    training loop on random pixels, the first step left out)."""
+    import torch
+
+    from .bench import ssl_rate
+    from .params import load, with_resolved_root
+
+    params = with_resolved_root(load(params_path))
+    steps = steps or (40 if torch.cuda.is_available() else 2)
+    return ssl_rate(params.ssl, params.compute.ssl_precision, params.compute.compile, params.ssl.batch_size, steps)
+
+
+def measure_side_by_side(params_path: Path, n: int, steps: int | None = None) -> list[float]:
+    """``warmup_rate`` in ``n`` processes at once: what each of ``n`` trainings side by side gets."""
+    cmd = [sys.executable, "-m", "helpers.gpu", "warmup", "--params", str(params_path)]
+    cmd += ["--steps", str(steps)] if steps else []
+    procs = [subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    rates = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise QueueError(f"the warm-up failed (exit {proc.returncode})")
+        rates.append(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+    return rates
+
+
+def choose_epochs(rate: float, n_images: int, seconds: float, aim: int) -> int:
+    """The most epochs of ``n_images`` at ``rate`` images per second that fit in ``seconds``, at most ``aim``."""
+    return min(aim, int(seconds * rate // n_images))
+
+
+def _with_epochs(path: Path, epochs: int, note: str) -> str:
+    """The params file's text with ``ssl.epochs`` set (its comment replaced by ``note``)."""
+    text = Path(path).read_text()
+    match = re.search(r"(?m)^ssl:\n(?:[ \t].*\n|\n)*?(  epochs: *)(\d+)([^\n]*)", text)
+    if not match:
+        raise QueueError(f"{path}: no 'epochs:' line in its ssl section")
+    start, end = match.start(2), match.end(3)
+    return text[:start] + f"{epochs}  # {note}" + text[end:]
+
+
+def _run_phase(params_path: Path, tasks: tuple[str, ...], workers: int, env: dict, deadline: float, log: Path) -> bool:
+    """Run ``tasks`` with ``helpers.pipeline``; stop them all at ``deadline``. True when every one finished."""
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--only", *tasks]
+    cmd += ["--workers", str(workers), "--threads", str(threads)]
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            return proc.wait(timeout=max(1.0, deadline - time.time())) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.write("stopped at the job's deadline\n")
+            return False
+
+
+def _round_to_fp16(folder: Path) -> bool:
+    """Store the stage's backbone in fp16, in place: later stages, here and on every CPU, read these weights."""
+    from .checkpoints import _to_half
+
+    weights = folder / "backbone.safetensors"
+    if not weights.is_file():
+        return False
+    tmp = weights.with_name(".half.safetensors")
+    _to_half(weights, tmp)
+    os.replace(tmp, weights)
+    info = json.loads((folder / "stage.json").read_text())
+    info["half_precision"] = ["backbone.safetensors"]
+    io.write_json(folder / "stage.json", info)
+    return True
+
+
+def _new_stages(stage_log: Path) -> list[str]:
+    """``stage/key`` of every stage computed (not found in the cache) by the tasks, in order."""
+    out: dict[str, None] = {}
+    if stage_log.is_file():
+        for line in stage_log.read_text().splitlines():
+            entry = json.loads(line)
+            if not entry["hit"]:
+                out.setdefault(f"{entry['stage']}/{entry['key']}", None)
+    return list(out)
+
+
+def ship_stage(source: Path, dest: Path, run_params, data_root: str, artifacts: str, job: str, commit: str) -> dict:
+    """One cached stage as shipped: paths in text as tokens, evaluation features left out, the clustering's
+    features dropped; its manifest entry (``helpers.checkpoints``'s format) with each file's sha256."""
+    import numpy as np
+
+    from .checkpoints import ARTIFACTS_TOKEN, DATA_TOKEN, TEXT_SUFFIXES, _variant
+
+    info = json.loads((source / "stage.json").read_text())
+    stage_params = yaml.safe_load((source / "params.yaml").read_text())
+    files, left_out = {}, []
+    for src in sorted(p for p in source.rglob("*") if p.is_file()):
+        rel = str(src.relative_to(source))
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel in LEFT_OUT:
+            left_out.append(rel)
+            continue
+        if rel in DROPPED_ARRAYS:
+            z = np.load(src)
+            kept = {k: z[k] for k in z.files if k not in DROPPED_ARRAYS[rel]}
+            left_out += [f"{rel}:{k}" for k in z.files if k in DROPPED_ARRAYS[rel]]
+            io.save_npz(dst, **kept)
+        elif src.suffix in TEXT_SUFFIXES:
+            dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
+        else:
+            shutil.copyfile(src, dst)
+        files[rel] = file_fingerprint(dst)
+    return {
+        "stage": info["stage"],
+        "key": info["key"],
+        "variant": _variant(stage_params, run_params),
+        "params": stage_params,
+        "key_material": info["key_material"],
+        "commit": commit,
+        "seconds": info["seconds"],
+        "left_out": left_out,
+        "half_precision": info.get("half_precision", []),
+        "files": files,
+        "job": job,
+    }
+
+
+def device_description() -> dict:
+    import platform
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        out["gpu"] = None
+    return out
+
+
+def run(out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Path | None = None) -> dict:
+    """Run the prepared job on this machine and write its results to ``out`` (see the module's docstring)."""
+    saved = dict(os.environ)
+    try:
+        return _run(Path(out), staging, budget_s, work)
+    finally:  # the job's data root, artifacts and figures folders are its own
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
+    from .checkpoints import _install_stage
+    from .params import load, with_resolved_root
+
+    start = time.time()
+    deadline = start + budget_s
+    description = json.loads((staging / "job.json").read_text())
+    job = JOB_BY_NAME[description["job"]]
+    work = Path(work or "/tmp/patchsearch-gpu")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = unpack_data(staging / PACK_NAME, work / "cifar10")
+    artifacts = work / "artifacts"
+    env = {
+        **os.environ,
+        "PATCHSEARCH_DATA_ROOT": str(data_root),
+        "PATCHSEARCH_ARTIFACTS": str(artifacts),
+        "PATCHSEARCH_FIGURES": str(work / "no-figures"),  # nothing shipped is found but what was carried
+        "PATCHSEARCH_RUNS": str(work / "runs"),
+        "PATCHSEARCH_STAGE_LOG": str(work / "stages.log"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    os.environ.update({k: env[k] for k in ("PATCHSEARCH_DATA_ROOT", "PATCHSEARCH_ARTIFACTS", "PATCHSEARCH_FIGURES")})
+    params_path = paths.REPO_ROOT / description["params"]
+    params = with_resolved_root(load(params_path))
+    for entry in json.loads((staging / "stages" / "entries.json").read_text()):
+        final = artifacts / entry["stage"] / entry["key"]
+        if not (final / "params.yaml").is_file():
+            _install_stage(staging / "stages" / entry["stage"] / entry["key"], final, entry, params)
+    record = {**description, "device": device_description(), "budget_s": budget_s, "phases": []}
+    log = work / "job.log"
+    run_params_path = work / "params.yaml"
+    shutil.copyfile(params_path, run_params_path)
+    if job.trains:
+        n_images = len(_training_images(params))
+        rates = measure_side_by_side(params_path, job.trains)
+        rate = min(rates)
+        train_s = deadline - time.time() - job.reserve_s - PACK_RESERVE_S
+        record["warmup"] = {"processes": job.trains, "images_per_s_each": rates, "training_images": n_images}
+        if job.sets_epochs:
+            epochs = choose_epochs(rate, n_images, train_s, params.ssl.epochs)
+            if epochs < 1:
+                raise QueueError(f"one epoch of {n_images} images at {rate:.0f} img/s does not fit in {train_s:.0f} s")
+            note = (
+                f"set by GPU job {job.name}'s warm-up: {job.trains} trainings side by side at {rate:,.0f} img/s each "
+                f"on {record['device']['gpu'] or 'a CPU'}, {train_s:.0f} s of its budget (helpers.gpu)"
+            )
+            run_params_path.write_text(_with_epochs(params_path, epochs, note))
+            record["epochs"] = {"chosen": epochs, "aim": params.ssl.epochs, "note": note}
+        else:
+            need_s = params.ssl.epochs * n_images / rate
+            if need_s > train_s:
+                raise QueueError(
+                    f"{params.ssl.epochs} epochs of {n_images} images at {rate:.0f} img/s take {need_s:.0f} s; job "
+                    f"{job.name} has {train_s:.0f} s: not started (a slower GPU than the first job's?)"
+                )
+    run_params = with_resolved_root(load(run_params_path))
+    complete = True
+    for phase in job.phases:
+        phase_start = time.time()
+        if phase == ("bench",):
+            finished = _bench(run_params, work / "bench.md", deadline - PACK_RESERVE_S)
+        else:
+            workers = len(phase) if job.trains else min(len(phase), 3)
+            finished = _run_phase(run_params_path, phase, workers, env, deadline - PACK_RESERVE_S, log)
+        if job.trains and phase is job.phases[0]:  # the trained backbones, in fp16 before anything reads them
+            for stage_key in _new_stages(work / "stages.log"):
+                if stage_key.startswith("ssl_"):
+                    _round_to_fp16(artifacts / stage_key)
+        record["phases"].append(
+            {"tasks": list(phase), "finished": finished, "seconds": round(time.time() - phase_start)}
+        )
+        complete &= finished
+        if not finished:
+            break
+    record["complete"] = complete
+    record["seconds"] = round(time.time() - start)
+    _write_results(out, work, artifacts, run_params, str(data_root), job, description["commit"], record)
+    return record
+
+
+def _training_images(params) -> list:
+    from .data import select_split
+
+    return select_split(params, "train").paths
+
+
+def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root, job, commit, record) -> None:
+    """The new stages (complete ones only), their entries, the logs and the record: one archive in parts."""
+    bundle = work / "bundle"
+    entries = []
+    for stage_key in _new_stages(work / "stages.log"):
+        source = artifacts / stage_key
+        if stage_key.startswith(SHIPPED) and (source / "params.yaml").is_file():
+            entries.append(
+                ship_stage(
+                    source, bundle / "stages" / stage_key, run_params, data_root, str(artifacts), job.name, commit
+                )
+            )
+    record["stages"] = [f"{e['stage']}/{e['key']}" for e in entries]
+    io.write_json(bundle / "entries.json", entries)
+    (bundle / "logs").mkdir(parents=True, exist_ok=True)
+    for log in [work / "job.log", work / "bench.md", *sorted((work / "runs").rglob("*.log"))]:
+        if log.is_file():
+            shutil.copyfile(log, bundle / "logs" / log.name)
+    archive = work / "results.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+        tar.add(bundle, arcname="results")
+    parts = split_file(archive, out)
+    if len(parts) > MAX_PARTS:
+        raise QueueError(f"{len(parts)} parts of {PART_BYTES >> 20} MiB: more than the {MAX_PARTS} that come back")
+    record["archive"] = {"name": archive.name, "sha256": file_fingerprint(archive), "parts": parts}
+    io.write_json(out / "job.json", record)
+
+
+def _bench(params, dest: Path, deadline: float) -> bool:
+    """The GPU benchmark of the profile's network (``helpers.bench.profile_bench``), as Markdown."""
+    from .bench import profile_bench
+
+    try:
+        dest.write_text(profile_bench(params, deadline))
+        return True
+    except Exception as e:  # a benchmark never loses the job's results
+        dest.write_text(f"benchmark failed: {type(e).__name__}: {e}\n")
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ back here
+def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) -> dict:
+    """Check and ship the files a job brought back (``folder``: ``job.json`` and the archive's parts) into
+    ``figures/<profile>/checkpoints/``; write the epochs a warm-up chose into the params file."""
+    import tempfile
+
+    from .checkpoints import verify_files
+    from .params import load
+
+    folder = Path(folder)
+    record = json.loads((folder / "job.json").read_text())
+    profile = load(params_path).profile
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        archive = join_parts(folder, record["archive"]["parts"], tmp / "results.tar.gz", record["archive"]["sha256"])
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        results = tmp / "results"
+        entries = json.loads((results / "entries.json").read_text())
+        target = shipped_dir(profile)
+        for entry in entries:
+            source = results / "stages" / entry["stage"] / entry["key"]
+            verify_files(source, entry)  # every file present, with the sha256 written on the GPU
+            final = target / entry["stage"] / entry["key"]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged = final.with_name(f".{final.name}.new")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(source, staged)
+            io.replace_dir(staged, final)
+        logs = target / "logs" / record["job"]
+        if (results / "logs").is_dir():
+            shutil.rmtree(logs, ignore_errors=True)
+            shutil.copytree(results / "logs", logs)
+    manifest = read_manifest(profile)
+    new = {(e["stage"], e["key"]) for e in entries}
+    manifest["stages"] = [e for e in manifest["stages"] if (e["stage"], e["key"]) not in new] + entries
+    manifest.setdefault("jobs", {})[record["job"]] = {k: v for k, v in record.items() if k != "archive"}
+    manifest["record_commit"] = record["commit"]
+    manifest["record_finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    io.write_json(target / "MANIFEST.json", manifest)
+    if "epochs" in record:
+        io.write_text(params_path, _with_epochs(params_path, record["epochs"]["chosen"], record["epochs"]["note"]))
+    return record
+
+
+# ------------------------------------------------------------------- the tree that travels (git index only)
+EXCLUDE_MARK = "# helpers.gpu: shipped checkpoints out of the tree for a GPU call"
+
+
+def untrack_checkpoints() -> list[str]:
+    """Take ``figures/*/checkpoints`` out of git's index and ignore them, so the tree that travels to the GPU
+    stays under 64 MiB (the files stay on disk); ``restore`` undoes it."""
+    tracked = [p for p in _git("ls-files", "figures/*/checkpoints").splitlines() if p]
+    folders = sorted({"/".join(p.split("/")[:3]) for p in tracked})
+    if folders:
+        subprocess.run(["git", "rm", "-r", "--cached", "-q", "--", *folders], cwd=paths.REPO_ROOT, check=True)
+    exclude = paths.REPO_ROOT / ".git" / "info" / "exclude"
+    text = exclude.read_text() if exclude.is_file() else ""
+    if EXCLUDE_MARK not in text:
+        exclude.write_text(text + f"\n{EXCLUDE_MARK}\n/figures/*/checkpoints/\n")
+    return folders
+
+
+def restore() -> None:
+    """Undo ``untrack_checkpoints``: the index as the last commit has it for those folders, the ignore gone."""
+    subprocess.run(["git", "reset", "-q", "--", "figures"], cwd=paths.REPO_ROOT, check=False)
+    exclude = paths.REPO_ROOT / ".git" / "info" / "exclude"
+    if exclude.is_file() and EXCLUDE_MARK in exclude.read_text():
+        text = exclude.read_text().replace(f"\n{EXCLUDE_MARK}\n/figures/*/checkpoints/\n", "")
+        exclude.write_text(text)
+
+
+def travelling_bytes() -> int:
+    """What the device tool would copy: tracked files, untracked files git does not ignore, and ``.gpu``."""
+    listed = _git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+    total = sum((paths.REPO_ROOT / p).stat().st_size for p in listed if (paths.REPO_ROOT / p).is_file())
+    return total + sum(p.stat().st_size for p in STAGING.rglob("*") if p.is_file())
+
+
+DEVICE_COMMAND = 'PYTHONUNBUFFERED=1 python3 -m helpers.gpu run --out "$OUT"'
+
+
+def status(params_path: Path = PARAMS) -> str:
+    from .params import load
+
+    manifest = read_manifest(load(params_path).profile)
+    lines = []
+    for job in JOBS:
+        record = manifest.get("jobs", {}).get(job.name)
+        state = "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+        extra = f", {record['seconds'] / 60:.1f} min on {record['device']['gpu']}" if record else ""
+        lines.append(f"{job.name} ({state}{extra}): {job.about}")
+    job = next_job(manifest)
+    lines.append(f"next: {job.name if job else 'none, the queue is done'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    for name in ("status", "prepare", "install", "restore"):
+        p = sub.add_parser(name)
+        p.add_argument("--params", default=str(PARAMS))
+        if name == "prepare":
+            p.add_argument("--job", default=None, help="this job instead of the next one not done")
+        if name == "install":
+            p.add_argument("folder", help="the folder the device's files came back to (job.json and the parts)")
+    p = sub.add_parser("run", help="on the GPU: run the prepared job")
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds the job may take")
+    p = sub.add_parser("warmup", help="one timed SSL warm-up (what run starts side by side)")
+    p.add_argument("--params", required=True)
+    p.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "status":
+            print(status(Path(args.params)))
+        elif args.action == "prepare":
+            description = prepare(Path(args.params), job_name=args.job)
+            folders = untrack_checkpoints()
+            size = travelling_bytes()
+            print(f"job {description['job']}: {description['about']}")
+            carried = ", ".join(description["carried"]) or "nothing"
+            print(f"carried: {carried}; data pack {description['data']['packed_bytes'] / 2**20:.1f} MiB")
+            print(
+                f"out of git's index until `python -m helpers.gpu install` (or restore): {', '.join(folders) or 'none'}"
+            )
+            print(f"the tree that travels: {size / 2**20:.1f} MiB of 64")
+            print(f"device run: command {DEVICE_COMMAND!r}, carry ['.gpu'], timeout_s 600")
+            if size > 64 * 2**20:
+                raise QueueError("the tree that travels is over 64 MiB: it would be refused")
+        elif args.action == "run":
+            record = run(Path(args.out), budget_s=args.budget)
+            print(json.dumps({k: record[k] for k in ("job", "complete", "seconds", "stages")}, indent=1))
+        elif args.action == "warmup":
+            print(json.dumps({"images_per_s": warmup_rate(Path(args.params), steps=args.steps)}))
+        elif args.action == "install":
+            record = install(Path(args.folder), Path(args.params))
+            restore()
+            print(f"installed job {record['job']} ({'complete' if record['complete'] else 'ran out of time'}): "
+                  f"{len(record['stages'])} stages into {shipped_dir(record_profile(args.params))}")  # fmt: skip
+        else:
+            restore()
+    except QueueError as e:
+        raise SystemExit(f"helpers.gpu {args.action}: {e}") from None
+
+
+def record_profile(params_path: str) -> str:
+    from .params import load
+
+    return load(params_path).profile
+
+
+if __name__ == "__main__":
+    main()
