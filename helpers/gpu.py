@@ -636,7 +636,7 @@ EXCLUDE_MARK = "# helpers.gpu: shipped checkpoints out of the tree for a GPU cal
 def untrack_checkpoints() -> list[str]:
     """Take ``figures/*/checkpoints`` out of git's index and ignore them, so the tree that travels to the GPU
     stays under 64 MiB (the files stay on disk); ``restore`` undoes it."""
-    tracked = [p for p in _git("ls-files", "figures/*/checkpoints").splitlines() if p]
+    tracked = [p for p in _git("ls-files", "figures/*/checkpoints/*").splitlines() if p]
     folders = sorted({"/".join(p.split("/")[:3]) for p in tracked})
     if folders:
         subprocess.run(["git", "rm", "-r", "--cached", "-q", "--", *folders], cwd=paths.REPO_ROOT, check=True)
