@@ -9,7 +9,7 @@ A lent GPU comes by chance, for 15 minutes in all, one command of at most 10 min
     python -m helpers.gpu install <files back> # here: parts joined, every sha256 checked, stages shipped
 
 ``prepare`` picks the first job of ``JOBS`` not yet done (the shipped ``MANIFEST.json`` records each job),
-packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB to 18 MB, and the files come
+packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB to 20 MB, and the files come
 back byte for byte, so the data manifest and every cache key are the same there), copies in the earlier
 jobs' results the job reads (``Job.needs``), and takes the shipped checkpoints out of git's index for the
 call (they would not fit in 64 MiB; ``install`` or ``restore`` puts them back). ``run`` unpacks, installs
