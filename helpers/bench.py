@@ -396,7 +396,7 @@ def ssl_flops_per_image(p, size: int = 32, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
-def profile_bench(prm, deadline: float | None = None) -> str:
+def profile_bench(prm) -> str:
     """A profile's network on this machine, as a Markdown table: the SSL step in fp32 and bf16 and the share of
     the measured bf16 matrix rate it reaches, feature extraction, the flip test batched and per candidate,
     Grad-CAM and PoisonCAM's masked passes (``helpers.gpu``'s job J2 brings it back from the GPU)."""

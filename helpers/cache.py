@@ -113,13 +113,15 @@ def _log_use(stage: str, key: str, hit: bool) -> None:
             f.write(json.dumps({"stage": stage, "key": key, "hit": hit}) + "\n")
 
 
-def stages_used(log_path: Path) -> list[str]:
-    """``stage/key`` of every stage a run looked up (``$PATCHSEARCH_STAGE_LOG``), in first-use order."""
+def stages_used(log_path: Path, computed_only: bool = False) -> list[str]:
+    """``stage/key`` of every stage a run looked up (``$PATCHSEARCH_STAGE_LOG``), in first-use order; with
+    ``computed_only``, those it computed (not found in the cache)."""
     seen: dict[str, None] = {}
     if Path(log_path).is_file():
         for line in Path(log_path).read_text().splitlines():
             entry = json.loads(line)
-            seen.setdefault(f"{entry['stage']}/{entry['key']}", None)
+            if not (computed_only and entry["hit"]):
+                seen.setdefault(f"{entry['stage']}/{entry['key']}", None)
     return list(seen)
 
 

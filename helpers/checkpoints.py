@@ -250,6 +250,60 @@ def _to_half(src: Path, dst: Path) -> None:
     io.save_weights(dst, tensors, metadata)
 
 
+def ship_stage(
+    source: Path,
+    dest: Path,
+    profile_params: Params,
+    data_root: str,
+    artifacts: str,
+    commit: str,
+    half: bool = True,
+    drop_arrays: dict[str, tuple[str, ...]] | None = None,
+) -> dict:
+    """Write the cached stage ``source`` as shipped into ``dest`` and return its manifest entry: paths in text
+    as tokens, ``LEFT_OUT`` files left out, backbones in fp16 with ``half`` (but the ``EXACT_MODELS``), the
+    arrays ``drop_arrays`` names (``{file: (array, ...)}``) removed from their ``.npz``; each file's sha256."""
+    import numpy as np
+
+    info = json.loads((source / "stage.json").read_text())
+    stage_params = yaml.safe_load((source / "params.yaml").read_text())
+    variant = _variant(stage_params, profile_params)
+    exact = info["stage"] in EXACT_MODELS and not variant
+    drop_arrays = drop_arrays or {}
+    files, left_out, halved = {}, [], []
+    for src in sorted(p for p in source.rglob("*") if p.is_file()):
+        rel = str(src.relative_to(source))
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel in LEFT_OUT:
+            left_out.append(rel)
+            continue
+        if half and not exact and rel in HALF_PRECISION:
+            _to_half(src, dst)
+            halved.append(rel)
+        elif rel in drop_arrays:
+            z = np.load(src)
+            left_out += [f"{rel}:{k}" for k in z.files if k in drop_arrays[rel]]
+            io.save_npz(dst, **{k: z[k] for k in z.files if k not in drop_arrays[rel]})
+        elif src.suffix in TEXT_SUFFIXES:
+            dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
+        else:
+            shutil.copyfile(src, dst)
+        files[rel] = file_fingerprint(dst)
+    return {
+        "stage": info["stage"],
+        "key": info["key"],
+        "variant": variant,
+        "params": stage_params,
+        "key_material": info["key_material"],
+        "commit": commit,
+        "seconds": info["seconds"],
+        "left_out": left_out,
+        "half_precision": halved or info.get("half_precision", []),  # or halved where it was made (helpers.gpu)
+        "files": files,
+    }
+
+
 def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> dict:
     """Write the shipped checkpoints of the stages a published run used (``record.json``'s ``stages_used``)."""
     record = json.loads(Path(record_path).read_text())
@@ -273,39 +327,8 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
             source = paths.artifacts_dir() / stage / key
             if not (source / "params.yaml").is_file():
                 raise CheckpointError(f"{source}: not a complete stage result in the cache")
-            info = json.loads((source / "stage.json").read_text())
-            stage_params = yaml.safe_load((source / "params.yaml").read_text())
-            variant = _variant(stage_params, profile_params)
-            exact = stage in EXACT_MODELS and not variant
-            files, left_out, halved = {}, [], []
-            for src in sorted(p for p in source.rglob("*") if p.is_file()):
-                rel = str(src.relative_to(source))
-                dst = tmp / stage / key / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if rel in LEFT_OUT:
-                    left_out.append(rel)
-                    continue
-                if half and not exact and rel in HALF_PRECISION:
-                    _to_half(src, dst)
-                    halved.append(rel)
-                elif src.suffix in TEXT_SUFFIXES:
-                    dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
-                else:
-                    shutil.copyfile(src, dst)
-                files[rel] = file_fingerprint(dst)
             entries.append(
-                {
-                    "stage": stage,
-                    "key": key,
-                    "variant": variant,
-                    "params": stage_params,
-                    "key_material": info["key_material"],
-                    "commit": record["commit"],
-                    "seconds": info["seconds"],
-                    "left_out": left_out,
-                    "half_precision": halved,
-                    "files": files,
-                }
+                ship_stage(source, tmp / stage / key, profile_params, data_root, artifacts, record["commit"], half)
             )
         manifest = {
             "profile": profile,

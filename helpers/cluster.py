@@ -41,6 +41,7 @@ def kmeans(
         x.shape[1],
         k,
         niter=iterations,
+        nredo=restarts,
         seed=seed,
         gpu=use_gpu,
         verbose=False,

@@ -93,29 +93,26 @@ def training_set(params: Params, variant: str, progress: bool = False) -> tuple[
     return poisoned_train_pixels(data, attack, params.data.image_size), attack.train_poisoned
 
 
+def training_features(params: Params, variant: str = "poisoned", progress: bool = False) -> np.ndarray:
+    """L2-normalised features of the whole training set from the model trained on it: what the clustering
+    stage clusters (notebook 03 extracts them again where a shipped clustering leaves them out)."""
+    pixels, _ = training_set(params, variant, progress)
+    size = pixels.shape[-1]
+    backbone = load_backbone(params, train_stage(params, variant, progress=progress), size)
+    cfg = augment_config(params.ssl, size)
+    batch, precision = params.cluster.batch_size, params.compute.precision
+    return l2_normalise(extract_features(backbone, pixels, cfg.mean, cfg.std, batch, progress, "features", precision))
+
+
 def cluster_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """Features of the whole training set (L2-normalised) and their k-means clustering. The assignment
     saved is the argmax of the cosine classifier of the centres, the one the search uses throughout."""
     _check(variant)
-    model_dir = train_stage(params, variant, progress=progress)
+    train_stage(params, variant, progress=progress)  # the model first: a hit below still records it as used
 
     def compute(out: Path, final: Path) -> None:
         start = time.perf_counter()
-        pixels, _ = training_set(params, variant, progress)
-        size = pixels.shape[-1]
-        backbone = load_backbone(params, model_dir, size)
-        cfg = augment_config(params.ssl, size)
-        feats = extract_features(
-            backbone,
-            pixels,
-            cfg.mean,
-            cfg.std,
-            params.cluster.batch_size,
-            progress,
-            "features",
-            params.compute.precision,
-        )
-        feats = l2_normalise(feats)
+        feats = training_features(params, variant, progress)
         clustering = kmeans(feats, params.cluster.k, params.cluster.seed, params.cluster.iterations)
         assignment = np.argmax(feats @ clustering.centroids.T, axis=1)
         io.save_npz(

@@ -55,6 +55,8 @@ NOT_RESULT_CODE = frozenset(
         "fetch_data",
         "checkpoints",
         "heldout",
+        "gpu",
+        "codelock",
     }
 )
 
@@ -169,9 +171,7 @@ def read_lock(package_dir: Path | None = None) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
 
 
-def module_identity(name: str, package_dir: Path | None = None) -> str:
-    """The identity of module ``name`` that cache keys hold (the lock's)."""
-    modules = read_lock(package_dir)["modules"]
+def _identity(modules: dict, name: str, package_dir: Path | None) -> str:
     if name not in modules:
         raise KeyError(
             f"helpers/{name}.py is not in {lock_path(package_dir)}: record it with "
@@ -185,10 +185,7 @@ def code_fingerprint(stage: str, package_dir: Path | None = None) -> str:
     if stage not in STAGE_CODE:
         raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_CODE)})")
     modules = read_lock(package_dir)["modules"]
-    missing = [name for name in STAGE_CODE[stage] if name not in modules]
-    if missing:
-        module_identity(missing[0], package_dir)  # raises, naming the module and the command
-    parts = [f"{name}:{modules[name]['identity']}" for name in sorted(STAGE_CODE[stage])]
+    parts = [f"{name}:{_identity(modules, name, package_dir)}" for name in sorted(STAGE_CODE[stage])]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -41,9 +41,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from . import io, paths
+from .cache import stages_used
+from .checkpoints import SHIPPED_STAGES, ship_stage
 from .fingerprint import file_fingerprint
 
 PARAMS = paths.PARAMS_DIR / "cifar10-gpu.yaml"
@@ -52,8 +52,7 @@ PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 MAX_PARTS = 7  # and at most 8 files: the parts and job.json
 BUDGET_S = 540  # one command may run 600 s: the job's own deadline leaves a minute for the start and the copy
 PACK_RESERVE_S = 45  # kept for writing the results after the last task
-SHIPPED = ("ssl_", "eval_", "cluster_", "search_", "classifier_")  # the data and the attack take seconds here
-LEFT_OUT = frozenset({"features.npz"})  # evaluation features: read by nothing after the stage
+SHIPPED = (*SHIPPED_STAGES, "cluster_")  # and the clustering the shipped searches were made on
 DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
 
 
@@ -299,7 +298,7 @@ def _git(*args: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ on the GPU
-def warmup_rate(params_path: Path, seconds_hint: int = 0, steps: int | None = None) -> float:
+def warmup_rate(params_path: Path, steps: int | None = None) -> float:
     """Images per second of one SSL training of the profile on this machine (``bench.ssl_rate``: the real
     training loop on random pixels, the first step left out)."""
     import torch
@@ -378,70 +377,13 @@ def _round_to_fp16(folder: Path) -> bool:
     return True
 
 
-def _new_stages(stage_log: Path) -> list[str]:
-    """``stage/key`` of every stage computed (not found in the cache) by the tasks, in order."""
-    out: dict[str, None] = {}
-    if stage_log.is_file():
-        for line in stage_log.read_text().splitlines():
-            entry = json.loads(line)
-            if not entry["hit"]:
-                out.setdefault(f"{entry['stage']}/{entry['key']}", None)
-    return list(out)
-
-
-def ship_stage(source: Path, dest: Path, run_params, data_root: str, artifacts: str, job: str, commit: str) -> dict:
-    """One cached stage as shipped: paths in text as tokens, evaluation features left out, the clustering's
-    features dropped; its manifest entry (``helpers.checkpoints``'s format) with each file's sha256."""
-    import numpy as np
-
-    from .checkpoints import ARTIFACTS_TOKEN, DATA_TOKEN, TEXT_SUFFIXES, _variant
-
-    info = json.loads((source / "stage.json").read_text())
-    stage_params = yaml.safe_load((source / "params.yaml").read_text())
-    files, left_out = {}, []
-    for src in sorted(p for p in source.rglob("*") if p.is_file()):
-        rel = str(src.relative_to(source))
-        dst = dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel in LEFT_OUT:
-            left_out.append(rel)
-            continue
-        if rel in DROPPED_ARRAYS:
-            z = np.load(src)
-            kept = {k: z[k] for k in z.files if k not in DROPPED_ARRAYS[rel]}
-            left_out += [f"{rel}:{k}" for k in z.files if k in DROPPED_ARRAYS[rel]]
-            io.save_npz(dst, **kept)
-        elif src.suffix in TEXT_SUFFIXES:
-            dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
-        else:
-            shutil.copyfile(src, dst)
-        files[rel] = file_fingerprint(dst)
-    return {
-        "stage": info["stage"],
-        "key": info["key"],
-        "variant": _variant(stage_params, run_params),
-        "params": stage_params,
-        "key_material": info["key_material"],
-        "commit": commit,
-        "seconds": info["seconds"],
-        "left_out": left_out,
-        "half_precision": info.get("half_precision", []),
-        "files": files,
-        "job": job,
-    }
-
-
 def device_description() -> dict:
     import platform
 
     import torch
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        out["gpu"] = None
-    return out
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "gpu": gpu}
 
 
 def run(out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Path | None = None) -> dict:
@@ -456,6 +398,7 @@ def run(out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Pa
 
 def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     from .checkpoints import _install_stage
+    from .data import select_split
     from .params import load, with_resolved_root
 
     start = time.time()
@@ -491,7 +434,7 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     run_params_path = work / "params.yaml"
     shutil.copyfile(params_path, run_params_path)
     if job.trains:
-        n_images = len(_training_images(params))
+        n_images = len(select_split(params, "train"))
         rates = measure_side_by_side(params_path, job.trains)
         rate = min(rates)
         train_s = deadline - time.time() - job.reserve_s - PACK_RESERVE_S
@@ -518,12 +461,12 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     for phase in job.phases:
         phase_start = time.time()
         if phase == ("bench",):
-            finished = _bench(run_params, work / "bench.md", deadline - PACK_RESERVE_S)
+            finished = _bench(run_params, work / "bench.md")
         else:
             workers = len(phase) if job.trains else min(len(phase), 3)
             finished = _run_phase(run_params_path, phase, workers, env, deadline - PACK_RESERVE_S, log)
         if job.trains and phase is job.phases[0]:  # the trained backbones, in fp16 before anything reads them
-            for stage_key in _new_stages(work / "stages.log"):
+            for stage_key in stages_used(work / "stages.log", computed_only=True):
                 if stage_key.startswith("ssl_"):
                     _round_to_fp16(artifacts / stage_key)
         record["phases"].append(
@@ -538,24 +481,16 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     return record
 
 
-def _training_images(params) -> list:
-    from .data import select_split
-
-    return select_split(params, "train").paths
-
-
 def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root, job, commit, record) -> None:
     """The new stages (complete ones only), their entries, the logs and the record: one archive in parts."""
     bundle = work / "bundle"
     entries = []
-    for stage_key in _new_stages(work / "stages.log"):
+    for stage_key in stages_used(work / "stages.log", computed_only=True):
         source = artifacts / stage_key
         if stage_key.startswith(SHIPPED) and (source / "params.yaml").is_file():
-            entries.append(
-                ship_stage(
-                    source, bundle / "stages" / stage_key, run_params, data_root, str(artifacts), job.name, commit
-                )
-            )
+            dest = bundle / "stages" / stage_key
+            entry = ship_stage(source, dest, run_params, data_root, str(artifacts), commit, False, DROPPED_ARRAYS)
+            entries.append({**entry, "job": job.name})  # backbones: made fp16 on the GPU (_round_to_fp16)
     record["stages"] = [f"{e['stage']}/{e['key']}" for e in entries]
     io.write_json(bundle / "entries.json", entries)
     (bundle / "logs").mkdir(parents=True, exist_ok=True)
@@ -572,12 +507,12 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
     io.write_json(out / "job.json", record)
 
 
-def _bench(params, dest: Path, deadline: float) -> bool:
+def _bench(params, dest: Path) -> bool:
     """The GPU benchmark of the profile's network (``helpers.bench.profile_bench``), as Markdown."""
     from .bench import profile_bench
 
     try:
-        dest.write_text(profile_bench(params, deadline))
+        dest.write_text(profile_bench(params))
         return True
     except Exception as e:  # a benchmark never loses the job's results
         dest.write_text(f"benchmark failed: {type(e).__name__}: {e}\n")
@@ -698,6 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", required=True)
     p.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
+    from .params import load
+
     try:
         if args.action == "status":
             print(status(Path(args.params)))
@@ -724,17 +661,11 @@ def main(argv: list[str] | None = None) -> None:
             record = install(Path(args.folder), Path(args.params))
             restore()
             print(f"installed job {record['job']} ({'complete' if record['complete'] else 'ran out of time'}): "
-                  f"{len(record['stages'])} stages into {shipped_dir(record_profile(args.params))}")  # fmt: skip
+                  f"{len(record['stages'])} stages into {shipped_dir(load(args.params).profile)}")  # fmt: skip
         else:
             restore()
     except QueueError as e:
         raise SystemExit(f"helpers.gpu {args.action}: {e}") from None
-
-
-def record_profile(params_path: str) -> str:
-    from .params import load
-
-    return load(params_path).profile
 
 
 if __name__ == "__main__":

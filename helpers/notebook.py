@@ -119,21 +119,3 @@ def opening(params: Params, notebook: str) -> str:
         text += ", none of which needs a shipped checkpoint: they take seconds."
     lines.append(text)
     return "\n\n".join(lines)
-
-
-def training_features(params: Params, variant: str = "poisoned"):
-    """The L2-normalised features of the training set that the clustering stage embedded, extracted again:
-    a shipped clustering of 50,000 images leaves them out (``helpers.gpu``), its centres and assignment kept."""
-    from .cluster import l2_normalise
-    from .defense import training_set
-    from .evaluate import extract_features
-    from .train import augment_config, load_backbone, train_stage
-
-    pixels, _ = training_set(params, variant)
-    size = pixels.shape[-1]
-    cfg = augment_config(params.ssl, size)
-    backbone = load_backbone(params, train_stage(params, variant, progress=False), size)
-    batch = params.cluster.batch_size
-    return l2_normalise(
-        extract_features(backbone, pixels, cfg.mean, cfg.std, batch, False, "features", params.compute.precision)
-    )

@@ -335,10 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    if Path(args.params).resolve() == (paths.PARAMS_DIR / "cifar10-gpu.yaml").resolve() and not args.retrain:
-        from .gpu import status
+    from . import gpu
 
-        if "next: J1" in status():  # its models train for days on a CPU: only the GPU queue makes them
+    if Path(args.params).resolve() == gpu.PARAMS.resolve() and not args.retrain:
+        if gpu.next_job(gpu.read_manifest(params_mod.load(gpu.PARAMS).profile)) is gpu.JOBS[0]:
+            # its models train for days on a CPU: only the GPU queue makes them
             raise SystemExit(
                 "params/cifar10-gpu.yaml: no GPU job has shipped its models yet (figures/cifar10-gpu/checkpoints/), "
                 "and training them on this CPU takes days: run the GPU queue first (make gpu-status), or pass "

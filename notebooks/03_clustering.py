@@ -21,7 +21,7 @@
 #
 # Both defenses start the same way. The model trained on the (possibly poisoned) data embeds every
 # training image; the embeddings are L2-normalised and clustered with k-means (faiss, on the GPU when
-# there is one). Self-supervised models group similar images, and a trigger shared by the poisons makes
+# there is one; torch's where faiss is missing). Self-supervised models group similar images, and a trigger shared by the poisons makes
 # them similar: the poisons should gather in a few clusters, and the trigger should be what holds those
 # clusters together. The cluster centres also become the "classifier" that the next notebook explains.
 #
@@ -63,12 +63,14 @@ stage = defense.cluster_stage(P, "poisoned")
 Z = np.load(stage / "clustering.npz")
 assignment, k = Z["assignment"], P.cluster.k
 summary = json.loads((stage / "summary.json").read_text())
-features = Z["features"] if "features" in Z.files else notebook.training_features(P, "poisoned")  # shipped: left out
+kmeans_by = summary.get("kmeans", "faiss")  # the stage's k-means: faiss, or torch where faiss is missing
+features = Z["features"] if "features" in Z.files else defense.training_features(P, "poisoned")  # shipped: left out
 print(f"{len(assignment)} images, k = {k} clusters, {summary['seconds']:.1f} s (features + k-means, when computed)")
 
 # %% [markdown]
 # ## k-means and the cluster classifier, written out
-# The stage runs faiss; the idea fits in a few lines. Spherical k-means on unit-length embeddings: start
+# The stage runs faiss (where faiss is not installed, the same algorithm in torch); the idea fits in a
+# few lines. Spherical k-means on unit-length embeddings: start
 # from k random embeddings, then repeat two steps: give every embedding to the centre with the largest
 # cosine, and move every centre to the mean of its members, scaled back to unit length. The first step
 # alone is the **cluster classifier** the defenses use from here on: the centres are the weights of a
@@ -101,7 +103,7 @@ def kmeans_readable(features, k, iterations=20, seed=0):
 
 # %% [markdown]
 # Run on the stage's embeddings, the readable version gives a clustering of its own (another start,
-# another partition), and its classifier step applied to the stage's faiss centres gives back the stage's
+# another partition), and its classifier step applied to the stage's centres gives back the stage's
 # assignment:
 
 # %%
@@ -112,10 +114,10 @@ same = float((assign_readable(features, Z["centroids"]) == assignment).mean())
 conc_r = cluster.poison_concentration(assignment_r, poison)
 conc_f = cluster.poison_concentration(assignment, poison)
 notebook.show_markdown(
-    f"- the cluster classifier on faiss's centres reproduces {100 * same:.2f}% of the stage's assignments;\n"
+    f"- the cluster classifier on {kmeans_by}'s centres reproduces {100 * same:.2f}% of the stage's assignments;\n"
     f"- readable k-means ({seconds_r:.1f} s in numpy): {100 * conc_r['poison_share_in_rich_clusters']:.0f}% of "
     f"the poisons in clusters at least half poisoned, against {100 * conc_f['poison_share_in_rich_clusters']:.0f}% "
-    f"for faiss's clustering ({conc_r['rich_clusters']} and {conc_f['rich_clusters']} such clusters)."
+    f"for {kmeans_by}'s clustering ({conc_r['rich_clusters']} and {conc_f['rich_clusters']} such clusters)."
 )
 
 # %% [markdown]

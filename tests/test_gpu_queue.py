@@ -38,24 +38,17 @@ def mini_cifar10(dest, per_class=20):
 
 
 def tiny_profile(tmp_path):
-    """params/cifar10-gpu.yaml with TINY's values, as a file (its comments kept: ``install`` edits the epochs),
-    on a few CIFAR-10 images of every class."""
+    """params/cifar10-gpu.yaml with TINY's values, as a file (with a comment on its epochs line, which
+    ``install`` rewrites), on a few CIFAR-10 images of every class."""
     raw = yaml.safe_load(gpu.PARAMS.read_text())
-    raw["data"]["root"] = str(mini_cifar10(tmp_path / "cifar10"))
-    text = gpu.PARAMS.read_text().replace("profile: cifar10-gpu\n", f"profile: {TINY['profile']}\n")
-    for section, values in TINY.items():
-        if section == "profile":
-            continue
-        for key, value in values.items():
-            assert key in raw[section], f"{section}.{key} is not in the profile"
-            raw[section][key] = value
-    path = tmp_path / "cifar10-gpu-tiny.yaml"
-    # the sections' values from raw, the ssl block's epochs line kept in the profile's own words
-    lines = text.splitlines(keepends=True)
-    head = [line for line in lines if line.startswith("#")]
     raw["profile"] = TINY["profile"]
-    body = yaml.safe_dump(raw, sort_keys=False).replace("  epochs: 3\n", "  epochs: 3  # the aim\n", 1)
-    path.write_text("".join(head) + body)
+    raw["data"]["root"] = str(mini_cifar10(tmp_path / "cifar10"))
+    for section, values in TINY.items():
+        if section != "profile":
+            assert set(values) <= set(raw[section]), f"{section}: {set(values) - set(raw[section])} not in the profile"
+            raw[section].update(values)
+    path = tmp_path / "cifar10-gpu-tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False).replace("  epochs: 3\n", "  epochs: 3  # the aim\n", 1))
     return path
 
 
