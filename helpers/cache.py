@@ -49,6 +49,17 @@ def stage_dir(params: Params, stage: str) -> Path:
     return paths.artifacts_dir() / stage / stage_hash(params, stage)
 
 
+def cached_result(stage: str, params: Params) -> StageResult | None:
+    """The stage's finished folder where the cache holds one (recorded as used), else None: nothing computed."""
+    key = stage_hash(params, stage)
+    final = paths.artifacts_dir() / stage / key
+    if (final / MARKER).is_file() and not _stale(final):
+        log.info("cache hit  %s/%s", stage, key)
+        _log_use(stage, key, hit=True)
+        return StageResult(stage, key, final, hit=True)
+    return None
+
+
 def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], None]) -> StageResult:
     """Return the stage's folder, calling ``compute(tmp_dir, final_dir)`` to fill ``tmp_dir`` on a miss.
 

@@ -4,6 +4,7 @@ in ``tests/test_cluster.py``)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,17 @@ class Clustering:
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def content_ids(pixels: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit id of each image (``N x ...`` uint8) from its pixels alone: a keyed hash (BLAKE2b, key
+    ``seed``). Sorting by it gives a random order of the images that is the same whatever order the files or
+    classes come in: the order in which the defense draws and breaks ties (``cluster.order: content``).
+    Identical images share an id; a stable sort keeps them in file order."""
+    key = int(seed).to_bytes(8, "little", signed=True)
+    rows = np.ascontiguousarray(pixels, dtype=np.uint8)
+    digests = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest() for row in rows)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def kmeans(

@@ -37,7 +37,7 @@ from .cam import (
     poisoncam_heatmaps,
     window_hits_any,
 )
-from .cluster import kmeans, l2_normalise
+from .cluster import content_ids, kmeans, l2_normalise
 from .compute import device_for_run
 from .data import ImageList, load_data, write_file_list
 from .evaluate import extract_features
@@ -93,6 +93,14 @@ def training_set(params: Params, variant: str, progress: bool = False) -> tuple[
     return poisoned_train_pixels(data, attack, params.data.image_size), attack.train_poisoned
 
 
+def defense_ids(params: Params, pixels: torch.Tensor) -> np.ndarray:
+    """The ids in whose order the defense draws images and breaks ties (``cluster.order``): a seeded hash
+    of each image's pixels (``content``), or its index in the file list (``file``)."""
+    if params.cluster.order == "file":
+        return np.arange(len(pixels), dtype=np.int64)
+    return content_ids(pixels.numpy(), params.cluster.seed)
+
+
 def training_features(params: Params, variant: str = "poisoned", progress: bool = False) -> np.ndarray:
     """L2-normalised features of the whole training set from the model trained on it: what the clustering
     stage clusters (notebook 03 extracts them again where a shipped clustering leaves them out)."""
@@ -113,7 +121,8 @@ def cluster_stage(params: Params, variant: str = "poisoned", progress: bool = Tr
     def compute(out: Path, final: Path) -> None:
         start = time.perf_counter()
         feats = training_features(params, variant, progress)
-        clustering = kmeans(feats, params.cluster.k, params.cluster.seed, params.cluster.iterations)
+        visit = np.argsort(defense_ids(params, training_set(params, variant)[0]), kind="stable")
+        clustering = kmeans(feats[visit], params.cluster.k, params.cluster.seed, params.cluster.iterations)
         assignment = np.argmax(feats @ clustering.centroids.T, axis=1)
         io.save_npz(
             out / "clustering.npz",
@@ -144,6 +153,7 @@ class DefenseContext:
     flip_idx: np.ndarray
     outlier_stats: np.ndarray
     features: np.ndarray | None  # None where a shipped clustering leaves them out (notebook 03 extracts them)
+    ids: np.ndarray  # N, the order the defense draws and breaks ties in (``defense_ids``)
 
     @property
     def size(self) -> int:
@@ -170,6 +180,7 @@ def defense_context(params: Params, variant: str = "poisoned", progress: bool = 
         z["flip_idx"],
         z["outlier_stats"],
         z["features"] if "features" in z.files else None,
+        defense_ids(params, pixels),
     )
 
 
@@ -227,7 +238,8 @@ class Scorer:
         patches = self.patches(idx, w)
         start = time.perf_counter()
         q = self.ctx.params.search
-        locations = paste_locations(idx, len(self.flip_pixels), self.ctx.size, self.ctx.size, w, q.seed)
+        ids = self.ctx.ids[idx]
+        locations = paste_locations(ids, len(self.flip_pixels), self.ctx.size, self.ctx.size, w, q.seed)
         scores = flip_test(
             self.ctx.model,
             self.ctx.normalise,
@@ -255,7 +267,7 @@ class Scorer:
         out, pooled = {}, []
         for draw in range(draws):
             seed = q.seed + 1000 * draw
-            corners = random_windows(idx, size, w, seed)
+            corners = random_windows(self.ctx.ids[idx], size, w, seed)
             chance = cut_patches(self.ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
             places = shared_locations(len(idx), len(self.flip_pixels), size, w, seed)
             after = {
@@ -305,7 +317,12 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         sweep, rounds = [], []
         for w in tqdm(windows, desc=f"search ({q.method})", disable=not progress):
             result = iterative_search(
-                ctx.assignment, lambda idx, w=w: scorer.score(idx, w), q.samples_per_cluster, q.prune_fraction, q.seed
+                ctx.assignment,
+                lambda idx, w=w: scorer.score(idx, w),
+                q.samples_per_cluster,
+                q.prune_fraction,
+                q.seed,
+                ids=ctx.ids,
             )
             results[w] = result
             rounds += [{"window": w, **r} for r in result.rounds]
@@ -398,7 +415,7 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
         corners = torch.as_tensor(found["corners"][top])
         patches = cut_patches(pixels[torch.as_tensor(top)], corners[:, 0], corners[:, 1], w)
         val_idx, val_labels = proxy_validation(ranking[found["scored"][ranking]], c.top_k)  # among scored images
-        pool = training_pool(ranking, c.exclude_top, val_idx)
+        pool = training_pool(ranking, c.exclude_top, val_idx, defense_ids(params, pixels))
         cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
         normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
         logits, histories = [], []

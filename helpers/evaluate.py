@@ -171,10 +171,10 @@ def evaluate_stage(params, variant: str, icutmix: bool = False, progress: bool =
     Returns ``(folder, probe table, knn table)``. The label subsets are written as SSL-Backdoor file lists
     (``labels_<fraction>_seed<k>.txt``) so other code can use the same ones."""
     params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=icutmix))
-    model_dir = train_stage(params, variant, progress=progress)
     e = params.eval
 
     def compute(out, final):
+        model_dir = train_stage(params, variant, progress=progress)  # only on a miss: a result needs no model
         data = load_data(params, progress=progress)
         attack = run_attack(params, data, progress=progress)
         image_size = data.train.pixels.shape[-1]

@@ -195,10 +195,11 @@ CHOSEN_ON = {
 def window_sweep_rows(name: str, base: Path) -> list[dict]:
     """Every window side of one configuration's searches: every blind rule's statistic and pick, and the
     top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
-    from .defense import load_search, with_method
+    from .defense import defense_ids, load_search, training_set, with_method
     from .search import WINDOW_RULES, SearchResult, top_k_accuracy
 
     params, attack, poison, _ = _ground_truth(name, base)
+    ids = defense_ids(params, training_set(params, "poisoned")[0])  # the search's tie order
     out = []
     for method, label in METHODS.items():
         search_dir = _cached(with_method(params, method), "search_poisoned")
@@ -207,7 +208,7 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
         found = load_search(search_dir)
         for _, r in found["sweep"].iterrows():
             w = int(r["window"])
-            ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"]).ranking()
+            ranking = SearchResult(found[f"scores_w{w}"], found[f"scored_w{w}"], ids=ids).ranking()
             out.append(
                 {
                     "configuration": name,

@@ -104,6 +104,11 @@ class ClusterParams:
     iterations: int = 20
     batch_size: int = 512  # feature extraction
     seed: int = 0
+    # The order in which the defense (clustering, search, classifier) visits the training images wherever it
+    # draws at random or breaks a tie: ``content`` = by a seeded hash of each image's pixels
+    # (``cluster.content_ids``), so nothing depends on the order of the classes or the files; ``file`` = by
+    # index in the file list, which is class-sorted (ties then favour the first classes: issue 22).
+    order: str = "content"
 
 
 @dataclass(frozen=True)
@@ -358,6 +363,8 @@ def _check_ranges(p: Params, source: str) -> None:
         )
     if q.window_rule not in ("rsd", "contrast", "agreement", "pooled"):
         raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement, pooled")
+    if p.cluster.order not in ("content", "file"):
+        raise bad("cluster.order", p.cluster.order, "must be content or file")
     if q.score_rule not in (None, "into", "changed"):
         raise bad("search.score_rule", q.score_rule, "must be null (the method's paper's), into or changed")
     if q.window_draws < 1:
@@ -515,7 +522,7 @@ PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned", "ssl_mix"})  # what
 # Keys added to the schema after results were shipped: left out of a stage's params (its ``params.yaml`` and
 # its cache key) while they hold this value, which computes what the code did before they existed, so those
 # results keep their keys.
-ADDED_LATER: dict[tuple[str, str], Any] = {("search", "score_rule"): None}
+ADDED_LATER: dict[tuple[str, str], Any] = {("search", "score_rule"): None, ("cluster", "order"): "file"}
 
 
 def resolve_input_path(path: str | Path) -> Path:

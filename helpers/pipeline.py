@@ -73,7 +73,8 @@ NOTEBOOK_VARIANTS = {
     )
     + ("eval_filtered_patchsearch_icutmix",),
     "repeated": ("eval_clean", "eval_poisoned", "eval_filtered_patchsearch", "eval_filtered_poisoncam"),  # Table 9
-}
+    **{seed: ("eval_clean", "eval_poisoned") for seed in ("ssl_seed1", "ssl_seed2", "byol_seed1", "byol_seed2")},
+}  # the last four: Table 2 over SSL training seeds (notebook 07)
 
 
 def notebook_tasks(variant_names) -> tuple[tuple[str, ...], list[str]]:
@@ -216,11 +217,16 @@ def default_workers() -> tuple[int, int]:
     return cpus, 1
 
 
-def select(graph: list[Task], only: list[str] | None) -> list[Task]:
-    """The tasks named in ``only`` and every task they need; all of them when ``only`` is empty."""
+def select(graph: list[Task], only: list[str] | None, finished: frozenset[str] = frozenset()) -> list[Task]:
+    """The tasks named in ``only`` and every task they need; all of them when ``only`` is empty. A task in
+    ``finished`` (its result is in the cache) needs nothing: the tasks only it needs are left out."""
+    by_name = {t.name: t for t in graph}
+    if finished:
+        graph = [dataclasses.replace(t, deps=()) if t.name in finished else t for t in graph]
+        by_name = {t.name: t for t in graph}
+        only = only or [t.name for t in graph if not any(t.name in u.deps for u in graph)]  # the graph's ends
     if not only:
         return graph
-    by_name = {t.name: t for t in graph}
     unknown = [name for name in only if name not in by_name]
     if unknown:
         raise ValueError(f"unknown pipeline task(s) {', '.join(unknown)} (known: {', '.join(by_name)})")
@@ -231,6 +237,31 @@ def select(graph: list[Task], only: list[str] | None) -> list[Task]:
             keep.add(name)
             todo += by_name[name].deps
     return [t for t in graph if t.name in keep]
+
+
+def finished_evaluations(params: Params, names: list[str]) -> frozenset[str]:
+    """The evaluation tasks (``[variant:]eval_*``) among ``names`` whose stage is in the cache: a finished
+    evaluation needs no model (``evaluate_stage`` trains one only on a miss), so a fresh clone given the
+    shipped evaluation of a model that is not shipped trains nothing."""
+    from .cache import cached_result
+    from .defense import with_method
+    from .params import with_variant
+
+    out = set()
+    for full in names:
+        run, name = params, full
+        if ":" in full:
+            variant, name = full.split(":", 1)
+            run = with_variant(params, variant)
+        base = name.removesuffix("_icutmix")
+        if not base.startswith("eval_"):
+            continue
+        run = dataclasses.replace(run, ssl=dataclasses.replace(run.ssl, icutmix=name.endswith("_icutmix")))
+        if base.startswith("eval_filtered_"):
+            run, base = with_method(run, base.removeprefix("eval_filtered_")), "eval_filtered"
+        if cached_result(base, run) is not None:
+            out.add(full)
+    return frozenset(out)
 
 
 def run_all(
@@ -249,7 +280,10 @@ def run_all(
     default_procs, default_threads = default_workers()
     workers, threads = workers or default_procs, threads or default_threads
     variants = tuple(dict.fromkeys([*variants, *(n.split(":", 1)[0] for n in only or [] if ":" in n)]))
-    graph = select(tasks(variants), only)
+    from .params import load, with_resolved_root
+
+    params = with_compute(with_resolved_root(load(params_path)), precision)
+    graph = select(tasks(variants), only, finished_evaluations(params, [t.name for t in tasks(variants)]))
     priority = _priorities(graph)
     log_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}

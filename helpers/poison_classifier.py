@@ -174,8 +174,12 @@ def proxy_validation(ranking: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return idx, np.r_[np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64)]
 
 
-def training_pool(ranking: np.ndarray, exclude_top: float, val_idx: np.ndarray) -> np.ndarray:
-    """Every image except the top ``exclude_top`` fraction of the ranking and the proxy validation images."""
+def training_pool(
+    ranking: np.ndarray, exclude_top: float, val_idx: np.ndarray, ids: np.ndarray | None = None
+) -> np.ndarray:
+    """Every image except the top ``exclude_top`` fraction of the ranking and the proxy validation images,
+    in the order of their ``ids`` (``cluster.order``; default: index), which the classifier's draws follow."""
     n = len(ranking)
     drop = set(ranking[: int(round(exclude_top * n))].tolist()) | set(np.asarray(val_idx).tolist())
-    return np.array(sorted(set(range(n)) - drop), dtype=np.int64)
+    pool = np.array(sorted(set(range(n)) - drop), dtype=np.int64)
+    return pool if ids is None else pool[np.argsort(ids[pool], kind="stable")]

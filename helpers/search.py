@@ -23,8 +23,9 @@
   unscored images; a cluster's score is the highest score of its images so far; then the
   ``ceil(r * surviving)`` lowest-scored clusters are pruned (ties: lower cluster index first), and
   clusters with no unscored image left drop out. It stops when no cluster is left. Unscored images keep
-  score 0; the ranking puts scored images before unscored ones at equal score. The first round's images
-  depend on the seed and the clustering only, not on the scores: every window side scores the same
+  score 0; the ranking puts scored images before unscored ones at equal score, then follows the images'
+  ids (``cluster.order``: a seeded hash of their content, so ties never favour a class). The first
+  round's images depend on the seed and the clustering only, not on the scores: every window side scores the same
   first-round images, the common population the blind choice of ``w`` compares (``choose_window``).
 - Blind window side (``WINDOW_RULES``): ``rsd`` (the paper) and ``contrast`` are statistics of the first
   round's scores (``window_statistic``); ``agreement`` asks whether the top candidates' windows send the
@@ -171,10 +172,13 @@ class SearchResult:
     scored: np.ndarray  # N, bool
     rounds: list[dict] = field(default_factory=list)  # per round: clusters alive, images scored
     round_of: np.ndarray | None = None  # N, the round that scored each image (-1: unscored)
+    ids: np.ndarray | None = None  # N, the order ties are broken in (``cluster.content_ids``); None: index
 
     def ranking(self) -> np.ndarray:
-        """All image indices, most poisonous first (scored before unscored at equal score, then index)."""
-        return np.lexsort((np.arange(len(self.scores)), ~self.scored, -self.scores))
+        """All image indices, most poisonous first: scored before unscored at equal score, then by ``ids``
+        (a seeded order of the images' content, so no class or file wins the ties), then by index."""
+        ids = np.arange(len(self.scores)) if self.ids is None else self.ids
+        return np.lexsort((np.arange(len(self.scores)), ids, ~self.scored, -self.scores))
 
 
 def iterative_search(
@@ -184,8 +188,10 @@ def iterative_search(
     prune_fraction: float = 0.25,
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
+    ids: np.ndarray | None = None,
 ) -> SearchResult:
-    """PatchSearch's search: ``score_fn(indices) -> scores`` is called once per round on all new images."""
+    """PatchSearch's search: ``score_fn(indices) -> scores`` is called once per round on all new images.
+    Each cluster's images are drawn in a seeded random order of their ``ids`` (default: their indices)."""
     if samples_per_cluster < 1 or not 0 < prune_fraction <= 1:
         raise ValueError(
             f"need samples_per_cluster >= 1 and prune_fraction in (0, 1], got {samples_per_cluster}, {prune_fraction}"
@@ -193,7 +199,10 @@ def iterative_search(
     n = len(assignment)
     rng = np.random.default_rng(seed)
     k = int(assignment.max()) + 1 if n else 0
-    order = {c: rng.permutation(np.flatnonzero(assignment == c)) for c in range(k)}
+    members = {c: np.flatnonzero(assignment == c) for c in range(k)}
+    if ids is not None:
+        members = {c: m[np.argsort(ids[m], kind="stable")] for c, m in members.items()}
+    order = {c: rng.permutation(members[c]) for c in range(k)}
     alive = [c for c in range(k) if len(order[c])]
     pointer = dict.fromkeys(alive, 0)
     cluster_score = np.full(k, -np.inf)
@@ -216,7 +225,7 @@ def iterative_search(
         if progress is not None:
             progress(info)
         alive = sorted(survivors)
-    return SearchResult(scores, scored, rounds, round_of)
+    return SearchResult(scores, scored, rounds, round_of, ids)
 
 
 def relative_std(scores: np.ndarray) -> float:

@@ -86,16 +86,30 @@ poison = A.poison_mask(len(D.train.images))
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 stages = {m: defense.search_stage(defense.with_method(P, m), "poisoned") for m in METHODS}
 found = {m: defense.load_search(path) for m, path in stages.items()}
+ids = defense.defense_ids(P, defense.training_set(P, "poisoned")[0])  # the order the search breaks ties in
 
 # %% [markdown]
 # ## Which w? (paper Figure 4)
+# Beside each side's blind statistics, two ground-truth columns for teaching: the top-20 accuracy of its
+# ranking, and the **score AUC**, the chance that a scored poison outscores a scored clean image (ties
+# count half; 0.5 is chance, below 0.5 the score prefers clean images).
+
 
 # %%
+def score_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUC of ``scores`` for ``positive`` against the rest (nan where one side is empty)."""
+    if positive.all() or not positive.any():
+        return float("nan")
+    ranks = pd.Series(scores).rank().to_numpy()  # ties get their average rank
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 rows = []
 for m, f in found.items():
     for _, r in f["sweep"].iterrows():
         w = int(r["window"])
-        res = search.SearchResult(f[f"scores_w{w}"], f[f"scored_w{w}"])
+        res = search.SearchResult(f[f"scores_w{w}"], f[f"scored_w{w}"], ids=ids)
         rows.append(
             {
                 "method": METHODS[m],
@@ -107,6 +121,7 @@ for m, f in found.items():
                 "pooled sd": r["pooled_sd"],
                 "scored": int(r["scored"]),
                 "top-20 acc (ground truth)": search.top_k_accuracy(res.ranking(), poison, 20),
+                "score AUC (ground truth)": score_auc(res.scores[res.scored], poison[res.scored]),
                 "RSD pick": bool(r["rsd_pick"]),
                 "contrast pick": bool(r["contrast_pick"]),
                 "agreement pick": bool(r["agreement_pick"]),
@@ -210,7 +225,7 @@ for m, f in found.items():
     ctx = defense.defense_context(defense.with_method(P, m), "poisoned", progress=False)
     w, top = int(f["window"]), int(f["ranking"][0])
     flip = torch.as_tensor(ctx.flip_idx)
-    corners = search.paste_locations([top], len(flip), ctx.size, ctx.size, w, P.search.seed)[0]
+    corners = search.paste_locations(ctx.ids[[top]], len(flip), ctx.size, ctx.size, w, P.search.seed)[0]
     c = torch.as_tensor(f["corners"][top])
     patch = cam.cut_patches(ctx.pixels[top : top + 1], c[:1], c[1:], w)[0]
     readable = flip_score_readable(
@@ -223,8 +238,9 @@ for m, f in found.items():
         corners,
         defense.SCORE_RULE[m],
     )
-    rng = np.random.default_rng(P.search.seed)  # the stage's shuffle of every cluster's images
-    queues = {c: list(rng.permutation(np.flatnonzero(ctx.assignment == c))) for c in range(P.cluster.k)}
+    rng = np.random.default_rng(P.search.seed)  # the stage's shuffle of every cluster's images, in id order
+    members = {c: np.flatnonzero(ctx.assignment == c) for c in range(P.cluster.k)}
+    queues = {c: list(rng.permutation(m[np.argsort(ctx.ids[m], kind="stable")])) for c, m in members.items()}
     alive = [c for c in range(P.cluster.k) if queues[c]]
     best, scored, n_rounds = dict.fromkeys(alive, -math.inf), [], 0
     stored = f[f"scores_w{w}"]
@@ -259,6 +275,7 @@ for m, f in found.items():
         P.search.samples_per_cluster,
         P.search.prune_fraction,
         P.search.seed,
+        ids=ids,
     )
     assert np.array_equal(replayed[m].scored, f["scored"]), "the replay must score the images the search scored"
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
@@ -325,6 +342,18 @@ for ax, (m, f) in zip(axes, found.items(), strict=True):
     ax.legend(fontsize=8)
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "score_histogram", dpi=P.figures.dpi)
+auc = sweep.pivot(index="window", columns="method", values="score AUC (ground truth)")
+plotting.save_table(auc.round(3).reset_index(), P.profile, NB, "score_auc")
+notebook.show_markdown(
+    "Score AUC, poisons against clean candidates among the scored images (0.5: chance): "
+    + "; ".join(
+        f"{METHODS[m]} ({defense.score_rule(defense.with_method(P, m))} count) {auc.loc[f['window'], METHODS[m]]:.2f} at its w = "
+        f"{f['window']} px, from {auc[METHODS[m]].min():.2f} to {auc[METHODS[m]].max():.2f} over the sweep"
+        for m, f in found.items()
+    )
+    + "."
+)
+auc
 
 # %% [markdown]
 # ## The top-ranked candidate triggers

@@ -45,7 +45,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
-from helpers import attack, data, defense, evaluate, io, notebook, params, plotting, removal_study
+from helpers import attack, cache, data, defense, evaluate, io, notebook, params, plotting, removal_study
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -197,6 +197,81 @@ if "byol" in P.variants:
     display(byol_table)
 else:
     print("This profile defines no `byol` variant: Table 2's BYOL rows are not computed.")
+
+# %% [markdown]
+# ## Table 2 over SSL training seeds
+# Every "±" above is over the probe's seeds on **one** SSL training. Another SSL training of the same
+# setting, with another seed (initial weights, batch order, augmentations), can plant another backdoor,
+# or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2) and `byol_seed1`, `byol_seed2` train
+# the clean and backdoored models again with SSL seeds 1 and 2, on the same poisoned set
+# (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1 byol_seed2`). For each SSL seed:
+# the mean over its probe seeds; then mean ± sd over SSL seeds. An SSL seed plants a backdoor by the rule
+# above, against the clean model of the same SSL seed.
+
+# %%
+SEED_RUNS = {"MoCo-v2": (None, "ssl_seed1", "ssl_seed2"), "BYOL": ("byol", "byol_seed1", "byol_seed2")}
+seed_rows, missing = [], []
+for ssl_method, names in SEED_RUNS.items():
+    for name in names:
+        if name is not None and name not in P.variants:
+            continue
+        run = P if name is None else params.with_variant(P, name)
+        row = {"SSL method": ssl_method, "SSL seed": run.ssl.seed}
+        for model, variant in (("clean", "clean"), ("backdoored", "poisoned")):
+            found = cache.cached_result(f"eval_{variant}", run)  # read only: this notebook trains no seed
+            if found is None:
+                missing.append(f"{name or P.profile}:eval_{variant}")
+                continue
+            probe = pd.read_csv(found.path / "probe.csv")
+            probe = probe[np.isclose(probe["labels"], top)]
+            row[f"{model} acc (%)"] = 100 * probe["clean_acc"].mean()
+            row[f"{model} ASR (%)"] = 100 * probe["asr"].mean()
+            row[f"{model} ASR sd over probe seeds"] = 100 * probe["asr"].std(ddof=0)
+        if "clean ASR (%)" in row and "backdoored ASR (%)" in row:
+            row["ASR ratio"] = row["backdoored ASR (%)"] / row["clean ASR (%)"]
+            row["plants a backdoor"] = bool(row["backdoored ASR (%)"] >= max(20, 4 * row["clean ASR (%)"]))
+            seed_rows.append(row)
+by_seed = pd.DataFrame(seed_rows)
+if missing:
+    print("not computed (python -m helpers.pipeline --variants ...):", ", ".join(missing))
+if len(by_seed):
+    plotting.save_table(by_seed.round(2), P.profile, NB, "table2_ssl_seeds_per_seed")
+    over = by_seed.groupby("SSL method", sort=False).agg(
+        **{
+            "SSL seeds": ("SSL seed", "count"),
+            "seeds that plant a backdoor": ("plants a backdoor", "sum"),
+            "clean acc mean": ("backdoored acc (%)", "mean"),
+            "clean model ASR mean": ("clean ASR (%)", "mean"),
+            "clean model ASR sd": ("clean ASR (%)", "std"),
+            "backdoored ASR mean": ("backdoored ASR (%)", "mean"),
+            "backdoored ASR sd": ("backdoored ASR (%)", "std"),
+        }
+    )
+    over = over.rename(columns={"clean acc mean": "backdoored model's clean acc (%)"})
+    plotting.save_table(over.round(2).reset_index(), P.profile, NB, "table2_ssl_seeds")
+    lines = []
+    for ssl_method, r in over.iterrows():
+        ratios = by_seed[by_seed["SSL method"] == ssl_method]
+        lines.append(
+            f"- **{ssl_method}** over {int(r['SSL seeds'])} SSL seeds ({100 * top:.0f}% labels): the backdoored "
+            f"model's ASR is {r['backdoored ASR mean']:.1f} ± {r['backdoored ASR sd']:.1f}% (sd over SSL "
+            f"seeds), the clean model's {r['clean model ASR mean']:.1f} ± {r['clean model ASR sd']:.1f}%; "
+            f"per seed {', '.join(f'{a:.1f}%' for a in ratios['backdoored ASR (%)'])} against "
+            f"{', '.join(f'{a:.1f}%' for a in ratios['clean ASR (%)'])}. "
+            f"**{int(r['seeds that plant a backdoor'])} of {int(r['SSL seeds'])}** plant a backdoor by the "
+            "20% / 4x rule: "
+            + (
+                "the attack works at this budget."
+                if r["seeds that plant a backdoor"] == r["SSL seeds"]
+                else "the attack does **not** reliably work at this budget; a claim on one seed is not a claim."
+                if r["seeds that plant a backdoor"] > 0
+                else "the attack does **not** work at this budget."
+            )
+        )
+    seed_headline = "\n".join(lines)
+    io.write_text(plotting.figure_path(P.profile, NB, "ssl_seeds", ".md"), seed_headline + "\n")
+    notebook.show_markdown(seed_headline)
+    display(by_seed.round(2))
 
 # %% [markdown]
 # ## Where the patched images go

@@ -70,3 +70,30 @@ def test_a_variant_must_be_valid_params():
         params_mod.from_dict({"profile": "x", "variants": {"byol": {"ssl": {"lrate": 1}}}}, "p.yaml")
     with pytest.raises(params_mod.ParamsError, match="'sll' is not a section"):
         params_mod.from_dict({"profile": "x", "variants": {"byol": {"sll": {"lr": 1}}}}, "p.yaml")
+
+
+def test_a_finished_evaluation_needs_no_model(tiny_params):
+    """The evaluation of a model that is not in the cache but whose result is (a shipped evaluation of an
+    unshipped model) is a leaf: the pipeline trains nothing for it, and the evaluation reads its result."""
+    import dataclasses
+
+    from helpers import cache, evaluate
+    from helpers.params import with_variant
+
+    p = dataclasses.replace(tiny_params, variants={"seed1": {"ssl": {"seed": 1}}})
+    graph = pipeline.tasks(("seed1",))
+    wanted = ["seed1:eval_clean", "seed1:eval_filtered_patchsearch_icutmix"]
+    assert pipeline.finished_evaluations(p, wanted) == frozenset()
+    run = with_variant(p, "seed1")
+    folder = cache.stage_dir(run, "eval_clean")  # a finished result, as an install leaves it
+    folder.mkdir(parents=True)
+    (folder / "probe.csv").write_text("labels,seed,clean_acc,asr\n0.1,0,0.5,0.1\n")
+    (folder / "knn.json").write_text("{}")
+    (folder / cache.MARKER).write_text("{}")
+    finished = pipeline.finished_evaluations(p, wanted)
+    assert finished == {"seed1:eval_clean"}
+    assert {t.name for t in pipeline.select(graph, ["seed1:eval_clean"], finished)} == {"seed1:eval_clean"}
+    assert "seed1:ssl_clean" in {t.name for t in pipeline.select(graph, ["seed1:eval_clean"])}
+    path, probe, _ = evaluate.evaluate_stage(run, "clean", progress=False)  # no model: read, not trained
+    assert path == folder and probe["asr"].tolist() == [0.1]
+    assert not cache.stage_dir(run, "ssl_clean").exists()
