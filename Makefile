@@ -1,6 +1,7 @@
 # Two commands for a newcomer: `make reproduce` and `make test`. Both create the environment if missing.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+SUPPORTED_PYTHONS := 3.11 3.12 3.13
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/cifar10.yaml
@@ -13,7 +14,8 @@ REQUIREMENTS := requirements/constraints.txt requirements/base.txt requirements/
 
 # The environment: a venv with the exact CPU pins (torch and torchvision held by the constraints file).
 $(STAMP): $(REQUIREMENTS)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || "$(PYTHON)" -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v in "$(SUPPORTED_PYTHONS)".split() else "$(PYTHON) is Python " + v + ": this project supports Python $(SUPPORTED_PYTHONS); run make with PYTHON=<one of them>")'
+	@test -x $(PY) || "$(PYTHON)" -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/cpu.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt --no-deps --no-build-isolation -e .
@@ -27,7 +29,7 @@ DEFAULT_PARAMS := params/cifar10.yaml
 ## It starts from the checkpoints shipped in figures/<profile>/checkpoints/ (verified; helpers/checkpoints.py);
 ## RETRAIN=1 uses none and computes every stage again from nothing (about 4 hours on 2 CPU cores).
 reproduce: $(STAMP)
-	$(PY) -m helpers.reproduce --params $(PARAMS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+	$(PY) -m helpers.reproduce --params "$(PARAMS)" $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") \
 		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish) $(if $(RETRAIN),--retrain)
 
 ## The HTML book from the executed notebooks: build/report/html/index.html (helpers/report.py).
@@ -59,7 +61,7 @@ data: $(STAMP)
 
 ## Speed ratios measured in one run on this machine.
 bench: $(STAMP)
-	$(PY) -m helpers.bench $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(PY) -m helpers.bench $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 
 ## Remove every cached stage result, listing each first (never silently).
 clean-artifacts: $(STAMP)

@@ -15,6 +15,8 @@ Two environment variables, set by ``helpers.reproduce`` and inherited by its pip
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -72,6 +74,45 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
         log.info("cache hit  %s/%s", stage, key)
         _log_use(stage, key, hit=True)
         return StageResult(stage, key, final, hit=True)
+    with stage_lock(final):  # one process computes a stage; the others wait here, then find it done
+        if (final / MARKER).is_file() and not _stale(final):
+            log.info("cache hit  %s/%s (computed by another run while this one waited)", stage, key)
+            _log_use(stage, key, hit=True)
+            return StageResult(stage, key, final, hit=True)
+        return _compute(stage, key, material, params, final, compute)
+
+
+@contextlib.contextmanager
+def stage_lock(final: Path):
+    """An exclusive lock on one stage result (``artifacts/.locks/<stage>-<key>``, held by ``flock``, so a
+    killed holder frees it), waited for with a log line naming who holds it."""
+    locks = paths.artifacts_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{final.parent.name}-{final.name}", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            log.info(
+                "waiting for %s/%s: another run is computing it (%s)",
+                final.parent.name,
+                final.name,
+                handle.read().strip() or "pid unknown",
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compute(
+    stage: str, key: str, material: dict, params: Params, final: Path, compute: Callable[[Path, Path], None]
+) -> StageResult:
     log.info("cache miss %s/%s: computing", stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -103,6 +144,25 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
         raise
     _log_use(stage, key, hit=False)
     return StageResult(stage, key, final, hit=False)
+
+
+def clean_abandoned() -> list[str]:
+    """Remove the temporary folders (``<stage>/.tmp-<key>-<pid>-...``) of runs that are no longer running
+    (killed, crashed); returns a line for each, with its age. A live run's folders are left alone."""
+    removed = []
+    for tmp in sorted(paths.artifacts_dir().glob("*/.tmp-*")):
+        try:
+            pid = int(tmp.name.split("-")[2])
+            os.kill(pid, 0)  # still running: its stage is being computed
+            continue
+        except (IndexError, ValueError, ProcessLookupError):
+            pass
+        except PermissionError:  # someone else's live process
+            continue
+        age = (time.time() - tmp.stat().st_mtime) / 3600
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(f"{tmp.parent.name}/{tmp.name} ({age:.1f} h old)")
+    return removed
 
 
 def _stale(folder: Path) -> bool:

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, restored
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
@@ -24,6 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the mode any new file gets
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

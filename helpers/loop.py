@@ -21,7 +21,15 @@ from . import io
 from .augment import BatchAugment
 from .compute import autocast, device_for_run, resolve_precision
 from .params import SSLParams
-from .train import _optimizer, augment_config, epoch_generator, load_checkpoint, lr_at, save_checkpoint
+from .train import (
+    _optimizer,
+    augment_config,
+    check_loss,
+    epoch_generator,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+)
 
 
 def train_method(
@@ -80,6 +88,7 @@ def train_method(
             optimizer.step()
             model.momentum_update()
             losses.append(loss.item())
+            check_loss(losses[-1], p, epoch + 1, step)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
         history.append(

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,6 +285,23 @@ def _type_name(annotation: Any) -> str:
     return "null" if annotation is type(None) else annotation.__name__
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants 1.0e-3. A float key takes both.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _takes_float(annotation: Any) -> bool:
+    args = typing.get_args(annotation)
+    return annotation is float or float in args or (typing.get_origin(annotation) is list and args == (float,))
+
+
+def _yaml_float(value: Any) -> Any:
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml_float(v) for v in value]
+    return value
+
+
 def _build(cls: type, raw: Any, where: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
@@ -301,6 +319,7 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
                 raise ParamsError(f"{source}: missing required key '{name}'")
             continue
         value, annotation = raw[f.name], hints[f.name]
+        value = _yaml_float(value) if _takes_float(annotation) else value
         if dataclasses.is_dataclass(annotation):
             values[f.name] = _build(annotation, value, name, source)
         elif not _type_ok(value, annotation):
@@ -314,26 +333,129 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
     return cls(**values)
 
 
+# The range of every numeric key, as an interval ("[1, inf)": at least 1; "(0, 1]": above 0, at most 1), with
+# why where it is not plain; a list's range holds for each of its items; null passes where the key allows it.
+# ``tests/test_params.py`` walks the schema and fails on a numeric key missing here.
+POSITIVE, COUNT, SEED, SHARE = "(0, inf)", "[1, inf)", "[0, inf)", "(0, 1]"
+RANGES: dict[str, str | tuple[str, str]] = {
+    "data.image_size": COUNT,
+    "data.train_per_class": COUNT,
+    "data.val_per_class": COUNT,
+    "data.seed": SEED,
+    "attack.poison_rate": (SHARE, "a fraction of the target category"),
+    "attack.trigger_seed": SEED,
+    "attack.trigger_grid": COUNT,
+    "attack.trigger_size": ("(0, 1)", "a fraction of the image side"),
+    "attack.trigger_px": COUNT,
+    "attack.n_copies": COUNT,
+    "attack.train_margin": ("[0, 0.5)", "a fraction of the image side on each border"),
+    "attack.val_margin": ("[0, 0.5)", "a fraction of the image side on each border"),
+    "attack.seed": SEED,
+    "ssl.width": COUNT,
+    "ssl.stem_stride": COUNT,
+    "ssl.vit_patch": COUNT,
+    "ssl.vit_dim": COUNT,
+    "ssl.vit_depth": COUNT,
+    "ssl.vit_heads": COUNT,
+    "ssl.epochs": COUNT,
+    "ssl.batch_size": COUNT,
+    "ssl.lr": (POSITIVE, "a learning rate"),
+    "ssl.weight_decay": "[0, inf)",
+    "ssl.warmup_epochs": "[0, inf)",
+    "ssl.proj_dim": COUNT,
+    "ssl.proj_hidden": COUNT,
+    "ssl.temperature": (POSITIVE, "the contrastive loss divides by it"),
+    "ssl.queue_size": COUNT,
+    "ssl.momentum": ("[0, 1)", "the momentum encoder's EMA rate"),
+    "ssl.crop_min_scale": (SHARE, "a share of the image area"),
+    "ssl.blur_p": ("[0, 1]", "a probability"),
+    "ssl.seed": SEED,
+    "eval.label_fractions": (SHARE, "fractions of the labels"),
+    "eval.probe_seeds": COUNT,
+    "eval.probe_epochs": COUNT,
+    "eval.probe_lr": POSITIVE,
+    "eval.probe_weight_decay": "[0, inf)",
+    "eval.knn_k": COUNT,
+    "eval.knn_temperature": POSITIVE,
+    "eval.batch_size": COUNT,
+    "eval.seed": SEED,
+    "cluster.k": COUNT,
+    "cluster.iterations": COUNT,
+    "cluster.batch_size": COUNT,
+    "cluster.seed": SEED,
+    "search.window_px": COUNT,
+    "search.window_sweep": (COUNT, "window sides in pixels"),
+    "search.window_top_k": ("[2, inf)", "the agreement rule compares pairs"),
+    "search.window_draws": COUNT,
+    "search.samples_per_cluster": COUNT,
+    "search.prune_fraction": ("(0, 1]", "a share of the surviving clusters"),
+    "search.masks": COUNT,
+    "search.mask_grid": COUNT,
+    "search.mask_keep": ("(0, 1)", "a share of the mask's cells"),
+    "search.save_top": "[0, inf)",
+    "search.batch_size": COUNT,
+    "search.seed": SEED,
+    "classifier.top_k": COUNT,
+    "classifier.exclude_top": ("[0, 1)", "a share of the ranking"),
+    "classifier.n_models": COUNT,
+    "classifier.width": COUNT,
+    "classifier.stem_stride": COUNT,
+    "classifier.batch_size": COUNT,
+    "classifier.max_iters": COUNT,
+    "classifier.eval_every": COUNT,
+    "classifier.patience": COUNT,
+    "classifier.lr": POSITIVE,
+    "classifier.weight_decay": "[0, inf)",
+    "classifier.paste_p": ("[0, 1)", "a probability"),
+    "classifier.paste_scale": (POSITIVE, "pasted sides relative to w"),
+    "classifier.crop_min_scale": SHARE,
+    "classifier.seed": SEED,
+    "compute.threads": COUNT,
+    "figures.n_examples": COUNT,
+    "figures.localization_sample": COUNT,
+    "figures.dpi": COUNT,
+    "kd.trusted": (SHARE, "a share of the training set"),
+    "kd.epochs": COUNT,
+    "kd.batch_size": COUNT,
+    "kd.queue_size": COUNT,
+    "kd.temperature": POSITIVE,
+    "kd.seed": SEED,
+    "finetune.epochs": COUNT,
+    "finetune.batch_size": COUNT,
+    "finetune.lr": POSITIVE,
+    "finetune.weight_decay": "[0, inf)",
+    "finetune.seeds": COUNT,
+    "finetune.seed": SEED,
+}
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval``, written as in ``RANGES`` (e.g. ``"(0, 1]"``); NaN never does."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return above and below
+
+
 def _check_ranges(p: Params, source: str) -> None:
     def bad(key: str, value: Any, rule: str) -> ParamsError:
         return ParamsError(f"{source}: key '{key}' = {value!r} is out of range: {rule}")
 
-    a, d = p.attack, p.data
-    if not 0 < a.poison_rate <= 1:
-        raise bad("attack.poison_rate", a.poison_rate, "must be in (0, 1] (a fraction of the target category)")
-    if not 0 < a.trigger_size < 1:
-        raise bad("attack.trigger_size", a.trigger_size, "must be in (0, 1) (a fraction of the image side)")
-    for key in ("train_margin", "val_margin"):
-        if not 0 <= getattr(a, key) < 0.5:
-            raise bad(f"attack.{key}", getattr(a, key), "must be in [0, 0.5)")
-    for key in ("n_copies", "trigger_grid", "trigger_px"):
-        if getattr(a, key) is not None and getattr(a, key) < 1:
-            raise bad(f"attack.{key}", getattr(a, key), "must be at least 1")
-    for key in ("image_size", "train_per_class", "val_per_class"):
-        value = getattr(d, key)
-        if value is not None and value < 1:
-            raise bad(f"data.{key}", value, "must be at least 1 or null")
-    s, e = p.ssl, p.eval
+    if not _PLAIN_NAME.fullmatch(p.profile) or ".." in p.profile:  # it names folders: figures/<profile>/
+        raise bad("profile", p.profile, "must be a plain name: letters, digits, '.', '_' and '-', no path")
+    full = p.to_dict()
+    for key, rule in RANGES.items():
+        interval, why = rule if isinstance(rule, tuple) else (rule, "")
+        section, name = key.split(".")
+        value = full[section][name]
+        items = value if isinstance(value, list) else [value]
+        if value is not None and not all(in_interval(v, interval) for v in items):
+            each = "each item " if isinstance(value, list) else ""
+            raise bad(key, value, f"{each}must be in {interval}" + (f" ({why})" if why else ""))
+    a, s, e = p.attack, p.ssl, p.eval
     choices = {
         "method": ("mocov2", "byol", "simclr", "mocov3"),
         "arch": ("resnet18", "resnet10", "vit"),
@@ -343,13 +465,8 @@ def _check_ranges(p: Params, source: str) -> None:
     for key, allowed in choices.items():
         if getattr(s, key) not in allowed:
             raise ParamsError(f"{source}: key 'ssl.{key}' = {getattr(s, key)!r} must be one of {', '.join(allowed)}")
-    for key in ("width", "epochs", "batch_size", "stem_stride", "vit_patch", "proj_dim", "queue_size"):
-        if getattr(s, key) < 1:
-            raise bad(f"ssl.{key}", getattr(s, key), "must be at least 1")
-    if not 0 < s.crop_min_scale <= 1:
-        raise bad("ssl.crop_min_scale", s.crop_min_scale, "must be in (0, 1]")
-    if not e.label_fractions or not all(0 < f <= 1 for f in e.label_fractions):
-        raise bad("eval.label_fractions", e.label_fractions, "must be fractions in (0, 1]")
+    if not e.label_fractions:
+        raise bad("eval.label_fractions", e.label_fractions, "must list at least one fraction")
     q, c = p.search, p.classifier
     if q.method not in ("patchsearch", "poisoncam"):
         raise ParamsError(f"{source}: key 'search.method' = {q.method!r} must be one of patchsearch, poisoncam")
@@ -367,65 +484,22 @@ def _check_ranges(p: Params, source: str) -> None:
         raise bad("cluster.order", p.cluster.order, "must be content or file")
     if q.score_rule not in (None, "into", "changed"):
         raise bad("search.score_rule", q.score_rule, "must be null (the method's paper's), into or changed")
-    if q.window_draws < 1:
-        raise bad("search.window_draws", q.window_draws, "must be at least 1")
-    if q.window_top_k < 2:
-        raise bad("search.window_top_k", q.window_top_k, "must be at least 2 (the agreement rule compares pairs)")
     if q.window_px is None and not q.window_sweep:
         raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")
-    for key, value in (
-        ("cluster.k", p.cluster.k),
-        ("cluster.iterations", p.cluster.iterations),
-        ("search.window_px", q.window_px or 1),
-        ("search.samples_per_cluster", q.samples_per_cluster),
-        ("search.masks", q.masks),
-        ("search.mask_grid", q.mask_grid),
-        ("search.batch_size", q.batch_size),
-        ("classifier.top_k", c.top_k),
-        ("classifier.n_models", c.n_models),
-        ("classifier.width", c.width),
-        ("classifier.max_iters", c.max_iters),
-        ("classifier.eval_every", c.eval_every),
-        ("classifier.patience", c.patience),
-        ("kd.epochs", p.kd.epochs),
-        ("kd.queue_size", p.kd.queue_size),
-        ("kd.batch_size", p.kd.batch_size),
-        ("finetune.epochs", p.finetune.epochs),
-        ("finetune.batch_size", p.finetune.batch_size),
-        ("finetune.seeds", p.finetune.seeds),
-    ):
-        if value < 1:
-            raise bad(key, value, "must be at least 1")
-    if any(w < 1 for w in q.window_sweep):
-        raise bad("search.window_sweep", q.window_sweep, "window sides must be at least 1")
-    for key, value in (("search.prune_fraction", q.prune_fraction), ("search.mask_keep", q.mask_keep)):
-        if not 0 < value < 1 and not (key == "search.prune_fraction" and value == 1):
-            raise bad(key, value, "must be in (0, 1)")
-    for key, value in (("classifier.exclude_top", c.exclude_top), ("classifier.paste_p", c.paste_p)):
-        if not 0 <= value < 1:
-            raise bad(key, value, "must be in [0, 1)")
     lo_hi = c.paste_scale
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
+    if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
         raise bad("classifier.paste_scale", lo_hi, "must be [low, high] with 0 < low < high (sides relative to w)")
     for key in ("precision", "ssl_precision"):
         if getattr(p.compute, key) not in ("auto", "fp32", "bf16"):
             raise ParamsError(
                 f"{source}: key 'compute.{key}' = {getattr(p.compute, key)!r} must be one of auto, fp32, bf16"
             )
-    if p.compute.threads is not None and p.compute.threads < 1:
-        raise bad("compute.threads", p.compute.threads, "must be at least 1 or null")
-    k, f, m = p.kd, p.finetune, p.mix
-    if not 0 < k.trusted <= 1:
-        raise bad("kd.trusted", k.trusted, "must be in (0, 1] (a share of the training set)")
-    for key, value in (("kd.temperature", k.temperature), ("finetune.lr", f.lr)):
-        if value <= 0:
-            raise bad(key, value, "must be positive")
-    if m.fill not in ("crop", "black", "noise"):
-        raise bad("mix.fill", m.fill, "must be one of crop, black, noise")
-    if m.loss not in ("weighted", "onehot"):
-        raise bad("mix.loss", m.loss, "must be one of weighted, onehot")
-    if p.figures.n_examples < 1:
-        raise bad("figures.n_examples", p.figures.n_examples, "must be at least 1")
+    if p.mix.fill not in ("crop", "black", "noise"):
+        raise bad("mix.fill", p.mix.fill, "must be one of crop, black, noise")
+    if p.mix.loss not in ("weighted", "onehot"):
+        raise bad("mix.loss", p.mix.loss, "must be one of weighted, onehot")
+    if a.trigger != "random" and not str(a.trigger).strip():
+        raise bad("attack.trigger", a.trigger, "must be random or the path of a PNG file")
 
 
 def from_dict(raw: Any, source: str = "<params>") -> Params:

@@ -77,3 +77,20 @@ def shown(path: str | Path) -> str:
     """A path as a notebook prints it: relative to the repository when inside it (the same on every machine)."""
     path = Path(path)
     return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def new_run_dir(parent: Path) -> Path:
+    """A folder of its own for one run under ``parent``: named by the UTC time, with ``-2``, ``-3``... where
+    another run started in the same second (made atomically: two runs never share one)."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{parent}: 999 runs started in the same second")

@@ -15,11 +15,14 @@ another (one process holds the device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,48 +286,96 @@ def run_all(
     from .params import load, with_resolved_root
 
     params = with_compute(with_resolved_root(load(params_path)), precision)
+    from .cache import clean_abandoned
+
+    for line in clean_abandoned():
+        log.info("removed the temporary folder of a run that stopped: %s", line)
     graph = select(tasks(variants), only, finished_evaluations(params, [t.name for t in tasks(variants)]))
     priority = _priorities(graph)
     log_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     pending = {t.name: t for t in graph}
+    failed: list[str] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "10"}
     bar = tqdm(total=len(graph), desc=f"pipeline ({workers} x {threads} threads)", disable=not progress)
-    try:
-        while pending or running:
-            ready = sorted(
-                (t for t in pending.values() if all(d in done for d in t.deps)), key=lambda t: -priority[t.name]
-            )
-            while ready and len(running) < workers:
-                task = ready.pop(0)
-                del pending[task.name]
-                out = open(log_dir / f"{task.name}.log", "w")  # noqa: SIM115 (closed when the task ends)
-                cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--task", task.name]
-                cmd += ["--threads", str(threads)] + (["--precision", precision] if precision else [])
-                proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-                running[task.name] = (proc, time.perf_counter(), out)
-                log.info("started %s", task.name)
-            time.sleep(0.5)
-            for name, (proc, start, out) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                out.close()
-                del running[name]
-                done[name] = {"seconds": round(time.perf_counter() - start, 1), "returncode": proc.returncode}
-                bar.update(1)
-                log.info("finished %s in %.1f min (exit %d)", name, done[name]["seconds"] / 60, proc.returncode)
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"pipeline task {name} failed (exit {proc.returncode}): see {log_dir}/{name}.log"
+    with stop_on_sigterm():
+        try:
+            while (pending and not failed) or running:
+                ready = sorted(
+                    (t for t in pending.values() if all(d in done for d in t.deps)), key=lambda t: -priority[t.name]
+                )
+                while ready and len(running) < workers and not failed:
+                    task = ready.pop(0)
+                    del pending[task.name]
+                    out = open(log_dir / f"{task.name}.log", "w")  # noqa: SIM115 (closed when the task ends)
+                    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--task", task.name]
+                    cmd += ["--threads", str(threads)] + (["--precision", precision] if precision else [])
+                    proc = subprocess.Popen(  # a process group of its own: stopping the run stops all it started
+                        cmd, cwd=paths.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                     )
-    finally:
-        for proc, _, out in running.values():
-            proc.terminate()
-            proc.wait()
-            out.close()
-        bar.close()
+                    running[task.name] = (proc, time.perf_counter(), out)
+                    log.info("started %s", task.name)
+                time.sleep(0.5)
+                for name, (proc, start, out) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    out.close()
+                    del running[name]
+                    done[name] = {"seconds": round(time.perf_counter() - start, 1), "returncode": proc.returncode}
+                    bar.update(1)
+                    log.info("finished %s in %.1f min (exit %d)", name, done[name]["seconds"] / 60, proc.returncode)
+                    if proc.returncode != 0:
+                        failed.append(name)
+                        if running:  # their stages are sound: let them finish, start nothing new
+                            log.info("%s failed: waiting for %s to finish, then stopping", name, ", ".join(running))
+        except BaseException:
+            log.warning(
+                "stopped: %d tasks finished (%s); stopping %s; a rerun resumes from the finished stages",
+                len(done),
+                ", ".join(done) or "none",
+                ", ".join(running) or "nothing",
+            )
+            raise
+        finally:
+            for proc, _, out in running.values():
+                _stop_group(proc)
+                out.close()
+            bar.close()
+    if failed:
+        name = failed[0]
+        raise RuntimeError(f"pipeline task {name} failed (exit {done[name]['returncode']}): see {log_dir}/{name}.log")
     return done
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a task and every process it started (its process group): SIGTERM, then SIGKILL after ``grace`` s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within it, SIGTERM (``kill <pid>``) stops the run as Ctrl-C does, so its cleanup runs: the processes it
+    started are stopped and what finished is logged. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def with_compute(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
@@ -360,10 +411,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         params = with_compute(setup(args.params), args.precision, args.threads)
-        run_task(params, args.task, progress=True)
+        with stop_on_sigterm():  # a stopped task removes its unfinished stage folder on the way out
+            run_task(params, args.task, progress=True)
         return
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    log_dir = paths.runs_dir() / "pipeline" / stamp
+    log_dir = paths.new_run_dir(paths.runs_dir() / "pipeline")
     result = run_all(
         Path(args.params), log_dir, args.workers, args.threads, True, args.only, args.precision, tuple(args.variants)
     )

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -100,10 +101,8 @@ def run(
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # Bars reach the terminal as logged lines: refresh them every few seconds, not ten times a second.
     os.environ.setdefault("TQDM_MININTERVAL", "3")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = paths.runs_dir() / params.profile / stamp
-    run_dir.mkdir(parents=True, exist_ok=True)
-    output = paths.published_dir(params.profile) if publish else run_dir / "figures"
+    run_dir = paths.new_run_dir(paths.runs_dir() / params.profile)
+    output = run_dir / "figures"  # a published run too: its files replace figures/<profile>/'s only at the end
     from . import cache, checkpoints
 
     # What the pipeline's processes and the notebooks' kernels inherit: where to write, the stage log, and
@@ -125,9 +124,6 @@ def run(
             shipped = {"installed": len(report.installed), "present": len(report.present), "refused": report.refused}
             shipped = shipped if checkpoints.read_manifest(params.profile) else {}
         timings, tasks = _execute(params, run_dir, notebooks, pipeline and not only, progress)
-        if publish:
-            for source in notebooks:
-                publish_notebook(run_dir / f"{source.stem}.ipynb", source.with_suffix(".ipynb"))
         wall = round(time.perf_counter() - started, 1)
         used = {f.stem: cache.stages_used(f) for f in sorted((run_dir / "stages").glob("*.jsonl"))}
         write_record(
@@ -142,6 +138,16 @@ def run(
             used,
             shipped,
         )
+        if publish:  # only now that every notebook ran: the figures, the record, the executed notebooks
+            n = publish_files(output, paths.published_dir(params.profile))
+            for source in notebooks:
+                publish_notebook(run_dir / f"{source.stem}.ipynb", source.with_suffix(".ipynb"))
+            log.info(
+                "published %d files to %s and %d executed notebooks",
+                n,
+                paths.published_dir(params.profile),
+                len(notebooks),
+            )
     finally:
         for name, value in previous.items():
             if value is None:
@@ -186,6 +192,17 @@ def _execute(
         timings[source.stem] = round(time.perf_counter() - start, 1)
         log.info("%s done in %.1f s", source.name, timings[source.stem])
     return timings, tasks
+
+
+def publish_files(staged: Path, published: Path) -> int:
+    """Move every file a run wrote under ``staged`` to the same place under ``published``, each replaced in
+    one step; files the run did not write (the shipped checkpoints, the studies' tables) stay."""
+    files = sorted(f for f in staged.rglob("*") if f.is_file())
+    for f in files:
+        target = published / f.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        io.atomic_write(target, lambda tmp, f=f: shutil.copyfile(f, tmp))
+    return len(files)
 
 
 def publish_notebook(executed: Path, pair: Path) -> None:
@@ -345,16 +362,19 @@ def main(argv: list[str] | None = None) -> None:
                 "and training them on this CPU takes days: run the GPU queue first (make gpu-status), or pass "
                 "RETRAIN=1 to train everything here anyway"
             )
+    from .pipeline import stop_on_sigterm
+
     try:
-        run_dir = run(
-            Path(args.params),
-            args.data_root,
-            args.only,
-            not args.quiet,
-            not args.no_pipeline,
-            args.publish,
-            args.retrain,
-        )
+        with stop_on_sigterm():  # `kill <pid>` stops the workers and the notebook's kernel too
+            run_dir = run(
+                Path(args.params),
+                args.data_root,
+                args.only,
+                not args.quiet,
+                not args.no_pipeline,
+                args.publish,
+                args.retrain,
+            )
     except (params_mod.ParamsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     params = params_mod.load(args.params)

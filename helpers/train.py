@@ -187,6 +187,7 @@ def train_ssl(
             optimizer.step()
             model.momentum_update()
             losses.append(loss.item())
+            check_loss(losses[-1], p, epoch + 1, step)
             rate = (step + 1) * per_step / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{rate:.0f}")
         seconds = time.perf_counter() - start
@@ -212,6 +213,20 @@ def train_ssl(
         if world > 1:
             dist.barrier()
     return model, history
+
+
+class TrainingDiverged(RuntimeError):
+    """A training whose loss became NaN or infinite: it stops at that step, and nothing of it is cached."""
+
+
+def check_loss(loss: float, p: SSLParams, epoch: int, step: int) -> None:
+    """Raise ``TrainingDiverged`` where ``loss`` is not finite, naming the keys most likely at fault."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"{p.method} loss is {loss} at epoch {epoch}, step {step + 1}: the training diverged; the keys most "
+            f"likely at fault: ssl.lr = {p.lr}, ssl.temperature = {p.temperature}, ssl.weight_decay = "
+            f"{p.weight_decay} (nothing of this training is cached)"
+        )
 
 
 def train_stage(
@@ -254,15 +269,18 @@ def train_stage(
     def compute(out: Path, final: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
-        model, history = train_ssl(
-            training_pixels(),
-            params.ssl,
-            work,
-            progress,
-            on_epoch_end=on_epoch_end,
-            precision=c.ssl_precision,
-            compile=c.compile,
-        )
+        try:
+            model, history = train_ssl(
+                training_pixels(),
+                params.ssl,
+                work,
+                progress,
+                on_epoch_end=on_epoch_end,
+                precision=c.ssl_precision,
+                compile=c.compile,
+            )
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"stage {stage} ({params.profile}): {e}") from None
         io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.ssl_precision})
         io.write_json(out / "history.json", history)
         io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))

@@ -65,3 +65,51 @@ def test_changing_a_parameter_recomputes_exactly_the_stages_that_read_it(tiny_pa
     d4, a4 = run(replace(tiny_params, "data", val_per_class=2))
     assert d4 != data_dir and a4 != attack_dir
     assert len(list((paths.artifacts_dir() / "attack").iterdir())) == 3
+
+
+def _slow_stage(tiny_params, count_file, ready):
+    """One of two processes asking for the same stage at once: its compute counts itself and sleeps."""
+    import time
+
+    def compute(out, final):
+        with open(count_file, "a") as f:
+            f.write("computed\n")
+        time.sleep(1.0)
+        (out / "x.txt").write_text("x")
+
+    ready.wait()
+    return cache.cached_stage("data", tiny_params, compute).path
+
+
+def test_two_runs_at_once_compute_a_stage_once(tiny_params, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready, count_file = ctx.Event(), tmp_path / "count.txt"
+    procs = [ctx.Process(target=_slow_stage, args=(tiny_params, count_file, ready)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    ready.set()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert count_file.read_text().splitlines() == ["computed"]  # the second waited, then found it done
+    folder = cache.stage_dir(tiny_params, "data")
+    assert (folder / "x.txt").read_text() == "x" and not list(folder.parent.glob(".tmp-*"))
+
+
+def test_abandoned_temporary_folders_are_removed_and_live_ones_kept(tmp_path):
+    import os
+
+    stage = paths.artifacts_dir() / "ssl_clean"
+    dead, live = stage / ".tmp-abc-999999999-x", stage / f".tmp-abc-{os.getpid()}-y"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+    (removed,) = cache.clean_abandoned()
+    assert removed.startswith("ssl_clean/.tmp-abc-999999999-x (") and removed.endswith(" h old)")
+    assert not dead.exists() and live.exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    a, b = paths.new_run_dir(tmp_path), paths.new_run_dir(tmp_path)
+    assert a != b and a.is_dir() and b.is_dir()

@@ -49,3 +49,23 @@ def test_faiss_cpu_and_gpu_never_together():
     assert "faiss-gpu" in gpu and "faiss-cpu" not in gpu
     assert cpu["faiss-cpu"] == gpu["faiss-gpu"]
     assert not any(name.startswith("faiss") for name in pins(REQ / "base.txt"))
+
+
+def test_make_refuses_an_unsupported_python_in_one_line(tmp_path):
+    """The Makefile checks the interpreter before it makes the venv: here with a list of supported versions
+    that leaves out the running one (as 3.10 is left out of the real list)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(paths.REPO_ROOT / "Makefile", tmp_path / "Makefile")
+    for name in ("requirements/constraints.txt", "requirements/base.txt", "requirements/cpu.txt", "pyproject.toml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    cmd = ["make", "-s", "venv", f"PYTHON={sys.executable}", "SUPPORTED_PYTHONS=3.99", "VENV=venv"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    (line,) = [x for x in result.stderr.splitlines() if not x.startswith("make")]
+    assert f"is Python {sys.version_info[0]}.{sys.version_info[1]}: this project supports Python 3.99" in line
+    assert not (tmp_path / "venv").exists()
+    assert "3.11 3.12 3.13" in (paths.REPO_ROOT / "Makefile").read_text()  # the real list

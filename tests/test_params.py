@@ -123,7 +123,7 @@ def test_defense_choices_are_named():
         params.from_dict({"profile": "x", "search": {"cam_layer": "layer5"}}, "src")
     with pytest.raises(ParamsError, match="'search.window_sweep'"):
         params.from_dict({"profile": "x", "search": {"window_px": None, "window_sweep": []}}, "src")
-    with pytest.raises(ParamsError, match="'search.window_top_k' = 1 is out of range: must be at least 2"):
+    with pytest.raises(ParamsError, match=r"'search.window_top_k' = 1 is out of range: must be in \[2, inf\)"):
         params.from_dict({"profile": "x", "search": {"window_top_k": 1}}, "src")
     with pytest.raises(
         ParamsError,
@@ -148,3 +148,47 @@ def test_defense_stages_hash_their_sections():
     assert params.stage_hash(base, "search_poisoned") != params.stage_hash(poisoncam, "search_poisoned")
     assert params.stage_hash(base, "ssl_filtered") != params.stage_hash(poisoncam, "ssl_filtered")
     assert params.stage_hash(base, "ssl_poisoned") == params.stage_hash(poisoncam, "ssl_poisoned")
+
+
+def _numeric_keys(cls=params.Params, where=""):
+    """(``section.key``, its type) of every key of the schema that holds numbers."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, annotation = f"{where}.{f.name}" if where else f.name, hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            yield from _numeric_keys(annotation, name)
+            continue
+        kinds = {a for a in (annotation, *typing.get_args(annotation)) if a in (int, float)}
+        if kinds:
+            yield name, float if float in kinds else int
+
+
+def test_every_numeric_key_has_a_range_that_refuses_values_outside_it():
+    keys = dict(_numeric_keys())
+    assert sorted(keys) == sorted(params.RANGES), "a numeric key without a range in params.RANGES (or a stale one)"
+    for key, kind in keys.items():
+        rule = params.RANGES[key]
+        interval = rule[0] if isinstance(rule, tuple) else rule
+        lo = float(interval[1:-1].split(",")[0])
+        outside = lo if interval[0] == "(" else lo - (1 if kind is int else 0.5)
+        outside = int(outside) if kind is int else outside
+        section, name = key.split(".")
+        is_list = isinstance(getattr(getattr(params.Params(profile="x"), section), name), list)
+        for value in [outside] + ([float("nan")] if kind is float else []):
+            with pytest.raises(ParamsError, match=rf"'{key}' = .* out of range"):
+                params.from_dict({"profile": "x", section: {name: [value] if is_list else value}}, "src")
+
+
+def test_scientific_notation_is_a_number():
+    p = params.from_dict({"profile": "x", "ssl": {"lr": "1e-3", "weight_decay": "5E-4"}, "eval": {"probe_lr": 1}})
+    assert (p.ssl.lr, p.ssl.weight_decay, p.eval.probe_lr) == (0.001, 0.0005, 1.0)
+    with pytest.raises(ParamsError, match=r"'ssl.lr' must be float, got 'fast'"):
+        params.from_dict({"profile": "x", "ssl": {"lr": "fast"}})
+
+
+@pytest.mark.parametrize("name", ["../../..", "a/b", "", ".hidden", "x..y", "with space"])
+def test_a_profile_name_is_a_plain_name(name):
+    with pytest.raises(ParamsError, match=r"'profile' = .* must be a plain name"):
+        params.from_dict({"profile": name}, "src")

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from helpers import pipeline
+from helpers import paths, pipeline
 
 
 def test_every_task_needs_only_known_tasks_and_prepare_comes_first():
@@ -97,3 +99,50 @@ def test_a_finished_evaluation_needs_no_model(tiny_params):
     path, probe, _ = evaluate.evaluate_stage(run, "clean", progress=False)  # no model: read, not trained
     assert path == folder and probe["asr"].tolist() == [0.1]
     assert not cache.stage_dir(run, "ssl_clean").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                out.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
+    """``kill <pid>`` of a pipeline in the middle of a training: no task process is left running, the
+    unfinished stage folder is gone, and the next run resumes and completes the stage."""
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import cache, params
+
+    ssl = dict(arch="resnet10", width=8, epochs=150, batch_size=8, queue_size=16, proj_dim=8, proj_hidden=16)
+    p = dataclasses.replace(tiny_params, ssl=dataclasses.replace(tiny_params.ssl, **ssl))
+    path = tmp_path / "slow-tiny.yaml"
+    path.write_text(params.dump(p))
+    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(path), "--only", "ssl_clean", "--workers", "1"]
+    run = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in run.stderr:
+        if "started ssl_clean" in line:
+            break
+    partial = cache.stage_dir(p, "ssl_clean").with_suffix(".partial")
+    deadline = time.time() + 60
+    while not (partial / "last.pt").exists() and time.time() < deadline:  # training, epochs checkpointed
+        time.sleep(0.2)
+    assert (partial / "last.pt").exists() and len(_processes_mentioning(str(path))) == 2  # the run and its task
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) != 0
+    assert "stopped: 1 tasks finished (prepare)" in run.stderr.read()
+    time.sleep(0.5)
+    assert _processes_mentioning(str(path)) == []  # the task went with the run: nothing trains on
+    assert not list(cache.stage_dir(p, "ssl_clean").parent.glob(".tmp-*"))
+    assert not cache.stage_dir(p, "ssl_clean").exists() and (partial / "last.pt").exists()
+    subprocess.run(cmd, cwd=paths.REPO_ROOT, check=True, capture_output=True)
+    assert (cache.stage_dir(p, "ssl_clean") / "backbone.safetensors").is_file()

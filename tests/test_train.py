@@ -82,3 +82,14 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert rank0[2] == rank1[2] == "2" and rank0[1] == "2"
     assert rank0[0] == rank1[0]  # same weights on both ranks: gradients were all-reduced
     assert io.load_state(tmp_path / "ckpt" / "last.pt")["epoch"] == 2
+
+
+def test_a_diverging_training_stops_names_its_keys_and_is_not_cached(tiny_params):
+    from helpers.cache import stage_dir
+    from helpers.train import TrainingDiverged, train_stage
+
+    p = dataclasses.replace(tiny_params, ssl=tiny(epochs=2, batch_size=4, lr=1e30))
+    with pytest.raises(TrainingDiverged, match=r"stage ssl_clean \(tiny\): mocov2 loss is nan .*ssl\.lr = 1e\+30"):
+        train_stage(p, "clean", progress=False)
+    assert not stage_dir(p, "ssl_clean").exists()  # no result served from then on
+    assert not list(stage_dir(p, "ssl_clean").parent.glob(".tmp-*"))
