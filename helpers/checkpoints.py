@@ -41,6 +41,7 @@ that a change which alters a stage's results cannot land without shipping its ne
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -52,10 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from . import io, paths
-from .fingerprint import file_fingerprint
+from .fingerprint import data_differences, data_digests, file_fingerprint
 from .io import CheckpointError
 from .params import Params, from_dict, key_of, stage_key_material, with_overrides
 
@@ -148,9 +150,14 @@ def read_manifest(profile: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), list):
+        raise CheckpointError(
+            f"{path}: no 'stages' list, not a checkpoint manifest; restore it with `git checkout -- {path}`"
+        )
+    return manifest
 
 
 def _key_check(params: Params, entry: dict) -> list[str]:
@@ -176,12 +183,57 @@ def install(params: Params) -> Report:
             report.refused_seconds += entry["seconds"]
             continue
         final = paths.artifacts_dir() / entry["stage"] / entry["key"]
+        source = shipped_dir(params.profile) / entry["stage"] / entry["key"]
         if (final / "params.yaml").is_file():
-            report.present.append(name)
-            continue
-        _install_stage(shipped_dir(params.profile) / entry["stage"] / entry["key"], final, entry, params)
-        report.installed.append(name)
+            damaged = _damaged_copy(source, final, entry)
+            if not damaged:
+                report.present.append(name)
+                continue
+            log.warning("%s in the cache is damaged (%s): installed again from the shipped copy", name, damaged)
+        problem = _install_stage(source, final, entry, params)
+        if problem:
+            report.refused[name] = [problem]
+            report.refused_seconds += entry["seconds"]
+        else:
+            report.installed.append(name)
+    data_refused = [name for name, reasons in report.refused.items() if any("data files" in r for r in reasons)]
+    detail = _data_reason(params) if data_refused else None
+    for name in data_refused if detail else []:
+        report.refused[name] = [r if "data files" not in r else f"{r}: {detail}" for r in report.refused[name]]
     return report
+
+
+def _damaged_copy(source: Path, final: Path, entry: dict) -> str | None:
+    """Why the cached copy of a shipped stage is not the shipped one (a binary file missing or of another
+    size: truncated, overwritten), or None. Sizes only: this runs at every setup."""
+    for rel in entry["files"]:
+        if Path(rel).suffix in TEXT_SUFFIXES or rel == "stage.json":
+            continue
+        cached, shipped = final / rel, source / rel
+        if not cached.is_file():
+            return f"{rel} missing"
+        if shipped.is_file() and cached.stat().st_size != shipped.stat().st_size:
+            return f"{rel} is {cached.stat().st_size} bytes, the shipped file {shipped.stat().st_size}"
+    return None
+
+
+def unreadable(folder: Path) -> str | None:
+    """Why a stage folder's tensors or arrays cannot be read back whole (a truncated or damaged file), or None."""
+    from safetensors.torch import load_file
+
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            elif path.suffix == ".npz":
+                with np.load(path) as z:
+                    for key in z.files:
+                        z[key]
+            elif path.suffix == ".npy":
+                np.load(path)
+        except Exception as e:  # noqa: BLE001 (any failure to read is the answer)
+            return f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    return None
 
 
 def verify_files(source: Path, entry: dict) -> None:
@@ -207,7 +259,9 @@ def verify_files(source: Path, entry: dict) -> None:
         raise CheckpointError(f"{source}: files not in the manifest: {', '.join(unlisted[:5])}; refused")
 
 
-def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> None:
+def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> str | None:
+    """Copy a shipped stage into the cache; returns why it was not installed (its files do not read back
+    whole), or None. A file that is not the manifest's raises ``CheckpointError``."""
     verify_files(source, entry)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -231,10 +285,15 @@ def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> No
             "half_precision": entry["half_precision"],
         }
         (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
-        if (final / "params.yaml").is_file():  # a concurrent install won
+        problem = unreadable(tmp)
+        if problem:  # shipped damaged, sha256 and all: never served; the stage is computed instead
             shutil.rmtree(tmp)
-            return
-        io.replace_dir(tmp, final)  # over an unfinished folder, if any
+            return f"the shipped {problem}"
+        if (final / "params.yaml").is_file() and not _damaged_copy(source, final, entry):  # a concurrent install won
+            shutil.rmtree(tmp)
+            return None
+        io.replace_dir(tmp, final)  # over an unfinished or damaged folder, if any
+        return None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,6 +363,27 @@ def ship_stage(
     }
 
 
+DATA_FILE = "DATA.json.gz"  # the data files the shipped stages were made from: names the ones that differ
+
+
+def write_data_file(folder: Path, params: Params) -> Path:
+    """``DATA_FILE`` in ``folder``: every data file's relative path and the first 12 hex digits of its sha256
+    (0.7 MB for CIFAR-10), so that a refusal for other data can name the files that differ."""
+    splits = (params.data.train_split, params.data.val_split)
+    files = {rel: sha[:12] for rel, sha in data_digests(params.data.root, splits).items()}
+    blob = json.dumps({"splits": splits, "files": files}, separators=(",", ":")).encode()
+    return io.atomic_write(folder / DATA_FILE, lambda p: p.write_bytes(gzip.compress(blob, 9, mtime=0)))
+
+
+def _data_reason(params: Params) -> str | None:
+    """Which data files differ from the shipped stages' (``DATA_FILE``), in words; None without the file."""
+    path = shipped_dir(params.profile) / DATA_FILE
+    if not path.is_file():
+        return None
+    shipped = json.loads(gzip.decompress(path.read_bytes()))
+    return "data files " + data_differences(shipped["files"], params.data.root, tuple(shipped["splits"]))
+
+
 def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> dict:
     """Write the shipped checkpoints of the stages a published run used (``record.json``'s ``stages_used``)."""
     record = json.loads(Path(record_path).read_text())
@@ -338,6 +418,7 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
             "stages": entries,
         }
         io.write_json(tmp / MANIFEST, manifest)
+        write_data_file(tmp, profile_params)
         io.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -254,8 +254,8 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _manifest(root: str, splits: tuple[str, ...], stamp: tuple) -> str:
-    digest = hashlib.sha256()
+def _digests(root: str, splits: tuple[str, ...], stamp: tuple) -> dict[str, str]:
+    out = {}
     for split in splits:
         base = os.path.join(root, split)
         for folder, dirs, files in os.walk(base):
@@ -263,15 +263,37 @@ def _manifest(root: str, splits: tuple[str, ...], stamp: tuple) -> str:
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 with open(path, "rb") as f:
-                    content = hashlib.sha256(f.read()).hexdigest()
-                digest.update(f"{os.path.relpath(path, root)}\0{content}\n".encode())
-    return digest.hexdigest()[:16]
+                    out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def data_digests(root: str | Path, splits: tuple[str, ...]) -> dict[str, str]:
+    """The sha256 of every file under ``root/<split>``, by its path relative to ``root`` (in walk order)."""
+    stamp = tuple(_tree_stamp(Path(root) / split) for split in splits)
+    return _digests(str(root), tuple(splits), stamp)
 
 
 def data_manifest(root: str | Path, splits: tuple[str, ...]) -> str:
     """Hash of the relative path and content of every file under ``root/<split>``."""
-    stamp = tuple(_tree_stamp(Path(root) / split) for split in splits)
-    return _manifest(str(root), tuple(splits), stamp)
+    digest = hashlib.sha256()
+    for rel, content in data_digests(root, splits).items():
+        digest.update(f"{rel}\0{content}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def data_differences(expected: dict[str, str], root: str | Path, splits: tuple[str, ...], first: int = 5) -> str:
+    """In words, how the files under ``root`` differ from ``expected`` (relative path -> a prefix of its
+    sha256): the first ``first`` files changed, missing or added, and how many in all."""
+    found = data_digests(root, splits)
+    changed = [rel for rel, sha in expected.items() if rel in found and not found[rel].startswith(sha)]
+    missing = [rel for rel in expected if rel not in found]
+    added = [rel for rel in found if rel not in expected]
+    parts = [
+        f"{len(names)} {what} ({', '.join(names[:first])}{', ...' if len(names) > first else ''})"
+        for what, names in (("changed", changed), ("missing", missing), ("added", added))
+        if names
+    ]
+    return "; ".join(parts) or "no file differs (the data root or the splits differ)"
 
 
 def _tree_stamp(split_dir: Path) -> tuple:

@@ -428,7 +428,9 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     for entry in json.loads((staging / "stages" / "entries.json").read_text()):
         final = artifacts / entry["stage"] / entry["key"]
         if not (final / "params.yaml").is_file():
-            _install_stage(staging / "stages" / entry["stage"] / entry["key"], final, entry, params)
+            problem = _install_stage(staging / "stages" / entry["stage"] / entry["key"], final, entry, params)
+            if problem:
+                raise QueueError(f"carried stage {entry['stage']}/{entry['key']}: {problem}")
     record = {**description, "device": device_description(), "budget_s": budget_s, "phases": []}
     log = work / "job.log"
     run_params_path = work / "params.yaml"

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,8 +345,24 @@ def run_all(
             bar.close()
     if failed:
         name = failed[0]
-        raise RuntimeError(f"pipeline task {name} failed (exit {done[name]['returncode']}): see {log_dir}/{name}.log")
+        path = log_dir / f"{name}.log"
+        raise PipelineError(f"pipeline task {name} failed: {_cause(path)} (the whole log: {path})")
     return done
+
+
+class PipelineError(RuntimeError):
+    """A task of the pipeline failed; the message is its cause in one line and the path of its log."""
+
+
+def _cause(log_path: Path) -> str:
+    """The last exception line of a task's log (``SomeError: what went wrong``), or its exit in words."""
+    pattern = re.compile(r"^(\w+\.)*\w*(Error|Exception|Diverged|Interrupt|Exit)\b.*")
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    found = [line for line in lines if pattern.match(line)]
+    return found[-1].strip() if found else "it exited without an exception line"
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -180,18 +180,29 @@ def _execute(
         log.info("running %s (profile %s)", source.name, params.profile)
         os.environ[STAGE_LOG_ENV] = str(run_dir / "stages" / f"{source.stem}.jsonl")
         start = time.perf_counter()
-        papermill.execute_notebook(
-            jupytext.read(source),
-            str(run_dir / f"{source.stem}.ipynb"),
-            parameters={"params_path": str(effective)},
-            kernel_name=KERNEL_NAME,
-            cwd=str(paths.NOTEBOOKS_DIR),
-            progress_bar=progress,
-            log_output=progress,
-        )
+        executed = run_dir / f"{source.stem}.ipynb"
+        try:
+            papermill.execute_notebook(
+                jupytext.read(source),
+                str(executed),
+                parameters={"params_path": str(effective)},
+                kernel_name=KERNEL_NAME,
+                cwd=str(paths.NOTEBOOKS_DIR),
+                progress_bar=progress,
+                log_output=progress,
+            )
+        except papermill.PapermillExecutionError as e:
+            cause = str(e.evalue).strip().splitlines()[-1] if str(e.evalue).strip() else ""
+            raise NotebookError(
+                f"notebook {source.name} failed: {e.ename}: {cause} (the traceback: {executed})"
+            ) from None
         timings[source.stem] = round(time.perf_counter() - start, 1)
         log.info("%s done in %.1f s", source.name, timings[source.stem])
     return timings, tasks
+
+
+class NotebookError(RuntimeError):
+    """A notebook failed: its exception in one line and the executed notebook that holds the traceback."""
 
 
 def publish_files(staged: Path, published: Path) -> int:
@@ -362,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                 "and training them on this CPU takes days: run the GPU queue first (make gpu-status), or pass "
                 "RETRAIN=1 to train everything here anyway"
             )
-    from .pipeline import stop_on_sigterm
+    from .data import DataError
+    from .io import CheckpointError
+    from .pipeline import PipelineError, stop_on_sigterm
 
     try:
         with stop_on_sigterm():  # `kill <pid>` stops the workers and the notebook's kernel too
@@ -375,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.publish,
                 args.retrain,
             )
-    except (params_mod.ParamsError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+    except (params_mod.ParamsError, ValueError, PipelineError, CheckpointError, DataError, NotebookError) as e:
+        raise SystemExit(f"error: {e}") from None  # the cause in one line; the full log is named in it
+
     params = params_mod.load(args.params)
     figures = paths.published_dir(params.profile) if args.publish else run_dir / "figures"
     print(f"executed notebooks: {run_dir}{' and notebooks/' if args.publish else ''}\nfigures and tables: {figures}")

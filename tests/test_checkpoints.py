@@ -110,8 +110,10 @@ def test_other_params_or_data_refuse_the_checkpoint_with_the_reason(tiny_params,
     shutil.copytree(tiny_params.data.root, copy)
     (copy / "train" / "dog" / "000.png").write_bytes(b"not the same image")
     elsewhere = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, root=str(copy)))
+    (copy / "test" / "cat" / "001.png").unlink()
     reasons = list(checkpoints.install(elsewhere).refused.values())[0]
     assert len(reasons) == 1 and reasons[0].startswith("the data files differ")
+    assert reasons[0].endswith("data files 1 changed (train/dog/000.png); 1 missing (test/cat/001.png)")
 
 
 def test_the_retrain_switch_recomputes_cached_stages_once(tiny_params, monkeypatch):
@@ -166,3 +168,32 @@ def test_the_opening_states_the_cost_with_and_without_the_shipped_checkpoints(ti
     assert "12 s in the last `make reproduce` of this profile (commit `0123456`), reading 2 cached stage" in text
     assert "1 of them are shipped" in text and f"ssl_filtered {seconds:.0f} s" in text
     assert "no published run" in notebook.opening(tiny_params, "05_search")
+
+
+def test_a_damaged_cached_copy_is_replaced_and_a_damaged_shipped_file_is_never_served(tiny_params, shipped):
+    manifest, result, _ = shipped
+    checkpoints.install(tiny_params)
+    cached = paths.artifacts_dir() / "ssl_filtered" / result.key / "backbone.safetensors"
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated in the cache: reinstalled, not served
+    report = checkpoints.install(tiny_params)
+    assert report.installed == [f"ssl_filtered/{result.key}"] and checkpoints.unreadable(cached.parent) is None
+    # shipped truncated, with a manifest listing the truncated file's own sha256: refused, computed instead
+    source = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key / "backbone.safetensors"
+    source.write_bytes(source.read_bytes()[:100])
+    path = checkpoints.shipped_dir("tiny") / checkpoints.MANIFEST
+    for entry in manifest["stages"]:
+        if entry["stage"] == "ssl_filtered":
+            entry["files"]["backbone.safetensors"] = checkpoints.file_fingerprint(source)
+    path.write_text(json.dumps(manifest))
+    shutil.rmtree(paths.artifacts_dir())
+    report = checkpoints.install(tiny_params)
+    (reason,) = report.refused[f"ssl_filtered/{result.key}"]
+    assert reason.startswith("the shipped backbone.safetensors cannot be read")
+    assert not (paths.artifacts_dir() / "ssl_filtered" / result.key).exists()
+
+
+def test_a_manifest_without_stages_is_named(tiny_params, shipped):
+    path = checkpoints.shipped_dir("tiny") / checkpoints.MANIFEST
+    path.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"MANIFEST.json: no 'stages' list"):
+        checkpoints.install(tiny_params)

@@ -146,3 +146,18 @@ def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
     assert not cache.stage_dir(p, "ssl_clean").exists() and (partial / "last.pt").exists()
     subprocess.run(cmd, cwd=paths.REPO_ROOT, check=True, capture_output=True)
     assert (cache.stage_dir(p, "ssl_clean") / "backbone.safetensors").is_file()
+
+
+def test_a_failed_task_says_its_cause_in_one_line_and_names_its_log(tiny_params, tmp_path):
+    import dataclasses
+
+    from helpers import params
+
+    p = dataclasses.replace(tiny_params, attack=dataclasses.replace(tiny_params.attack, trigger="no/such.png"))
+    path = tmp_path / "broken.yaml"
+    path.write_text(params.dump(p))
+    with pytest.raises(pipeline.PipelineError) as failure:
+        pipeline.run_all(path, tmp_path / "logs", workers=1, progress=False, only=["prepare"])
+    message = str(failure.value)
+    assert "\n" not in message and "no/such.png" in message and str(tmp_path / "logs" / "prepare.log") in message
+    assert message.startswith("pipeline task prepare failed: ")
