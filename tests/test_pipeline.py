@@ -116,12 +116,15 @@ def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
     """``kill <pid>`` of a pipeline in the middle of a training: no task process is left running, the
     unfinished stage folder is gone, and the next run resumes and completes the stage."""
     import dataclasses
+    import os
     import signal
     import subprocess
     import sys
     import time
 
-    from helpers import cache, params
+    import torch
+
+    from helpers import cache, io, params
 
     ssl = dict(arch="resnet10", width=8, epochs=150, batch_size=8, queue_size=16, proj_dim=8, proj_hidden=16)
     p = dataclasses.replace(tiny_params, ssl=dataclasses.replace(tiny_params.ssl, **ssl))
@@ -145,7 +148,13 @@ def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
     assert not list(cache.stage_dir(p, "ssl_clean").parent.glob(".tmp-*"))
     assert not cache.stage_dir(p, "ssl_clean").exists() and (partial / "last.pt").exists()
     subprocess.run(cmd, cwd=paths.REPO_ROOT, check=True, capture_output=True)
-    assert (cache.stage_dir(p, "ssl_clean") / "backbone.safetensors").is_file()
+    resumed = io.load_weights(cache.stage_dir(p, "ssl_clean") / "backbone.safetensors")
+    env = {**os.environ, "PATCHSEARCH_ARTIFACTS": str(tmp_path / "uninterrupted")}
+    subprocess.run(cmd, cwd=paths.REPO_ROOT, check=True, capture_output=True, env=env)
+    whole = io.load_weights(
+        tmp_path / "uninterrupted" / "ssl_clean" / cache.stage_dir(p, "ssl_clean").name / "backbone.safetensors"
+    )
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # the same model as a run never stopped
 
 
 def test_a_failed_task_says_its_cause_in_one_line_and_names_its_log(tiny_params, tmp_path):
