@@ -297,7 +297,7 @@ def data_differences(expected: dict[str, str], root: str | Path, splits: tuple[s
 
 
 def _tree_stamp(split_dir: Path) -> tuple:
-    """Modification times of a split's folders, the guard of the in-process memo of ``_manifest`` (4 s for
+    """Modification times of a split's folders, the guard of the in-process memo of ``_digests`` (4 s for
     CIFAR-10): adding, removing or renaming a file changes its folder's time and so the manifest; a file
     edited in place is seen by the next process (each notebook, each run), not by one that has already
     hashed the folder."""

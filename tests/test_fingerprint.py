@@ -157,7 +157,7 @@ def test_the_data_folder_is_keyed_by_its_files(tiny_params, tiny_root):
     stat = first.stat()
     Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(first)  # an image edited in place
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    fingerprint._manifest.cache_clear()  # as a new process (the next notebook) sees it
+    fingerprint._digests.cache_clear()  # as a new process (the next notebook) sees it
     assert params.stage_hash(tiny_params, "data") not in (key, added)
 
 
@@ -166,7 +166,7 @@ def test_the_same_files_extracted_again_keep_the_key(tiny_params, tiny_root):
     for path in tiny_root.rglob("*.png"):  # new modification times, as a fresh copy of the folder has
         stat = path.stat()
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
-    fingerprint._manifest.cache_clear()
+    fingerprint._digests.cache_clear()
     assert params.stage_hash(tiny_params, "data") == key
 
 
