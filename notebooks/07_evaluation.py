@@ -202,9 +202,9 @@ else:
 # ## Table 2 over SSL training seeds
 # Every "±" above is over the probe's seeds on **one** SSL training. Another SSL training of the same
 # setting, with another seed (initial weights, batch order, augmentations), can plant another backdoor,
-# or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2) and `byol_seed1`, `byol_seed2` train
-# the clean and backdoored models again with SSL seeds 1 and 2, on the same poisoned set
-# (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1 byol_seed2`). For each SSL seed:
+# or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2) and `byol_seed1` (BYOL; `byol_seed2`
+# where the profile defines it) train the clean and backdoored models again with other SSL seeds, on the same
+# poisoned set (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1`). For each SSL seed:
 # the mean over its probe seeds; then mean ± sd over SSL seeds. An SSL seed plants a backdoor by the rule
 # above, against the clean model of the same SSL seed.
 
@@ -270,6 +270,8 @@ if len(by_seed):
         )
     seed_headline = "\n".join(lines)
     io.write_text(plotting.figure_path(P.profile, NB, "ssl_seeds", ".md"), seed_headline + "\n")
+    # the book's first page: the backdoor's numbers above on one SSL training, then these over SSL seeds
+    io.write_text(plotting.figure_path(P.profile, NB, "headline", ".md"), f"{headline}\n{seed_headline}\n")
     notebook.show_markdown(seed_headline)
     display(by_seed.round(2))
 
