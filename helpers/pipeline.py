@@ -168,13 +168,7 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     from .potency import potency_stage
     from .train import train_stage
 
-    if ":" in name:  # a profile variant's task
-        from .params import with_variant
-
-        variant, name = name.split(":", 1)
-        params = with_variant(params, variant)
-    icutmix = name.endswith("_icutmix")
-    base = name.removesuffix("_icutmix")
+    params, name, base, icutmix = _parse(params, name)
     if name == "prepare":
         run_attack(params, load_data(params, progress=progress), progress=progress)
     elif base == "potency_clean":
@@ -243,24 +237,30 @@ def select(graph: list[Task], only: list[str] | None, finished: frozenset[str] =
     return [t for t in graph if t.name in keep]
 
 
+def _parse(params: Params, name: str) -> tuple[Params, str, str, bool]:
+    """A task name's parts: the params it runs with (its variant's, if it names one), the name without the
+    variant, that name without ``_icutmix``, and whether it trains or evaluates with i-CutMix."""
+    if ":" in name:  # a profile variant's task
+        from .params import with_variant
+
+        variant, name = name.split(":", 1)
+        params = with_variant(params, variant)
+    return params, name, name.removesuffix("_icutmix"), name.endswith("_icutmix")
+
+
 def finished_evaluations(params: Params, names: list[str]) -> frozenset[str]:
     """The evaluation tasks (``[variant:]eval_*``) among ``names`` whose stage is in the cache: a finished
     evaluation needs no model (``evaluate_stage`` trains one only on a miss), so a fresh clone given the
     shipped evaluation of a model that is not shipped trains nothing."""
     from .cache import cached_result
     from .defense import with_method
-    from .params import with_variant
 
     out = set()
     for full in names:
-        run, name = params, full
-        if ":" in full:
-            variant, name = full.split(":", 1)
-            run = with_variant(params, variant)
-        base = name.removesuffix("_icutmix")
+        run, _, base, icutmix = _parse(params, full)
         if not base.startswith("eval_"):
             continue
-        run = dataclasses.replace(run, ssl=dataclasses.replace(run.ssl, icutmix=name.endswith("_icutmix")))
+        run = dataclasses.replace(run, ssl=dataclasses.replace(run.ssl, icutmix=icutmix))
         if base.startswith("eval_filtered_"):
             run, base = with_method(run, base.removeprefix("eval_filtered_")), "eval_filtered"
         if cached_result(base, run) is not None:
