@@ -329,7 +329,8 @@ def ship_stage(
     variant = _variant(stage_params, profile_params)
     exact = info["stage"] in EXACT_MODELS and not variant
     drop_arrays = drop_arrays or {}
-    files, left_out, halved = {}, [], []
+    before = info.pop("shipped", {})  # a copy installed from an earlier shipping: what that one left out
+    files, left_out, halved = {}, list(before.get("left_out", [])), []
     for src in sorted(p for p in source.rglob("*") if p.is_file()):
         rel = str(src.relative_to(source))
         dst = dest / rel
@@ -344,6 +345,9 @@ def ship_stage(
             z = np.load(src)
             left_out += [f"{rel}:{k}" for k in z.files if k in drop_arrays[rel]]
             io.save_npz(dst, **{k: z[k] for k in z.files if k not in drop_arrays[rel]})
+        elif rel == "stage.json":  # without the install record of an earlier shipping
+            text = json.dumps(info, indent=2) + "\n"  # as the cache writes it
+            dst.write_text(text.replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
         elif src.suffix in TEXT_SUFFIXES:
             dst.write_text(src.read_text().replace(artifacts, ARTIFACTS_TOKEN).replace(data_root, DATA_TOKEN))
         else:
@@ -358,7 +362,7 @@ def ship_stage(
         "commit": commit,
         "seconds": info["seconds"],
         "left_out": left_out,
-        "half_precision": halved or info.get("half_precision", []),  # or halved where it was made (helpers.gpu)
+        "half_precision": halved or before.get("half_precision") or info.get("half_precision", []),  # or before
         "files": files,
     }
 
