@@ -69,3 +69,26 @@ def test_make_refuses_an_unsupported_python_in_one_line(tmp_path):
     assert f"is Python {sys.version_info[0]}.{sys.version_info[1]}: this project supports Python 3.99" in line
     assert not (tmp_path / "venv").exists()
     assert "3.11 3.12 3.13" in (paths.REPO_ROOT / "Makefile").read_text()  # the real list
+
+
+def test_make_passes_paths_with_spaces_whole():
+    """``make -n`` prints the commands: a params file or data root with a space reaches Python as one argument."""
+    import shlex
+    import subprocess
+
+    for target, var, value in (
+        ("reproduce", "DATA_ROOT", "/tmp/my data/cifar10"),
+        ("reproduce", "PARAMS", "params/my profile.yaml"),
+        ("bench", "DATA_ROOT", "/tmp/my data/cifar10"),
+        ("gpu-install", "FROM", "/tmp/from here"),
+    ):
+        result = subprocess.run(
+            ["make", "-n", "-o", ".venv/.installed-stamp", target, f"{var}={value}"],
+            cwd=paths.REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = result.stdout.replace("\\\n", " ").splitlines()  # continuation lines joined
+        line = next(x for x in lines if "helpers." in x)
+        assert value in shlex.split(line), (target, line)
