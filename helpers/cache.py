@@ -54,12 +54,16 @@ def stage_dir(params: Params, stage: str) -> Path:
 def cached_result(stage: str, params: Params) -> StageResult | None:
     """The stage's finished folder where the cache holds one (recorded as used), else None: nothing computed."""
     key = stage_hash(params, stage)
-    final = paths.artifacts_dir() / stage / key
-    if (final / MARKER).is_file() and not _stale(final):
-        log.info("cache hit  %s/%s", stage, key)
-        _log_use(stage, key, hit=True)
-        return StageResult(stage, key, final, hit=True)
-    return None
+    return _hit(stage, key, paths.artifacts_dir() / stage / key)
+
+
+def _hit(stage: str, key: str, final: Path, why: str = "") -> StageResult | None:
+    """The finished, fresh result at ``final``, logged and recorded as used; None where there is none."""
+    if not (final / MARKER).is_file() or _stale(final):
+        return None
+    log.info("cache hit  %s/%s%s", stage, key, why)
+    _log_use(stage, key, hit=True)
+    return StageResult(stage, key, final, hit=True)
 
 
 def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], None]) -> StageResult:
@@ -70,16 +74,12 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
     material = stage_key_material(params, stage)  # built once: it hashes the data folder's manifest
     key = key_of(material)
     final = paths.artifacts_dir() / stage / key
-    if (final / MARKER).is_file() and not _stale(final):
-        log.info("cache hit  %s/%s", stage, key)
-        _log_use(stage, key, hit=True)
-        return StageResult(stage, key, final, hit=True)
+    found = _hit(stage, key, final)
+    if found:
+        return found
     with stage_lock(final):  # one process computes a stage; the others wait here, then find it done
-        if (final / MARKER).is_file() and not _stale(final):
-            log.info("cache hit  %s/%s (computed by another run while this one waited)", stage, key)
-            _log_use(stage, key, hit=True)
-            return StageResult(stage, key, final, hit=True)
-        return _compute(stage, key, material, params, final, compute)
+        found = _hit(stage, key, final, " (computed by another run while this one waited)")
+        return found or _compute(stage, key, material, params, final, compute)
 
 
 @contextlib.contextmanager
