@@ -139,8 +139,11 @@ def _compute(
             else:
                 log.warning("replacing the unfinished %s/%s left by an interrupted run", stage, key)
         io.replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        message = str(e.args[0]) if e.args else ""
+        if getattr(e, "names_stage", False) and not message.startswith("stage "):  # the innermost stage that failed
+            e.args = (f"stage {stage} ({params.profile}): {message}", *e.args[1:])
         raise
     _log_use(stage, key, hit=False)
     return StageResult(stage, key, final, hit=False)

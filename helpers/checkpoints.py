@@ -217,14 +217,38 @@ def _damaged_copy(source: Path, final: Path, entry: dict) -> str | None:
     return None
 
 
-def unreadable(folder: Path) -> str | None:
-    """Why a stage folder's tensors or arrays cannot be read back whole (a truncated or damaged file), or None."""
+def unexpected_tensors(path: Path, params: Params) -> str | None:
+    """Where a backbone file's tensors are not those of the network ``params.ssl`` builds (names, and shapes
+    but the position embedding's, whose length follows the native image size): what differs, or None."""
+    from safetensors import safe_open
+
+    from .train import backbone_for
+
+    expected = {k: tuple(v.shape) for k, v in backbone_for(params.ssl, params.data.image_size or 32).state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        return f"{path.name} holds other tensors than {params.ssl.arch} (missing {missing[:3]}, unexpected {extra[:3]})"
+    wrong = [k for k in expected if got[k] != expected[k] and "pos_embed" not in k]
+    if wrong:
+        return f"{path.name}: {wrong[0]} has shape {got[wrong[0]]}, {params.ssl.arch} expects {expected[wrong[0]]}"
+    return None
+
+
+def unreadable(folder: Path, params: Params | None = None) -> str | None:
+    """Why a stage folder's tensors or arrays cannot be read back whole (a truncated or damaged file), or None.
+    With ``params`` (the stage's own), a backbone must also hold the tensors of the network they build."""
     from safetensors.torch import load_file
 
     for path in sorted(folder.rglob("*")):
         try:
             if path.suffix == ".safetensors":
                 load_file(path)
+                if path.name == "backbone.safetensors" and params is not None:
+                    wrong = unexpected_tensors(path, params)
+                    if wrong:
+                        return wrong
             elif path.suffix == ".npz":
                 with np.load(path) as z:
                     for key in z.files:
@@ -285,7 +309,7 @@ def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> st
             "half_precision": entry["half_precision"],
         }
         (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
-        problem = unreadable(tmp)
+        problem = unreadable(tmp, with_overrides(params, entry["variant"], "shipped variant"))
         if problem:  # shipped damaged, sha256 and all: never served; the stage is computed instead
             shutil.rmtree(tmp)
             return f"the shipped {problem}"

@@ -26,7 +26,7 @@ from .cache import cached_stage
 from .cam import Normaliser
 from .compute import autocast
 from .data import load_data, write_file_list
-from .train import augment_config, load_backbone, train_stage
+from .train import TrainingDiverged, augment_config, check_finite, load_backbone, train_stage
 
 
 @torch.no_grad()
@@ -101,11 +101,19 @@ class LinearProbe:
         self.layer = torch.nn.Linear(x.shape[1], self.n_classes)
         opt = torch.optim.Adam(self.layer.parameters(), lr=self.lr, weight_decay=self.wd)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.epochs)
+        if not torch.isfinite(x).all():
+            raise TrainingDiverged(
+                "linear probe: the frozen features are not finite (the backbone holds NaN or inf): its SSL "
+                "training diverged or its file is damaged"
+            )
         for _ in range(self.epochs):
             opt.zero_grad()
-            F.cross_entropy(self.layer(x), y).backward()
+            loss = F.cross_entropy(self.layer(x), y)
+            loss.backward()
             opt.step()
             sched.step()
+        keys = {"eval.probe_lr": self.lr, "eval.probe_weight_decay": self.wd}
+        check_finite(loss.item(), f"linear probe seed {self.seed}", keys)
         return self
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ from .data import load_data
 from .defense import with_method
 from .evaluate import attack_metrics, label_subset
 from .params import FinetuneParams, Params
-from .train import augment_config, load_backbone, train_stage
+from .train import augment_config, check_finite, load_backbone, train_stage
 
 VARIANTS = ("clean", "poisoned", "filtered")
 
@@ -70,6 +70,8 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        keys = {"finetune.lr": f.lr, "finetune.weight_decay": f.weight_decay}  # NaN weights stay NaN: once an epoch
+        check_finite(loss.item(), f"finetune seed {seed} at epoch {epoch + 1}", keys)
     return net.eval()
 
 

@@ -30,6 +30,7 @@ from .compute import autocast, fp32_region
 from .kernels import paste_patches
 from .models import ResNet
 from .params import ClassifierParams
+from .train import check_finite
 
 
 class PoisonNet(nn.Module):
@@ -158,6 +159,9 @@ def train_classifier(
         loss.backward()
         opt.step()
         sched.step()
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.max_iters:  # NaN weights keep the loss NaN after
+            keys = {"classifier.lr": cfg.lr, "classifier.weight_decay": cfg.weight_decay}  # the step it began
+            check_finite(loss.item(), f"poison classifier seed {seed} at iteration {it + 1}", keys)
         if (it + 1) % cfg.eval_every == 0:
             preds = predict_logits(model, normalise, val_pixels, precision=precision).argmax(1).numpy()
             f1 = f1_score(preds, val_labels)

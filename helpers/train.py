@@ -216,17 +216,27 @@ def train_ssl(
 
 
 class TrainingDiverged(RuntimeError):
-    """A training whose loss became NaN or infinite: it stops at that step, and nothing of it is cached."""
+    """A training whose loss became NaN or infinite: it stops at that step, and nothing of it is cached.
+    The cache puts the stage's name in front of the message (``names_stage``)."""
+
+    names_stage = True
+
+
+def check_finite(loss: float, where: str, keys: dict[str, object]) -> None:
+    """Raise ``TrainingDiverged`` where ``loss`` is not finite: ``where`` names the training and the step,
+    ``keys`` the params most likely at fault with their values. Every trainer of the project calls it."""
+    if not math.isfinite(loss):
+        at_fault = ", ".join(f"{key} = {value}" for key, value in keys.items())
+        raise TrainingDiverged(
+            f"{where}: the loss is {loss}, the training diverged; the keys most likely at fault: {at_fault} "
+            "(nothing of this training is cached)"
+        )
 
 
 def check_loss(loss: float, p: SSLParams, epoch: int, step: int) -> None:
-    """Raise ``TrainingDiverged`` where ``loss`` is not finite, naming the keys most likely at fault."""
-    if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"{p.method} loss is {loss} at epoch {epoch}, step {step + 1}: the training diverged; the keys most "
-            f"likely at fault: ssl.lr = {p.lr}, ssl.temperature = {p.temperature}, ssl.weight_decay = "
-            f"{p.weight_decay} (nothing of this training is cached)"
-        )
+    """``check_finite`` for an SSL training step."""
+    keys = {"ssl.lr": p.lr, "ssl.temperature": p.temperature, "ssl.weight_decay": p.weight_decay}
+    check_finite(loss, f"{p.method} at epoch {epoch}, step {step + 1}", keys)
 
 
 def train_stage(
@@ -269,18 +279,15 @@ def train_stage(
     def compute(out: Path, final: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
-        try:
-            model, history = train_ssl(
-                training_pixels(),
-                params.ssl,
-                work,
-                progress,
-                on_epoch_end=on_epoch_end,
-                precision=c.ssl_precision,
-                compile=c.compile,
-            )
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"stage {stage} ({params.profile}): {e}") from None
+        model, history = train_ssl(
+            training_pixels(),
+            params.ssl,
+            work,
+            progress,
+            on_epoch_end=on_epoch_end,
+            precision=c.ssl_precision,
+            compile=c.compile,
+        )
         io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.ssl_precision})
         io.write_json(out / "history.json", history)
         io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))

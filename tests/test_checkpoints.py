@@ -17,9 +17,17 @@ from helpers.params import load, with_resolved_root
 SHARED_CIFAR10 = paths.DEFAULT_DATA_ROOTS["cifar10"][0]
 
 
+@pytest.fixture
+def tiny_params(tiny_params):
+    """The tiny profile with a narrow ResNet-18 (width 8): its backbone files weigh 0.7 MB, not 44."""
+    return dataclasses.replace(tiny_params, ssl=dataclasses.replace(tiny_params.ssl, width=8))
+
+
 def make_stage(params, stage="ssl_poisoned"):
     """A cached stage like a trained model's: weights, a file list naming data and artifacts, left-out features."""
-    weights = {"conv.weight": torch.randn(8, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
+    from helpers.train import backbone_for
+
+    weights = backbone_for(params.ssl, 32).state_dict()
 
     def compute(out, final):
         io.save_weights(out / "backbone.safetensors", weights, {"precision": "bf16"})
@@ -55,7 +63,7 @@ def test_ship_then_install_restores_the_stage_in_half_precision(tiny_params, shi
     assert exact["stage"] == "ssl_poisoned" and exact["half_precision"] == []
     source = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key
     assert "@DATA_ROOT@/train/dog/000.png 1" in (source / "filtered.txt").read_text()  # no machine's paths
-    assert io.load_weights(source / "backbone.safetensors")["conv.weight"].dtype == torch.float16
+    assert io.load_weights(source / "backbone.safetensors")["stem.0.weight"].dtype == torch.float16
 
     report = checkpoints.install(tiny_params)
     assert report.installed == [f"ssl_filtered/{result.key}", f"ssl_poisoned/{exact['key']}"] and not report.refused
@@ -64,8 +72,8 @@ def test_ship_then_install_restores_the_stage_in_half_precision(tiny_params, shi
     assert lines[0] == f"{tiny_params.data.root}/train/dog/000.png 1"
     assert lines[1].startswith(f"{paths.artifacts_dir()}/attack/k/")
     loaded = io.load_weights(installed / "backbone.safetensors")
-    assert torch.allclose(loaded["conv.weight"].float(), weights["conv.weight"], atol=2e-3)
-    assert loaded["bn.num_batches_tracked"].item() == 7
+    assert torch.allclose(loaded["stem.0.weight"].float(), weights["stem.0.weight"], atol=2e-3)
+    assert loaded["stem.1.num_batches_tracked"].dtype == torch.int64  # only floating tensors are halved
     assert not (installed / "features.npz").exists()
     assert json.loads((installed / "stage.json").read_text())["shipped"]["commit"] == "0123456789abcdef"
     # the cache now hits it, and a second install leaves it alone
@@ -190,6 +198,27 @@ def test_a_damaged_cached_copy_is_replaced_and_a_damaged_shipped_file_is_never_s
     (reason,) = report.refused[f"ssl_filtered/{result.key}"]
     assert reason.startswith("the shipped backbone.safetensors cannot be read")
     assert not (paths.artifacts_dir() / "ssl_filtered" / result.key).exists()
+
+
+def test_a_shipped_backbone_with_other_tensors_is_never_served(tiny_params, shipped):
+    manifest, result, weights = shipped
+    source = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key / "backbone.safetensors"
+    path = checkpoints.shipped_dir("tiny") / checkpoints.MANIFEST
+    first = next(iter(weights))
+    for change, expected in (
+        (lambda w: {("renamed." + k if k == first else k): v for k, v in w.items()}, "holds other tensors than resnet18"),
+        (lambda w: {k: (v[:1] if k == first else v) for k, v in w.items()}, f"{first} has shape"),
+    ):  # readable files, listed with their own sha256, that the profile's network cannot load
+        io.save_weights(source, {k: v.clone() for k, v in change(weights).items()}, {"precision": "bf16"})
+        for entry in manifest["stages"]:
+            if entry["stage"] == "ssl_filtered":
+                entry["files"]["backbone.safetensors"] = checkpoints.file_fingerprint(source)
+        path.write_text(json.dumps(manifest))
+        shutil.rmtree(paths.artifacts_dir(), ignore_errors=True)
+        report = checkpoints.install(tiny_params)
+        (reason,) = report.refused[f"ssl_filtered/{result.key}"]
+        assert reason.startswith("the shipped backbone.safetensors") and expected in reason, reason
+        assert not (paths.artifacts_dir() / "ssl_filtered" / result.key).exists()
 
 
 def test_a_manifest_without_stages_is_named(tiny_params, shipped):

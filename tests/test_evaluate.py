@@ -42,6 +42,35 @@ def test_knn_and_linear_probe_on_separable_features():
     assert (probe.predict(xt) == yt).mean() > 0.97
 
 
+def test_a_diverging_probe_or_a_nan_backbone_is_refused_with_its_cause():
+    from helpers.train import TrainingDiverged
+
+    x, y = separable()
+    with pytest.raises(TrainingDiverged, match=r"linear probe seed 0: the loss is nan.*eval\.probe_lr = inf"):
+        evaluate.LinearProbe(3, epochs=5, lr=float("inf")).fit(x, y)
+    x[3, 2] = np.nan
+    with pytest.raises(TrainingDiverged, match="frozen features are not finite"):
+        evaluate.LinearProbe(3, epochs=5).fit(x, y)
+
+
+def test_a_diverging_finetune_names_its_keys():
+    import torch
+
+    from helpers.augment import AugmentConfig, BatchAugment
+    from helpers.finetune import finetune
+    from helpers.models import ResNet
+    from helpers.params import FinetuneParams
+    from helpers.train import TrainingDiverged
+
+    backbone = ResNet((1, 1, 1, 1), width=4)
+    pixels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = np.arange(16) % 2
+    f = FinetuneParams(epochs=2, batch_size=8, lr=float("inf"))
+    augment = BatchAugment(AugmentConfig(size=32))
+    with pytest.raises(TrainingDiverged, match=r"finetune seed 0 at epoch 1: the loss is nan.*finetune\.lr = inf"):
+        finetune(backbone, pixels, labels, 2, f, augment, 0)
+
+
 def test_poison_concentration_by_hand():
     assignment = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
     poison = np.array([1, 1, 1, 0, 1, 0, 0, 0, 1, 1], dtype=bool)

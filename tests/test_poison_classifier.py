@@ -53,3 +53,31 @@ def test_paste_scale_sets_the_pasted_sides():
     out, labels = paste_random_patches(torch.zeros(300, 3, 32, 32), patches, 0.5, 12, g, scale=(0.5, 1.0))
     sides = (out[:, 0] > 0).any(1).sum(1)[labels.bool()]  # rows touched = the pasted side
     assert sides.min() == 6 and sides.max() == 11  # [w/2, w) = [6, 12)
+
+
+
+def test_a_diverging_classifier_stops_and_names_its_keys():
+    import dataclasses
+
+    import pytest
+
+    from helpers.cam import Normaliser
+    from helpers.params import ClassifierParams
+    from helpers.poison_classifier import train_classifier
+    from helpers.train import TrainingDiverged
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
+    patches = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    val_idx, val_labels = np.arange(30, 40), np.r_[np.ones(5), np.zeros(5)].astype(np.int64)
+    cfg = dataclasses.replace(ClassifierParams(), width=4, batch_size=8, max_iters=6, eval_every=3)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+
+    def train(lr):
+        c = dataclasses.replace(cfg, lr=lr)
+        return train_classifier(pixels, np.arange(30), patches, 8, val_idx, val_labels, c, mean, std, 0, Normaliser(mean, std))
+
+    with pytest.raises(TrainingDiverged, match=r"seed 0 at iteration 3: the loss is nan.*classifier\.lr = inf"):
+        train(float("inf"))
+    _, history = train(0.01)
+    assert [h["iteration"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
