@@ -71,8 +71,10 @@ SCORE_RULE = {"patchsearch": "into", "poisoncam": "changed"}  # each paper's poi
 
 
 def score_rule(params: Params) -> str:
-    """The flip test's count: ``search.score_rule``, or where that is null the method's paper's own."""
-    return params.search.score_rule or SCORE_RULE[params.search.method]
+    """The flip test's count: ``search.score_rule``, or where that is null PatchSearch's paper's for
+    PatchSearch and ``search.poisoncam_score`` for PoisonCAM."""
+    q = params.search
+    return q.score_rule or (q.poisoncam_score if q.method == "poisoncam" else SCORE_RULE["patchsearch"])
 
 
 def with_method(params: Params, method: str) -> Params:

@@ -51,6 +51,7 @@ NOT_RESULT_CODE = frozenset(
         "study",
         "generality",
         "removal_study",
+        "score_study",
         "precision_study",
         "fetch_data",
         "checkpoints",

@@ -127,8 +127,10 @@ class SearchParams:
     mask_strategy: str = "full"  # full (coverage) | random | interval
     mask_grid: int = 7  # PoisonCAM: masks are grid x grid cells upsampled to the image
     mask_keep: float = 0.5  # PoisonCAM: share of the cells each mask keeps
-    score_rule: str | None = None  # the flip test's count: null = each paper's (patchsearch: into, poisoncam:
-    # changed); "into" counts flip images sent into the candidate's cluster, "changed" any that change cluster
+    score_rule: str | None = None  # the flip test's count for both methods (helpers.search.SCORE_RULES); null:
+    # PatchSearch's paper's (into) for PatchSearch, poisoncam_score for PoisonCAM
+    poisoncam_score: str = "changed"  # PoisonCAM's count where score_rule is null: changed (its paper's), into,
+    # into_vs_flat or changed_vs_flat (the same counts less what a flat square of the candidate's colour does)
     save_top: int = 100  # top-ranked candidate patches saved as PNG
     batch_size: int = 1024  # images per forward pass (flip test, masks, Grad-CAM)
     seed: int = 0
@@ -482,8 +484,11 @@ def _check_ranges(p: Params, source: str) -> None:
         raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement, pooled")
     if p.cluster.order not in ("content", "file"):
         raise bad("cluster.order", p.cluster.order, "must be content or file")
-    if q.score_rule not in (None, "into", "changed"):
-        raise bad("search.score_rule", q.score_rule, "must be null (the method's paper's), into or changed")
+    rules = "into, changed, into_vs_flat or changed_vs_flat"
+    if q.score_rule not in (None, "into", "changed", "into_vs_flat", "changed_vs_flat"):
+        raise bad("search.score_rule", q.score_rule, f"must be null (each method's own) or one of {rules}")
+    if q.poisoncam_score not in ("into", "changed", "into_vs_flat", "changed_vs_flat"):
+        raise bad("search.poisoncam_score", q.poisoncam_score, f"must be one of {rules}")
     if q.window_px is None and not q.window_sweep:
         raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")
     lo_hi = c.paste_scale
@@ -596,7 +601,13 @@ PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned", "ssl_mix"})  # what
 # Keys added to the schema after results were shipped: left out of a stage's params (its ``params.yaml`` and
 # its cache key) while they hold this value, which computes what the code did before they existed, so those
 # results keep their keys.
-ADDED_LATER: dict[tuple[str, str], Any] = {("search", "score_rule"): None, ("cluster", "order"): "file"}
+ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("search", "score_rule"): None,
+    ("cluster", "order"): "file",
+    ("search", "poisoncam_score"): "changed",
+}
+# Keys added later that only one search method reads: left out of the params of a stage that runs the other.
+ONE_METHOD: dict[tuple[str, str], str] = {("search", "poisoncam_score"): "poisoncam"}
 
 
 def resolve_input_path(path: str | Path) -> Path:
@@ -614,6 +625,9 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
     out = {section: dict(full[section]) for section in STAGE_INPUTS[stage]}
     for (section, key), value in ADDED_LATER.items():
         if section in out and out[section].get(key, value) == value:
+            out[section].pop(key, None)
+    for (section, key), method in ONE_METHOD.items():
+        if section in out and out[section].get("method") != method:
             out[section].pop(key, None)
     if stage in PRETRAINING_STAGES:
         out["compute"] = {"ssl_precision": full["compute"]["ssl_precision"]}

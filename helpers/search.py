@@ -2,7 +2,7 @@
 
 - Flip-test set: for every cluster, the training image nearest its centre (hard to flip).
 - Poison score of a candidate trigger from an image of cluster y: paste it at a uniformly random place
-  on every flip-test image and count flip-test images, by one of two rules (``SCORE_RULES``):
+  on every flip-test image and count flip-test images, by one of four rules (``SCORE_RULES``):
   * ``into`` (PatchSearch, Sec. 3: "the number of images in X^f whose cluster assignments flipped to that
     of x_i"): images not in y before pasting and in y after. A count, never negative. (The official code
     counts the flip images in y after minus before, which is -1 for a candidate that pushes y's own flip
@@ -10,6 +10,15 @@
   * ``changed`` (PoisonCAM, Sec. 5.5: "the number of images in X^f whose cluster assignments are changed
     after pasting the candidate trigger"): images whose assignment differs after pasting, in any
     direction.
+  * ``into_vs_flat`` and ``changed_vs_flat``: the same counts with a control for occlusion. Each
+    candidate is pasted a second time, at the same places, as a flat square of its own mean colour; a flip
+    image counts only where the candidate's *pattern* is needed: ``into_vs_flat`` counts it if it moves
+    into y and the flat square does not send it to y; ``changed_vs_flat`` if it changes cluster and lands
+    elsewhere than where the flat square sends it. At 32 px a flip image sits close to a second cluster
+    (median cosine gap 0.044 on the cifar10 profile), so covering an eighth of it with anything moves it:
+    the literal ``changed`` count ranks almost blank squares above the trigger. A flat square has the same
+    size, place and colour as the candidate and none of its pattern, so what it moves too is discounted.
+    It doubles the flip test's forward passes.
   The assignment is the argmax of the cosine logits; with L2-normalised centres that argmax does not
   depend on the feature's norm, so the official code's quirk (patched features left unnormalised) does
   not arise here.
@@ -60,7 +69,7 @@ def flip_set(features: np.ndarray, assignment: np.ndarray, centroids: np.ndarray
     return np.array(chosen, dtype=np.int64)
 
 
-SCORE_RULES = ("into", "changed")
+SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat")
 
 
 def _check_rule(rule: str) -> None:
@@ -68,11 +77,22 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"poison score rule must be one of {', '.join(SCORE_RULES)}, got {rule!r}")
 
 
-def _flip_hits(before: torch.Tensor, after: torch.Tensor, clusters: torch.Tensor, rule: str) -> torch.Tensor:
-    """1 where a flip image counts towards its candidate's score (``before``/``after``/``clusters`` broadcast)."""
-    if rule == "into":
-        return ((after == clusters) & (before != clusters)).long()
-    return (after != before).long()
+def flat_patches(patches: torch.Tensor) -> torch.Tensor:
+    """Each ``C x 3 x w x w`` uint8 patch as a flat square of its own mean colour (the occlusion control)."""
+    mean = patches.float().mean((2, 3), keepdim=True).round().to(torch.uint8)
+    return mean.expand_as(patches).contiguous()
+
+
+def _flip_hits(
+    before: torch.Tensor, after: torch.Tensor, clusters: torch.Tensor, rule: str, flat: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 where a flip image counts towards its candidate's score (``before``/``after``/``clusters``, and
+    ``flat``, the destinations under the flat control, broadcast)."""
+    if rule.startswith("into"):
+        hit = (after == clusters) & (before != clusters)
+        return (hit & (flat != clusters) if rule == "into_vs_flat" else hit).long()
+    hit = after != before
+    return (hit & (after != flat) if rule == "changed_vs_flat" else hit).long()
 
 
 def paste_locations(image_ids, n_flip: int, height: int, width: int, w: int, seed: int) -> torch.Tensor:
@@ -127,7 +147,10 @@ def flip_test(
     if len(patches) == 0:
         return np.zeros(0, dtype=np.int64)
     after = flip_destinations(model, normalise, flip_pixels, patches, locations, batch_size)
-    hits = _flip_hits(flip_before.long().cpu()[None], after, clusters.long().cpu()[:, None], rule)
+    flat = None
+    if rule.endswith("_vs_flat"):
+        flat = flip_destinations(model, normalise, flip_pixels, flat_patches(patches), locations, batch_size)
+    hits = _flip_hits(flip_before.long().cpu()[None], after, clusters.long().cpu()[:, None], rule, flat)
     return hits.sum(1).numpy()
 
 
@@ -145,19 +168,24 @@ def flip_test_loop(
     """The reference: one candidate at a time, its flip images pasted one by one and forwarded together."""
     _check_rule(rule)
     scores = np.zeros(len(patches), dtype=np.int64)
-    for c in range(len(patches)):
+    w = patches.shape[-1]
+
+    def destinations(patch: torch.Tensor, c: int) -> list[int]:
         pasted = flip_pixels.clone()
         for f in range(len(pasted)):
             x, y = int(locations[c, f, 0]), int(locations[c, f, 1])
-            w = patches.shape[-1]
-            pasted[f, :, y : y + w, x : x + w] = patches[c]
-        after = assign(model, normalise(pasted), len(pasted)).cpu()
-        before = flip_before.long().cpu()
-        target = int(clusters[c])
-        if rule == "into":
-            scores[c] = sum(int(a) == target and int(b) != target for a, b in zip(after, before, strict=True))
-        else:
-            scores[c] = sum(int(a) != int(b) for a, b in zip(after, before, strict=True))
+            pasted[f, :, y : y + w, x : x + w] = patch
+        return assign(model, normalise(pasted), len(pasted)).cpu().tolist()
+
+    before = flip_before.long().cpu().tolist()
+    for c in range(len(patches)):
+        after, target = destinations(patches[c], c), int(clusters[c])
+        flat = destinations(patches[c].float().mean((1, 2), keepdim=True).round().to(torch.uint8), c)
+        for a, b, f in zip(after, before, flat, strict=True):
+            if rule.startswith("into"):
+                scores[c] += a == target and b != target and (rule == "into" or f != target)
+            else:
+                scores[c] += a != b and (rule == "changed" or a != f)
     return scores
 
 

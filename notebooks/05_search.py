@@ -178,7 +178,9 @@ notebook.show_markdown("\n".join(lines))
 # The stage scores candidates in large batches; here is the flip test of one candidate in plain code,
 # and one round of the search. The flip test pastes the candidate on every flip-test image at a place
 # drawn for that candidate and counts the images that move: *into* the candidate's cluster for
-# PatchSearch, *anywhere* for PoisonCAM. A round takes the next `s` images of every alive cluster (each
+# PatchSearch, *anywhere* for PoisonCAM's paper. The `_vs_flat` counts paste a second square at the same
+# place, flat, of the candidate's mean colour, and count an image only where that square does not move it
+# the same way: what any occluder of that size and colour does is not the candidate's doing. A round takes the next `s` images of every alive cluster (each
 # cluster's images are shuffled once, at the start), raises each cluster's score to its best image so
 # far, and prunes the `ceil(r x alive)` lowest-scored clusters (ties: the lower index first); a cluster
 # with no unscored image left drops out too.
@@ -195,10 +197,13 @@ def flip_score_readable(model, normalise, flip_pixels, flip_before, patch, clust
         pasted = image.clone()
         pasted[:, y : y + w, x : x + w] = patch
         after = int(model(normalise(pasted[None])).argmax())  # the cluster it goes to now
-        if rule == "into":
-            score += int(after == cluster and before != cluster)
+        pasted[:, y : y + w, x : x + w] = patch.float().mean((1, 2), keepdim=True).round().to(torch.uint8)
+        flat = int(model(normalise(pasted[None])).argmax())  # where a flat square of its colour sends it
+        if rule.startswith("into"):
+            moved = after == cluster and before != cluster
+            score += int(moved and (rule == "into" or flat != cluster))
         else:
-            score += int(after != before)
+            score += int(after != before and (rule == "changed" or after != flat))
     return score
 
 

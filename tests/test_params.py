@@ -150,6 +150,23 @@ def test_defense_stages_hash_their_sections():
     assert params.stage_hash(base, "ssl_poisoned") == params.stage_hash(poisoncam, "ssl_poisoned")
 
 
+def test_poisoncams_count_enters_only_poisoncams_stages():
+    base = params.from_dict({"profile": "x"})
+    poisoncam = dataclasses.replace(base, search=dataclasses.replace(base.search, method="poisoncam"))
+
+    def flat(p):
+        return dataclasses.replace(p, search=dataclasses.replace(p.search, poisoncam_score="into_vs_flat"))
+
+    for stage in ("search_poisoned", "classifier_poisoned", "ssl_filtered"):  # PatchSearch never reads it
+        assert params.stage_hash(base, stage) == params.stage_hash(flat(base), stage)
+        assert params.stage_hash(poisoncam, stage) != params.stage_hash(flat(poisoncam), stage)
+    assert "poisoncam_score" not in params.stage_params(poisoncam, "search_poisoned")["search"]  # its paper's: as before
+    with pytest.raises(ParamsError, match="'search.poisoncam_score' = 'into_flat'.*into_vs_flat or changed_vs_flat"):
+        params.from_dict({"profile": "x", "search": {"poisoncam_score": "into_flat"}}, "src")
+    with pytest.raises(ParamsError, match="'search.score_rule' = 'all'"):
+        params.from_dict({"profile": "x", "search": {"score_rule": "all"}}, "src")
+
+
 def _numeric_keys(cls=params.Params, where=""):
     """(``section.key``, its type) of every key of the schema that holds numbers."""
     import typing

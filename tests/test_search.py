@@ -61,6 +61,8 @@ def test_poison_score_counts_the_known_flips():
         assert run(model, norm, flips, before, green, clusters, loc, rule="changed").tolist() == [3, 3, 0]
     with pytest.raises(ValueError, match="poison score rule"):
         flip_test(model, norm, flips, before, green, clusters, loc, rule="minus")
+    # a flat patch's control is itself: with the occlusion control the uniform green patch scores nothing
+    assert flip_test(model, norm, flips, before, green, clusters, loc, rule="into_vs_flat").tolist() == [0, 0, 0]
 
 
 class ChannelMeanNet(torch.nn.Module):
@@ -92,6 +94,42 @@ def test_poisoncam_score_counts_changes_in_any_direction():
     # flips *into* the candidate's cluster: green from a cluster-2 image moves nothing into 2; blue from one
     # moves both into 2; cyan from a cluster-1 image moves one of its two into 1
     assert flip_test(model, norm, flips, before, patches, clusters, loc, rule="into").tolist() == [0, 2, 1]
+
+
+class ColourPatternNet(torch.nn.Module):
+    """feature = (mean R, mean G, mean B, 2.6 x mean horizontal contrast): with the four axes as centres an
+    image's cluster is its dominant colour, unless it holds enough fine pattern (cluster 3)."""
+
+    def forward(self, x):
+        pattern = 2.6 * (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean((1, 2, 3))
+        return torch.cat([x.mean((2, 3)), pattern[:, None]], 1)
+
+
+def test_the_occlusion_control_ranks_the_trigger_above_blank_squares():
+    # flat 16 x 16 images, most of them near a boundary between two colour clusters, as the flip images of
+    # a 32 px clustering are (a quarter of the image covered by anything moves them)
+    colours = [(0.6, 0.5, 0), (0.55, 0.5, 0.1), (0.58, 0.52, 0), (1, 0, 0), (0, 0.2, 1), (0.1, 0.55, 0.5)]
+    colours += [(0.45, 0.62, 0), (0.8, 0.75, 0), (0.85, 0, 0.8), (0.9, 0.85, 0)]
+    flips = (torch.tensor(colours) * 255).round().to(torch.uint8)[:, :, None, None].repeat(1, 1, 16, 16)
+    model, norm = ClusterClassifier(ColourPatternNet(), torch.eye(4)), Normaliser((0, 0, 0), (1, 1, 1))
+    before = model(norm(flips)).argmax(1)
+    assert before.tolist() == [0, 0, 0, 0, 2, 1, 1, 0, 0, 0]
+    patches = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    patches[0, 1], patches[0, 2] = 255, 120  # a blank teal square cut from a red image (cluster 0)
+    patches[1, 1] = 255  # a blank green square cut from a green image (cluster 1)
+    patches[2] = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 255).to(torch.uint8)  # the trigger
+    clusters = torch.tensor([0, 1, 3])
+    loc = paste_locations([0, 1, 2], len(flips), 16, 16, 8, seed=0)
+    scores = {}
+    for rule in ("changed", "into", "into_vs_flat", "changed_vs_flat"):
+        scores[rule] = flip_test(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist()
+        assert flip_test_loop(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist() == scores[rule]
+    # PoisonCAM's literal count: the teal square changes 6 assignments (to green and to blue), the trigger 5
+    assert scores["changed"] == [6, 5, 5]
+    # "into": the green square moves 5 images into its own cluster, as many as the trigger moves into its
+    assert scores["into"] == [0, 5, 5]
+    # with the control, a flat square's moves are its own flat square's: only the trigger's pattern counts
+    assert scores["into_vs_flat"] == scores["changed_vs_flat"] == [0, 0, 5]
 
 
 def test_batched_flip_test_equals_the_loop_on_a_network():

@@ -1,0 +1,177 @@
+"""Which flip-test count tells poisons from clean candidates? Every count on one sample, per window side.
+
+    python -m helpers.score_study --run NAME [--run NAME ...] [--method poisoncam]   # compute
+    python -m helpers.score_study --publish cifar10 [--run NAME ...]                 # one table in figures/
+
+The search scores the images it visits, and what it visits depends on the scores, so two counts are not
+compared by their searches alone. Here every count scores the same images: the first ``PER_CLUSTER``
+images of every cluster in the defense's own order (``defense_ids``), a sample that reads nothing of the
+attack. For each side ``w`` of the profile's sweep, each image's candidate window (its method's heatmap) is
+pasted on the flip-test images at the search's places, and so are two controls at the same places: a flat
+square of the candidate's mean colour (``search.flat_patches``) and a mid-grey square. From the three
+destinations every count of ``helpers.search.SCORE_RULES`` follows, and one more: ``changed_vs_grey``
+(changes that a grey square does not cause). The table gives, per configuration, count and side, the AUC
+of poisons against clean candidates (ground truth, for evaluation only; 0.5 is chance) and the top-20
+accuracy within the sample beside the sample's poison rate (chance).
+
+A configuration is the profile itself (``default``) or one of its ``variants`` (other SSL seeds, BYOL).
+``SEEN`` names the configurations that were in view when a count was chosen for a profile; the others
+judge that choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import io, paths
+from . import params as params_mod
+
+PER_CLUSTER = 4  # sampled images per cluster: 400 of the cifar10 profile's 10,000 (about 10% poisons)
+SEEN = ("default",)  # in view when the cifar10-gpu profile's poisoncam_score (into_vs_flat) was chosen
+COUNTS = ("changed", "into", "changed_vs_flat", "into_vs_flat", "changed_vs_grey")
+
+
+def configuration(base: params_mod.Params, name: str) -> params_mod.Params:
+    """The profile (``default``) or its variant ``name``."""
+    return base if name == "default" else params_mod.with_variant(base, name, "score_study")
+
+
+def result_path(params: params_mod.Params, name: str, method: str) -> Path:
+    from .cache import stage_dir
+    from .defense import with_method
+
+    cluster_key = stage_dir(with_method(params, method), "cluster_poisoned").name
+    return paths.artifacts_dir() / "studies" / "score_rules" / f"{method}_{name}_{cluster_key}.npz"
+
+
+def run(params: params_mod.Params, name: str, method: str) -> Path:
+    """Destinations of the flip images under each sampled candidate and its two controls, every side."""
+    import torch
+
+    from .attack import run_attack
+    from .cam import best_windows, cut_patches
+    from .data import load_data
+    from .defense import defense_context, heatmaps, search_masks, with_method
+    from .search import flat_patches, flip_destinations, paste_locations
+
+    p = with_method(params, method)
+    out = result_path(params, name, method)
+    if out.is_file():
+        return out
+    data = load_data(p, progress=False)
+    poison = run_attack(p, data, progress=False).poison_mask(len(data.train.images))
+    ctx = defense_context(p, "poisoned", progress=False)
+    order = np.argsort(ctx.ids, kind="stable")
+    clusters = np.unique(ctx.assignment)
+    idx = np.concatenate([order[ctx.assignment[order] == k][:PER_CLUSTER] for k in clusters])
+    maps = heatmaps(ctx, method, idx, masks=search_masks(ctx) if method == "poisoncam" else None)
+    flip_pixels = ctx.pixels[torch.as_tensor(ctx.flip_idx)]
+    arrays = {"idx": idx, "poison": poison[idx], "ids": ctx.ids[idx], "cluster": ctx.assignment[idx]}
+    arrays["before"] = ctx.assignment[ctx.flip_idx]
+    for w in p.search.window_sweep:
+        xs, ys = best_windows(maps, w)
+        patches = cut_patches(ctx.pixels[torch.as_tensor(idx)], xs, ys, w)
+        places = paste_locations(ctx.ids[idx], len(flip_pixels), ctx.size, ctx.size, w, p.search.seed)
+        for label, pasted in (("after", patches), ("flat", flat_patches(patches)), ("grey", torch.full_like(patches, 128))):
+            arrays[f"{label}_w{w}"] = flip_destinations(ctx.model, ctx.normalise, flip_pixels, pasted, places).numpy()
+        print(f"{name} {method} w = {w}: done", flush=True)
+    io.save_npz(out, **arrays)
+    return out
+
+
+def counts(z, w: int) -> dict[str, np.ndarray]:
+    """Each count of every sampled candidate at side ``w``."""
+    after, flat, grey = z[f"after_w{w}"], z[f"flat_w{w}"], z[f"grey_w{w}"]
+    before, own = z["before"][None], z["cluster"][:, None]
+    into, moved = (after == own) & (before != own), after != before
+    return {
+        "changed": moved.sum(1),
+        "into": into.sum(1),
+        "changed_vs_flat": (moved & (after != flat)).sum(1),
+        "into_vs_flat": (into & (flat != own)).sum(1),
+        "changed_vs_grey": (moved & (after != grey)).sum(1),
+    }
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a poison's score > a clean candidate's), ties counted half."""
+    pos, neg = scores[positive][:, None], scores[~positive][None]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def rows(z, name: str, method: str, sweep: list[int]) -> list[dict]:
+    poison = z["poison"].astype(bool)
+    out = []
+    for w in sweep:
+        for count, s in counts(z, w).items():
+            top = np.lexsort((z["ids"], -s))[:20]  # highest first, ties by the defense's own order
+            out.append(
+                {
+                    "configuration": name,
+                    "seen": name in SEEN,
+                    "method": method,
+                    "count": count,
+                    "window": w,
+                    "AUC": round(auc(s, poison), 3),
+                    "top-20 acc (%)": 100 * poison[top].mean(),
+                    "chance (%)": round(100 * poison.mean(), 1),
+                    "poison mean": round(float(s[poison].mean()), 2),
+                    "clean mean": round(float(s[~poison].mean()), 2),
+                }
+            )
+    return out
+
+
+def publish(base: params_mod.Params, names: list[str], method: str) -> pd.DataFrame:
+    from .plotting import save_table
+
+    found = []
+    for name in names:
+        path = result_path(configuration(base, name), name, method)
+        if not path.is_file():
+            raise SystemExit(f"{path}: no result for {name}; run `python -m helpers.score_study --run {name}` first")
+        with np.load(path) as z:
+            found += rows(z, name, method, base.search.window_sweep)
+    table = pd.DataFrame(found)
+    wide = table.pivot_table(index=["configuration", "seen", "window"], columns="count", values="AUC").reset_index()
+    save_table(table, base.profile, "05_search", "score_rules_long", published=True)
+    save_table(wide[["configuration", "seen", "window", *COUNTS]], base.profile, "05_search", "score_rules", published=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=paths.REPO_ROOT).stdout
+    record = [
+        "# Flip-test counts on one sample: record",
+        "",
+        f"- published at commit `{commit.strip()}` by `python -m helpers.score_study {' '.join(sys.argv[1:])}`",
+        f"- {method}'s heatmaps; {PER_CLUSTER} images per cluster; configurations seen while choosing a count: "
+        f"{', '.join(SEEN)}",
+    ]
+    io.write_text(paths.published_dir(base.profile) / "05_search_score_rules_RECORD.md", "\n".join(record) + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument("--run", action="append", default=[], metavar="NAME")
+    parser.add_argument("--method", default="poisoncam", choices=["patchsearch", "poisoncam"])
+    parser.add_argument("--publish", metavar="PROFILE")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base = params_mod.with_resolved_root(params_mod.load(args.params))
+    if args.publish:
+        print(publish(base, args.run or ["default"], args.method).to_string())
+        return
+    for name in args.run or ["default"]:
+        print(run(configuration(base, name), name, args.method))
+
+
+if __name__ == "__main__":
+    main()
