@@ -224,7 +224,8 @@ def unexpected_tensors(path: Path, params: Params) -> str | None:
 
     from .train import backbone_for
 
-    expected = {k: tuple(v.shape) for k, v in backbone_for(params.ssl, params.data.image_size or 32).state_dict().items()}
+    network = backbone_for(params.ssl, params.data.image_size or 32)
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     with safe_open(str(path), "pt") as f:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

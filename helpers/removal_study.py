@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import io, paths
 from . import params as params_mod
-from . import paths
 
 VARIANTS: dict[str, dict] = {
     "paper": {"paste_scale": [0.3333, 1.3333]},  # [w/3, 4w/3): the paper's 20-80 px for w = 60
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     params = params_mod.with_resolved_root(params_mod.load(Path(args.params)))
+    from .cache import stage_dir
+    from .defense import with_method
+
     if args.run:
         run(params, args.variant, args.data, args.method)
     table = rows(params, args.variant, args.method).round(2)
@@ -130,6 +133,26 @@ def main(argv: list[str] | None = None) -> None:
         from .plotting import save_table
 
         save_table(table, args.publish, "06", "false_removals", published=True)
+        from .reproduce import git_commit
+
+        def key(method: str, variant: str, stage: str) -> str:
+            return stage_dir(variant_params(with_method(params, method), variant), stage).name
+
+        stages = [
+            f"{method} {variant} {data}: {data}/{key(method, variant, data)}"
+            for data in ("classifier_poisoned", "classifier_clean")
+            for method in args.method
+            for variant in args.variant
+        ]
+        record = [
+            "# Poison-classifier variants: record",
+            "",
+            f"- published at commit `{git_commit()}` by `python -m helpers.removal_study --publish {args.publish}"
+            + f" --variant {' '.join(args.variant)} --method {' '.join(args.method)}`",
+            "- every row is read from a cached classifier stage (its `stage.json` holds params and code fingerprint):",
+            *(f"  - {s}" for s in stages),
+        ]
+        io.write_text(paths.published_dir(args.publish) / "06_false_removals_RECORD.md", "\n".join(record) + "\n")
     print(table.to_string())
 
 

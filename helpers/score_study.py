@@ -22,7 +22,6 @@ judge that choice.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,7 +77,8 @@ def run(params: params_mod.Params, name: str, method: str) -> Path:
         xs, ys = best_windows(maps, w)
         patches = cut_patches(ctx.pixels[torch.as_tensor(idx)], xs, ys, w)
         places = paste_locations(ctx.ids[idx], len(flip_pixels), ctx.size, ctx.size, w, p.search.seed)
-        for label, pasted in (("after", patches), ("flat", flat_patches(patches)), ("grey", torch.full_like(patches, 128))):
+        grey = torch.full_like(patches, 128)
+        for label, pasted in (("after", patches), ("flat", flat_patches(patches)), ("grey", grey)):
             arrays[f"{label}_w{w}"] = flip_destinations(ctx.model, ctx.normalise, flip_pixels, pasted, places).numpy()
         print(f"{name} {method} w = {w}: done", flush=True)
     io.save_npz(out, **arrays)
@@ -141,12 +141,14 @@ def publish(base: params_mod.Params, names: list[str], method: str) -> pd.DataFr
     table = pd.DataFrame(found)
     wide = table.pivot_table(index=["configuration", "seen", "window"], columns="count", values="AUC").reset_index()
     save_table(table, base.profile, "05_search", "score_rules_long", published=True)
-    save_table(wide[["configuration", "seen", "window", *COUNTS]], base.profile, "05_search", "score_rules", published=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=paths.REPO_ROOT).stdout
+    wide = wide[["configuration", "seen", "window", *COUNTS]]
+    save_table(wide, base.profile, "05_search", "score_rules", published=True)
+    from .reproduce import git_commit
+
     record = [
         "# Flip-test counts on one sample: record",
         "",
-        f"- published at commit `{commit.strip()}` by `python -m helpers.score_study {' '.join(sys.argv[1:])}`",
+        f"- published at commit `{git_commit()}` by `python -m helpers.score_study {' '.join(sys.argv[1:])}`",
         f"- {method}'s heatmaps; {PER_CLUSTER} images per cluster; configurations seen while choosing a count: "
         f"{', '.join(SEEN)}",
     ]

@@ -206,7 +206,10 @@ def test_a_shipped_backbone_with_other_tensors_is_never_served(tiny_params, ship
     path = checkpoints.shipped_dir("tiny") / checkpoints.MANIFEST
     first = next(iter(weights))
     for change, expected in (
-        (lambda w: {("renamed." + k if k == first else k): v for k, v in w.items()}, "holds other tensors than resnet18"),
+        (
+            lambda w: {("renamed." + k if k == first else k): v for k, v in w.items()},
+            "holds other tensors than resnet18",
+        ),
         (lambda w: {k: (v[:1] if k == first else v) for k, v in w.items()}, f"{first} has shape"),
     ):  # readable files, listed with their own sha256, that the profile's network cannot load
         io.save_weights(source, {k: v.clone() for k, v in change(weights).items()}, {"precision": "bf16"})

@@ -160,7 +160,9 @@ def test_poisoncams_count_enters_only_poisoncams_stages():
     for stage in ("search_poisoned", "classifier_poisoned", "ssl_filtered"):  # PatchSearch never reads it
         assert params.stage_hash(base, stage) == params.stage_hash(flat(base), stage)
         assert params.stage_hash(poisoncam, stage) != params.stage_hash(flat(poisoncam), stage)
-    assert "poisoncam_score" not in params.stage_params(poisoncam, "search_poisoned")["search"]  # its paper's: as before
+    assert (
+        "poisoncam_score" not in params.stage_params(poisoncam, "search_poisoned")["search"]
+    )  # its paper's: as before
     with pytest.raises(ParamsError, match="'search.poisoncam_score' = 'into_flat'.*into_vs_flat or changed_vs_flat"):
         params.from_dict({"profile": "x", "search": {"poisoncam_score": "into_flat"}}, "src")
     with pytest.raises(ParamsError, match="'search.score_rule' = 'all'"):

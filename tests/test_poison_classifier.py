@@ -55,7 +55,6 @@ def test_paste_scale_sets_the_pasted_sides():
     assert sides.min() == 6 and sides.max() == 11  # [w/2, w) = [6, 12)
 
 
-
 def test_a_diverging_classifier_stops_and_names_its_keys():
     import dataclasses
 
@@ -75,7 +74,9 @@ def test_a_diverging_classifier_stops_and_names_its_keys():
 
     def train(lr):
         c = dataclasses.replace(cfg, lr=lr)
-        return train_classifier(pixels, np.arange(30), patches, 8, val_idx, val_labels, c, mean, std, 0, Normaliser(mean, std))
+        return train_classifier(
+            pixels, np.arange(30), patches, 8, val_idx, val_labels, c, mean, std, 0, Normaliser(mean, std)
+        )
 
     with pytest.raises(TrainingDiverged, match=r"seed 0 at iteration 3: the loss is nan.*classifier\.lr = inf"):
         train(float("inf"))

@@ -89,7 +89,10 @@ def test_a_diverging_training_stops_names_its_keys_and_is_not_cached(tiny_params
     from helpers.train import TrainingDiverged, train_stage
 
     p = dataclasses.replace(tiny_params, ssl=tiny(epochs=2, batch_size=4, lr=1e30))
-    with pytest.raises(TrainingDiverged, match=r"stage ssl_clean \(tiny\): mocov2 at epoch 1, step \d+: the loss is nan.*ssl\.lr = 1e\+30"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"stage ssl_clean \(tiny\): mocov2 at epoch 1, step \d+: the loss is nan.*ssl\.lr = 1e\+30",
+    ):
         train_stage(p, "clean", progress=False)
     assert not stage_dir(p, "ssl_clean").exists()  # no result served from then on
     assert not list(stage_dir(p, "ssl_clean").parent.glob(".tmp-*"))
