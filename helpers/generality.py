@@ -51,7 +51,17 @@ CONFIGS: dict[str, dict] = {
     "copies-3": {"n_copies": 3, "target_class": "cat", "trigger_seed": 77},
 }
 
-TASKS = (
+# name -> overrides of other sections: the same attack, another SSL training. Made after the pooled window
+# rule was fixed (issue 22): they judge it blind (``python -m helpers.generality --table generality_seeds``).
+TRAINING_CONFIGS: dict[str, dict] = {
+    "ssl-seed1": {"ssl": {"seed": 1}},
+    "ssl-seed2": {"ssl": {"seed": 2}},
+    "byol-seed1": {"ssl": {"method": "byol", "momentum": 0.996, "seed": 1}},
+    "byol-seed2": {"ssl": {"method": "byol", "momentum": 0.996, "seed": 2}},
+}
+ALL_CONFIGS = {**CONFIGS, **TRAINING_CONFIGS}
+
+TASKS = (  # the pipeline tasks of one configuration
     "eval_clean",
     "eval_poisoned",
     "defense_patchsearch_poisoned",
@@ -64,8 +74,10 @@ METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 
 
 def config_params(base: Path, name: str) -> params_mod.Params:
-    if name not in CONFIGS:
-        raise ValueError(f"unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
+    if name not in ALL_CONFIGS:
+        raise ValueError(f"unknown configuration {name!r} (known: {', '.join(ALL_CONFIGS)})")
+    if name in TRAINING_CONFIGS:
+        return params_mod.with_overrides(params_mod.load(base), TRAINING_CONFIGS[name], f"configuration {name!r}")
     raw = params_mod.load(base).to_dict()
     raw["attack"] = {**raw["attack"], **CONFIGS[name]}
     return params_mod.from_dict(raw, f"{base} + generality configuration {name!r}")
@@ -93,7 +105,7 @@ def run(
         if not clean_defense:  # shared by every configuration: another run may be computing it
             only = [t for t in only if not t.endswith("_clean") or t.startswith("eval_")]
         log_dir = paths.runs_dir() / "generality" / name
-        print(f"== {name}: {CONFIGS[name] or 'the profile'}", flush=True)
+        print(f"== {name}: {ALL_CONFIGS[name] or 'the profile'}", flush=True)
         run_all(path, log_dir, workers, threads, True, only)
 
 
@@ -134,7 +146,7 @@ def config_row(name: str, base: Path) -> dict:
     asr, asr_clean = probe_asr("poisoned"), probe_asr("clean")
     row = {
         "configuration": name,
-        "attack": str(CONFIGS[name] or "profile"),
+        "attack": str(ALL_CONFIGS[name] or "profile"),
         "target": attack.target_class,
         "trigger px": int(attack.poison_boxes[0, 0, 2]),
         "copies": int(attack.poison_boxes.shape[1]),
@@ -224,14 +236,14 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
     return out
 
 
-def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
+def publish(profile: str, names: list[str], base: Path, table_name: str = "generality") -> pd.DataFrame:
     from .plotting import save_table
     from .search import WINDOW_RULES
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
-    save_table(table, profile, "07", "generality", published=True)
+    save_table(table, profile, "07", table_name, published=True)
     sweep = pd.DataFrame([row for name in names for row in window_sweep_rows(name, base)])
-    save_table(sweep.round(3), profile, "07", "generality_window_sweep", published=True)
+    save_table(sweep.round(3), profile, "07", f"{table_name}_window_sweep", published=True)
     picks = []
     for (name, label), t in sweep.groupby(["configuration", "method"], sort=False):
         best = t["top-20 (%)"].max()
@@ -247,27 +259,30 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
             if rule in CHOSEN_ON:
                 row[f"{rule} held out"] = name not in CHOSEN_ON[rule]
         picks.append(row)
-    save_table(pd.DataFrame(picks).round(1), profile, "07", "generality_blind_window", published=True)
+    save_table(pd.DataFrame(picks).round(1), profile, "07", f"{table_name}_blind_window", published=True)
     for name in names:  # the params of every configuration, beside the table
-        io.write_text(paths.published_dir(profile) / f"07_generality_params_{name}.yaml", params_path(name).read_text())
+        target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
+        io.write_text(target, params_path(name).read_text())
     from .reproduce import git_commit
 
     record = [
         "# Generality tables: record",
         "",
         f"- published at commit `{git_commit()}` by `python -m helpers.generality --publish {profile}"
+        + (f" --table {table_name}" if table_name != "generality" else "")
         + "".join(f" --run {name}" for name in names)
         + "`",
         "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
         "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
     ]
-    io.write_text(paths.published_dir(profile) / "07_generality_RECORD.md", "\n".join(record) + "\n")
+    io.write_text(paths.published_dir(profile) / f"07_{table_name}_RECORD.md", "\n".join(record) + "\n")
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", default=[], choices=sorted(CONFIGS))
+    parser.add_argument("--run", action="append", default=[], choices=sorted(ALL_CONFIGS))
+    parser.add_argument("--table", default="generality", help="published as 07_TABLE*.md (e.g. generality_seeds)")
     parser.add_argument("--base", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
     parser.add_argument("--retrain", action="store_true", help="also retrain on the filtered lists (defended ASR)")
     parser.add_argument("--workers", type=int, default=None)
@@ -279,11 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = args.run or list(CONFIGS)
     if args.list:
-        for name, overrides in CONFIGS.items():
+        for name, overrides in ALL_CONFIGS.items():
             print(f"{name}: {overrides or 'the profile'}")
         return
     if args.publish:
-        print(publish(args.publish, names, Path(args.base)).to_string())
+        print(publish(args.publish, names, Path(args.base), args.table).to_string())
         return
     run(names, Path(args.base), args.retrain, args.workers, args.threads, args.methods, not args.no_clean_defense)
 

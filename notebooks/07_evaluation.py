@@ -202,9 +202,9 @@ else:
 # ## Table 2 over SSL training seeds
 # Every "±" above is over the probe's seeds on **one** SSL training. Another SSL training of the same
 # setting, with another seed (initial weights, batch order, augmentations), can plant another backdoor,
-# or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2) and `byol_seed1` (BYOL; `byol_seed2`
-# where the profile defines it) train the clean and backdoored models again with other SSL seeds, on the same
-# poisoned set (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1`). For each SSL seed:
+# or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2), `byol_seed1` and `byol_seed2` (BYOL)
+# train the clean and backdoored models again with other SSL seeds, on the same poisoned set
+# (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1 byol_seed2`). For each SSL seed:
 # the mean over its probe seeds; then mean ± sd over SSL seeds. An SSL seed plants a backdoor by the rule
 # above, against the clean model of the same SSL seed.
 
@@ -473,12 +473,20 @@ if general_path.is_file():
     import yaml
 
     used = yaml.safe_load(notebook.figure_path(P.profile, "07_generality_params_default.yaml").read_text())
-    rule = used["search"]["window_rule"]
-    if rule != P.search.window_rule:  # the rows were computed before the profile's rule changed
+    now = P.to_dict()
+    changed = [  # keys of the defenses and the training whose value differs from the one the rows were made with
+        f"`{section}.{key}` ({used[section].get(key, '(absent)')!r} then, {value!r} now)"
+        for section in ("ssl", "eval", "cluster", "search", "classifier")
+        for key, value in now[section].items()
+        if used.get(section, {}).get(key, params.ADDED_LATER.get((section, key))) != value
+    ]
+    if changed:  # the rows were computed before the profile changed: say so, key by key
         lines.append(
-            f"\nThese rows were computed with the window rule `{rule}` (`07_generality_params_*.yaml`); this "
-            f"profile's rule is `{P.search.window_rule}`, whose pick on every configuration is in "
-            "`07_generality_blind_window.md`. The rows follow it once the configurations are rerun."
+            "\n**These rows are older than the profile**: they were computed with other values of "
+            + ", ".join(changed)
+            + " (`07_generality_params_default.yaml`). The blind window the current rule picks on every "
+            "configuration is in `07_generality_blind_window.md`; the rows follow the profile once the "
+            "configurations are rerun (`python -m helpers.generality --run NAME`)."
         )
     notebook.show_markdown("\n".join(lines))
     display(general)  # noqa: F821
