@@ -20,6 +20,26 @@ def test_generality_configurations_change_only_the_attack():
         generality.config_params(params.paths.PARAMS_DIR / "cifar10.yaml", "nope")
 
 
+def test_training_configurations_are_the_profiles_seed_variants():
+    """Same params as the profile's variants, so they reuse those models and evaluations: only the SSL
+    training differs from the profile."""
+    path = params.paths.PARAMS_DIR / "cifar10.yaml"
+    base = params.load(path)
+    for name, variant in (
+        ("ssl-seed1", "ssl_seed1"),
+        ("ssl-seed2", "ssl_seed2"),
+        ("byol-seed1", "byol_seed1"),
+        ("byol-seed2", "byol_seed2"),
+    ):
+        p = generality.config_params(path, name)
+        assert p.ssl == params.with_variant(base, variant).ssl and p.ssl != base.ssl
+        for section in ("data", "attack", "cluster", "search", "classifier", "compute"):
+            assert getattr(p, section) == getattr(base, section), (name, section)
+        assert params.stage_hash(p, "ssl_poisoned") == params.stage_hash(
+            params.with_variant(base, variant), "ssl_poisoned"
+        )
+
+
 def test_generality_trigger_png_ships_with_the_repository():
     path = params.resolve_input_path(generality.CONFIGS["x-on-red-png"]["trigger"])
     assert path.is_file()
