@@ -77,10 +77,14 @@ JOBS = (
     ),
     Job(
         "J2",
-        "both defenses on the backdoored model: PatchSearch, PoisonCAM with its paper's score and with the flips "
-        "into the candidate's cluster; the GPU benchmark",
+        "both defenses on the backdoored model: PatchSearch, PoisonCAM with the profile's score (flips into the "
+        "candidate's cluster that a flat square does not cause) and with its paper's; the GPU benchmark",
         (
-            ("defense_patchsearch_poisoned", "defense_poisoncam_poisoned", "poisoncam_into:defense_poisoncam_poisoned"),
+            (
+                "defense_patchsearch_poisoned",
+                "defense_poisoncam_poisoned",
+                "poisoncam_paper:defense_poisoncam_poisoned",
+            ),
             ("bench",),
         ),
         needs=("ssl_poisoned",),
@@ -115,13 +119,13 @@ JOBS = (
     ),
     Job(
         "J6",
-        "the model retrained on PoisonCAM's filtered list under the flips-into score, and the backdoored model "
+        "the model retrained on PoisonCAM's filtered list under its paper's score, and the backdoored model "
         "with i-CutMix, then their probes",
         (
-            ("poisoncam_into:ssl_filtered_poisoncam", "ssl_poisoned_icutmix"),
-            ("poisoncam_into:eval_filtered_poisoncam", "eval_poisoned_icutmix"),
+            ("poisoncam_paper:ssl_filtered_poisoncam", "ssl_poisoned_icutmix"),
+            ("poisoncam_paper:eval_filtered_poisoncam", "eval_poisoned_icutmix"),
         ),
-        needs=tuple(f"poisoncam_into:{s}@poisoncam" for s in ("search_poisoned", "classifier_poisoned")),
+        needs=tuple(f"poisoncam_paper:{s}@poisoncam" for s in ("search_poisoned", "classifier_poisoned")),
         trains=2,
     ),  # fmt: skip
 )

@@ -361,6 +361,37 @@ notebook.show_markdown(
 auc
 
 # %% [markdown]
+# ## Which count? Every flip-test count on the same images
+# The scores above come from two searches that visited different images, each steered by its own count.
+# `python -m helpers.score_study` scores one blind sample (the first 4 images of every cluster in the
+# defense's order) with every count at every side, PoisonCAM's heatmaps throughout, on the profile and on
+# variants of it (`figures/<profile>/05_search_score_rules*.md`; shown here when it exists). The `_vs_flat`
+# counts leave out what a flat square of the candidate's mean colour does at the same place; `changed_vs_grey`
+# leaves out what a mid-grey square does. "Seen" marks the configurations in view when a count was chosen.
+
+# %%
+rules_path = notebook.figure_path(P.profile, "05_search_score_rules_long.csv")
+if rules_path.is_file():
+    rules = pd.read_csv(rules_path)
+    lines = []
+    for (name, seen), t in rules.groupby(["configuration", "seen"], sort=False):
+        a = t.pivot(index="window", columns="count", values="AUC")
+        top = t.pivot(index="window", columns="count", values="top-20 acc (%)")
+        parts = [
+            f"`{c}` AUC {a[c].min():.2f} to {a[c].max():.2f} ({int((a[c] < 0.5).sum())} of {len(a)} sides below "
+            f"chance; best top-20 {top[c].max():.0f}%)"
+            for c in ("changed", "into", "into_vs_flat", "changed_vs_flat")
+        ]
+        lines.append(
+            f"- **{name}** ({'seen' if seen else 'unseen'}; sample chance {t['chance (%)'].iloc[0]:.1f}%): "
+            + "; ".join(parts)
+        )
+    notebook.show_markdown("\n".join(lines))
+    display(rules.pivot_table(index=["configuration", "window"], columns="count", values="AUC"))  # noqa: F821
+else:
+    print(f"no score-rule study for profile {P.profile} yet: python -m helpers.score_study --run default")
+
+# %% [markdown]
 # ## The top-ranked candidate triggers
 # The 20 best patches of each method (red title: cut from a poisoned image). These are what the poison
 # classifier of notebook 06 learns to find.
