@@ -59,7 +59,7 @@ import yaml
 from . import io, paths
 from .fingerprint import data_differences, data_digests, file_fingerprint
 from .io import CheckpointError
-from .params import Params, from_dict, key_of, stage_key_material, with_overrides
+from .params import ADDED_LATER, ONE_METHOD, Params, from_dict, key_of, stage_key_material, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,16 @@ def _variant(stage_params: dict, profile_params: Params) -> dict[str, dict]:
         for key, value in values.items():
             if (section, key) != ("data", "root") and profile.get(section, {}).get(key) != value:
                 out.setdefault(section, {})[key] = value
+    for (section, key), default in ADDED_LATER.items():  # left out of the stage's params at their old value
+        values = stage_params.get(section)
+        if (
+            values is None
+            or key in values
+            or ONE_METHOD.get((section, key), values.get("method")) != values.get("method")
+        ):
+            continue  # not read by the stage, written out, or a key its search method never reads
+        if profile.get(section, {}).get(key) != default:
+            out.setdefault(section, {})[key] = default
     return out
 
 

@@ -229,3 +229,14 @@ def test_a_manifest_without_stages_is_named(tiny_params, shipped):
     path.write_text("{}")
     with pytest.raises(CheckpointError, match=r"MANIFEST.json: no 'stages' list"):
         checkpoints.install(tiny_params)
+
+
+def test_a_key_left_out_at_its_old_value_is_part_of_a_shipped_variant():
+    """A stage shipped with ``poisoncam_score`` at its old value has no such key in its params; where the
+    profile now says otherwise, the stage is a variant that sets it back (and only for PoisonCAM's stages)."""
+    base = checkpoints.from_dict({"profile": "x", "search": {"poisoncam_score": "into_vs_flat"}})
+    stage = {"search": {**base.to_dict()["search"], "method": "poisoncam"}}
+    del stage["search"]["poisoncam_score"]
+    assert checkpoints._variant(stage, base) == {"search": {"method": "poisoncam", "poisoncam_score": "changed"}}
+    stage["search"]["method"] = "patchsearch"  # PatchSearch never reads it: no variant
+    assert checkpoints._variant(stage, base) == {}
