@@ -334,14 +334,24 @@ def _install_stage(source: Path, final: Path, entry: dict, params: Params) -> st
         raise
 
 
-def _to_half(src: Path, dst: Path) -> None:
+def _to_half(src: Path, dst: Path, previous: Path | None = None) -> None:
+    """``src`` with its floating tensors in fp16. Where ``previous`` (the copy shipped before) holds the
+    same tensors and metadata, its bytes are kept: a re-ship adds nothing to the history."""
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as f:
         metadata = dict(f.metadata() or {})
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in io.load_weights(src).items()}
     metadata["shipped_as"] = "float16 (loads into the float32 model)"
-    io.save_weights(dst, tensors, metadata)
+    if previous is not None and previous.is_file():
+        with safe_open(str(previous), "pt") as f:
+            same = dict(f.metadata() or {}) == metadata and set(f.keys()) == set(tensors)  # noqa: SIM118
+            same = same and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+        if same:
+            shutil.copyfile(previous, dst)
+            return
+    io.save_weights(dst, tensors, dict(sorted(metadata.items())))
 
 
 def ship_stage(
@@ -353,6 +363,7 @@ def ship_stage(
     commit: str,
     half: bool = True,
     drop_arrays: dict[str, tuple[str, ...]] | None = None,
+    previous: Path | None = None,
 ) -> dict:
     """Write the cached stage ``source`` as shipped into ``dest`` and return its manifest entry: paths in text
     as tokens, ``LEFT_OUT`` files left out, backbones in fp16 with ``half`` (but the ``EXACT_MODELS``), the
@@ -374,7 +385,7 @@ def ship_stage(
             left_out.append(rel)
             continue
         if half and not exact and rel in HALF_PRECISION:
-            _to_half(src, dst)
+            _to_half(src, dst, previous / rel if previous is not None else None)
             halved.append(rel)
         elif rel in drop_arrays:
             z = np.load(src)
@@ -447,7 +458,16 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
             if not (source / "params.yaml").is_file():
                 raise CheckpointError(f"{source}: not a complete stage result in the cache")
             entries.append(
-                ship_stage(source, tmp / stage / key, profile_params, data_root, artifacts, record["commit"], half)
+                ship_stage(
+                    source,
+                    tmp / stage / key,
+                    profile_params,
+                    data_root,
+                    artifacts,
+                    record["commit"],
+                    half,
+                    previous=out_dir / stage / key,
+                )
             )
         manifest = {
             "profile": profile,

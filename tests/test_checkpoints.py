@@ -240,3 +240,21 @@ def test_a_key_left_out_at_its_old_value_is_part_of_a_shipped_variant():
     assert checkpoints._variant(stage, base) == {"search": {"method": "poisoncam", "poisoncam_score": "changed"}}
     stage["search"]["method"] = "patchsearch"  # PatchSearch never reads it: no variant
     assert checkpoints._variant(stage, base) == {}
+
+
+def test_a_reship_keeps_the_bytes_of_an_unchanged_backbone(tiny_params, shipped):
+    """An earlier shipping wrote the same fp16 tensors with its metadata in another order: shipping again
+    keeps those bytes, so the history does not grow by a model that did not change."""
+    _, result, weights = shipped
+    path = checkpoints.shipped_dir("tiny") / "ssl_filtered" / result.key / "backbone.safetensors"
+    checkpoints.install(tiny_params)  # the cache holds the stage again, as a clone that ships has it
+    raw = path.read_bytes()  # the same header written another way (indented), the same tensor bytes
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), indent=1).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
+    before = path.read_bytes()
+    assert before != raw and io.load_weights(path).keys() == weights.keys()
+    used = [f"ssl_filtered/{result.key}"]
+    checkpoints.ship(write_record(tiny_params, used))
+    assert path.read_bytes() == before
