@@ -96,12 +96,8 @@ def _variant(stage_params: dict, profile_params: Params) -> dict[str, dict]:
             if (section, key) != ("data", "root") and profile.get(section, {}).get(key) != value:
                 out.setdefault(section, {})[key] = value
     for (section, key), default in ADDED_LATER.items():  # left out of the stage's params at their old value
-        values = stage_params.get(section)
-        if (
-            values is None
-            or key in values
-            or ONE_METHOD.get((section, key), values.get("method")) != values.get("method")
-        ):
+        values, only = stage_params.get(section), ONE_METHOD.get((section, key))
+        if values is None or key in values or (only and values.get("method") != only):
             continue  # not read by the stage, written out, or a key its search method never reads
         if profile.get(section, {}).get(key) != default:
             out.setdefault(section, {})[key] = default

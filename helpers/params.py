@@ -112,6 +112,9 @@ class ClusterParams:
     order: str = "content"
 
 
+SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat")  # helpers.search counts them (its SCORE_RULES)
+
+
 @dataclass(frozen=True)
 class SearchParams:
     method: str = "patchsearch"  # patchsearch (Grad-CAM) | poisoncam (cluster activation masking)
@@ -484,10 +487,10 @@ def _check_ranges(p: Params, source: str) -> None:
         raise bad("search.window_rule", q.window_rule, "must be one of rsd, contrast, agreement, pooled")
     if p.cluster.order not in ("content", "file"):
         raise bad("cluster.order", p.cluster.order, "must be content or file")
-    rules = "into, changed, into_vs_flat or changed_vs_flat"
-    if q.score_rule not in (None, "into", "changed", "into_vs_flat", "changed_vs_flat"):
+    rules = ", ".join(SCORE_RULES[:-1]) + f" or {SCORE_RULES[-1]}"
+    if q.score_rule is not None and q.score_rule not in SCORE_RULES:
         raise bad("search.score_rule", q.score_rule, f"must be null (each method's own) or one of {rules}")
-    if q.poisoncam_score not in ("into", "changed", "into_vs_flat", "changed_vs_flat"):
+    if q.poisoncam_score not in SCORE_RULES:
         raise bad("search.poisoncam_score", q.poisoncam_score, f"must be one of {rules}")
     if q.window_px is None and not q.window_sweep:
         raise bad("search.window_sweep", q.window_sweep, "must list window sides when search.window_px is null")

@@ -86,17 +86,17 @@ def run(params: params_mod.Params, name: str, method: str) -> Path:
 
 
 def counts(z, w: int) -> dict[str, np.ndarray]:
-    """Each count of every sampled candidate at side ``w``."""
-    after, flat, grey = z[f"after_w{w}"], z[f"flat_w{w}"], z[f"grey_w{w}"]
-    before, own = z["before"][None], z["cluster"][:, None]
-    into, moved = (after == own) & (before != own), after != before
-    return {
-        "changed": moved.sum(1),
-        "into": into.sum(1),
-        "changed_vs_flat": (moved & (after != flat)).sum(1),
-        "into_vs_flat": (into & (flat != own)).sum(1),
-        "changed_vs_grey": (moved & (after != grey)).sum(1),
-    }
+    """Each count of every sampled candidate at side ``w``, by the flip test's own rule (``_flip_hits``);
+    ``changed_vs_grey`` is ``changed_vs_flat`` with the grey square as the control."""
+    import torch
+
+    from .search import SCORE_RULES, _flip_hits
+
+    after, flat, grey = (torch.from_numpy(z[f"{label}_w{w}"]) for label in ("after", "flat", "grey"))
+    before, own = torch.from_numpy(z["before"])[None], torch.from_numpy(z["cluster"])[:, None]
+    out = {rule: _flip_hits(before, after, own, rule, flat).sum(1).numpy() for rule in SCORE_RULES}
+    out["changed_vs_grey"] = _flip_hits(before, after, own, "changed_vs_flat", grey).sum(1).numpy()
+    return {count: out[count] for count in COUNTS}
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -211,3 +211,9 @@ def test_scientific_notation_is_a_number():
 def test_a_profile_name_is_a_plain_name(name):
     with pytest.raises(ParamsError, match=r"'profile' = .* must be a plain name"):
         params.from_dict({"profile": name}, "src")
+
+
+def test_the_score_rules_params_accepts_are_the_ones_the_search_counts():
+    from helpers import search
+
+    assert params.SCORE_RULES == search.SCORE_RULES
