@@ -21,11 +21,16 @@
 #
 # **Poison score.** The candidate trigger of an image (its best `w x w` window, notebook 04) is pasted at a
 # random place on every image of the *flip-test set* (per cluster, the image nearest its centre: the
-# hardest to move). The two papers count differently, and each method here uses its own paper's count:
+# hardest to move). The two papers count differently:
 # - PatchSearch: the flip-test images *flipped into* the candidate's cluster (not in it before pasting, in
 #   it after). A count, never negative. (The official code subtracts the images in the cluster before from
 #   those after, which is -1 when a candidate pushes its own cluster's flip image out; not used here.)
-# - PoisonCAM (its Sec. 5.5): the flip-test images whose assignment *changes*, in any direction.
+# - PoisonCAM (its Sec. 5.5): the flip-test images whose assignment *changes*, in any direction. At 32 px
+#   this count ranks near-blank squares first: a flip image sits so close to a second cluster that any
+#   occluder moves it (section "Which count?" below). A profile may therefore count PoisonCAM's flips with an
+#   **occlusion control** (`search.poisoncam_score`): `into_vs_flat` counts the flips into the candidate's
+#   cluster that a flat square of the candidate's mean colour, pasted at the same places, does not cause.
+#   Notebook 07 runs the paper's count beside it. The counts this profile uses are printed below.
 #
 # A real trigger drags images into the poisoned clusters; an ordinary patch of an ordinary image does not.
 # The flip test runs batched over candidates and flip images together; `make bench` compares it with a
@@ -87,6 +92,9 @@ METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 stages = {m: defense.search_stage(defense.with_method(P, m), "poisoned") for m in METHODS}
 found = {m: defense.load_search(path) for m, path in stages.items()}
 ids = defense.defense_ids(P, defense.training_set(P, "poisoned")[0])  # the order the search breaks ties in
+print(
+    "flip-test counts:", ", ".join(f"{METHODS[m]} `{defense.score_rule(defense.with_method(P, m))}`" for m in METHODS)
+)
 
 # %% [markdown]
 # ## Which w? (paper Figure 4)
