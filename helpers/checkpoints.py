@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import io, paths
+from . import io, paths, stages
 from .fingerprint import data_differences, data_digests, file_fingerprint
 from .io import CheckpointError
 from .params import ADDED_LATER, ONE_METHOD, Params, from_dict, key_of, stage_key_material, with_overrides
@@ -64,7 +64,7 @@ from .params import ADDED_LATER, ONE_METHOD, Params, from_dict, key_of, stage_ke
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
-SHIPPED_STAGES = ("ssl_", "search_", "classifier_", "eval_", "potency_", "finetune_", "kd_")  # stage name prefixes
+SHIPPED_STAGES = frozenset(s.name for s in stages.STAGES if s.shipped)  # helpers.stages says which
 LEFT_OUT = frozenset({"features.npz"})  # evaluation features: 29 MB each, read by nothing
 HALF_PRECISION = frozenset({"backbone.safetensors"})  # except for the EXACT_MODELS
 EXACT_MODELS = ("ssl_clean", "ssl_poisoned")  # with the profile's own params (no variant): run live by 02-05
@@ -448,7 +448,7 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
     try:
         for used in record["stages_used"]:
             stage, key = used.split("/")
-            if not stage.startswith(SHIPPED_STAGES):
+            if stage not in SHIPPED_STAGES:
                 continue
             source = paths.artifacts_dir() / stage / key
             if not (source / "params.yaml").is_file():

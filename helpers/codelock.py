@@ -24,37 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
+from . import paths, stages
 from .fingerprint import STAGE_CODE
 
 SMOKE = "params/smoke.yaml"
-# The smoke pipeline task that computes each stage (``helpers.pipeline``'s task names).
-STAGE_TASK = {
-    "data": "prepare",
-    "attack": "prepare",
-    "ssl_clean": "ssl_clean",
-    "ssl_poisoned": "ssl_poisoned",
-    "eval_clean": "eval_clean",
-    "eval_poisoned": "eval_poisoned",
-    "cluster_poisoned": "defense_patchsearch_poisoned",
-    "search_poisoned": "defense_poisoncam_poisoned",
-    "classifier_poisoned": "defense_patchsearch_poisoned",
-    "cluster_clean": "defense_patchsearch_clean",
-    "search_clean": "defense_patchsearch_clean",
-    "classifier_clean": "defense_patchsearch_clean",
-    "potency_clean": "potency_clean",
-    "ssl_filtered": "ssl_filtered_patchsearch",
-    "eval_filtered": "eval_filtered_patchsearch",
-    "kd_student": "kd_5",
-    "eval_kd": "kd_5",
-    "ssl_mix": "mix_black_onehot",
-    "eval_mix": "mix_black_onehot",
-    "ssl_clean_filtered": "retrain_clean_patchsearch",
-    "eval_clean_filtered": "retrain_clean_patchsearch",
-    "finetune_clean": "finetune_clean",
-    "finetune_poisoned": "finetune_poisoned",
-    "finetune_filtered": "finetune_filtered_patchsearch",
-}
+# The smoke pipeline task that computes each stage (``helpers.pipeline``'s task names; ``helpers.stages``).
+STAGE_TASK = {s.name: stages.smoke_task(s.name) for s in stages.STAGES}
 TIMING = ("seconds", "per_s", "_unix", "img_s", "minutes")  # names of measured times: never compared
 
 

@@ -1,7 +1,8 @@
 """What a cached stage's result depends on besides its params: the code it runs and the files it reads.
 
 - **Code.** ``STAGE_CODE`` lists, for every stage, the ``helpers`` modules whose code computes its result,
-  the upstream stages' modules included (as ``params.STAGE_INPUTS`` does for params). A stage's key holds
+  the upstream stages' modules included (as ``params.STAGE_INPUTS`` does for params; both come from the
+  stage's declaration in ``helpers.stages``). A stage's key holds
   the *identity* of each of those modules, read from the committed lock ``helpers/code.lock.json``, not
   the code itself: a key needs no parsing, no torch, and is the same on every Python version.
   The lock also holds each module's *source* fingerprint (its syntax tree with docstrings removed,
@@ -31,6 +32,8 @@ import json
 import os
 from pathlib import Path
 
+from . import stages
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Modules that never change a stage's numbers: file plumbing, paths, params parsing, the cache itself,
@@ -58,42 +61,13 @@ NOT_RESULT_CODE = frozenset(
         "heldout",
         "gpu",
         "codelock",
+        "stages",
     }
 )
 
-_DATA = ("data",)
-_ATTACK = (*_DATA, "attack", "kernels")
-_SSL = (*_ATTACK, "compute", "augment", "models", "ssl", "train")
-_EVAL = (*_SSL, "cam", "evaluate")
-_DEFENSE = (*_EVAL, "cluster", "search", "poison_classifier", "defense")
-
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "data": _DATA,
-    "attack": _ATTACK,
-    "ssl_clean": _SSL,
-    "ssl_poisoned": _SSL,
-    "eval_clean": _EVAL,
-    "eval_poisoned": _EVAL,
-    "cluster_poisoned": _DEFENSE,
-    "cluster_clean": _DEFENSE,
-    "search_poisoned": _DEFENSE,
-    "search_clean": _DEFENSE,
-    "classifier_poisoned": _DEFENSE,
-    "classifier_clean": _DEFENSE,
-    "ssl_filtered": _DEFENSE,
-    "eval_filtered": _DEFENSE,
-    "potency_clean": (*_DEFENSE, "potency"),
-    # notebook 08: the rest of the paper, each in a module of its own
-    "kd_student": (*_SSL, "loop", "kd"),
-    "eval_kd": (*_EVAL, "loop", "kd", "assess"),
-    "ssl_mix": (*_SSL, "loop", "mixing"),
-    "eval_mix": (*_EVAL, "loop", "mixing", "assess"),
-    "ssl_clean_filtered": (*_DEFENSE, "loop", "retrain"),
-    "eval_clean_filtered": (*_DEFENSE, "loop", "retrain", "assess"),
-    "finetune_clean": (*_DEFENSE, "finetune"),
-    "finetune_poisoned": (*_DEFENSE, "finetune"),
-    "finetune_filtered": (*_DEFENSE, "finetune"),
-}
+# For every stage, the modules whose code computes its result, its upstream stages' included: declared in
+# ``helpers.stages`` with the stage itself.
+STAGE_CODE: dict[str, tuple[str, ...]] = {s.name: stages.code(s.name) for s in stages.STAGES}
 
 
 LOCK_NAME = "code.lock.json"

@@ -52,7 +52,7 @@ PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 MAX_PARTS = 7  # and at most 8 files: the parts and job.json
 BUDGET_S = 540  # one command may run 600 s: the job's own deadline leaves a minute for the start and the copy
 PACK_RESERVE_S = 45  # kept for writing the results after the last task
-SHIPPED = (*SHIPPED_STAGES, "cluster_")  # and the clustering the shipped searches were made on
+SHIPPED = SHIPPED_STAGES | {"cluster_poisoned", "cluster_clean"}  # and the clustering the shipped searches were made on
 DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
 
 
@@ -493,7 +493,7 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
     entries = []
     for stage_key in stages_used(work / "stages.log", computed_only=True):
         source = artifacts / stage_key
-        if stage_key.startswith(SHIPPED) and (source / "params.yaml").is_file():
+        if stage_key.split("/")[0] in SHIPPED and (source / "params.yaml").is_file():
             dest = bundle / "stages" / stage_key
             entry = ship_stage(source, dest, run_params, data_root, str(artifacts), commit, False, DROPPED_ARRAYS)
             entries.append({**entry, "job": job.name})  # backbones: made fp16 on the GPU (_round_to_fp16)

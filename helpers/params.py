@@ -4,8 +4,9 @@ A profile (``params/<name>.yaml``) sets any subset of the fields below; missing 
 defaults written here. An unknown key, a wrong type or an out-of-range value is an error that names
 the file and the key (``ParamsError``).
 
-Later pipeline stages add their own sections here; ``STAGE_INPUTS`` says which sections each cached
-stage reads, so changing a parameter recomputes exactly the stages that read it (and those after them).
+Later pipeline stages add their own sections here; ``STAGE_INPUTS`` (from ``helpers.stages``) says which
+sections each cached stage reads, so changing a parameter recomputes exactly the stages that read it (and
+those after them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from . import paths
+from . import paths, stages
 
 
 class ParamsError(ValueError):
@@ -235,35 +236,9 @@ class Params:
         return dataclasses.asdict(self)
 
 
-# Sections each cached stage reads, upstream ones included: the stage's cache key hashes exactly these.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "data": ("data",),
-    "attack": ("data", "attack"),
-    "ssl_clean": ("data", "ssl"),
-    "ssl_poisoned": ("data", "attack", "ssl"),
-    "eval_clean": ("data", "attack", "ssl", "eval"),  # its patched validation set needs the attack too
-    "eval_poisoned": ("data", "attack", "ssl", "eval"),
-}
-_DEFENSE = ("data", "attack", "ssl", "cluster")
-# The defense on poisoned data, and on clean data (paper Table 10); the clean one never reads the attack, so
-# attack configurations share it (as they share the clean model).
-for _variant, _inputs in (("poisoned", _DEFENSE), ("clean", ("data", "ssl", "cluster"))):
-    STAGE_INPUTS[f"cluster_{_variant}"] = _inputs
-    STAGE_INPUTS[f"search_{_variant}"] = (*_inputs, "search")
-    STAGE_INPUTS[f"classifier_{_variant}"] = (*_inputs, "search", "classifier")
-# Figure 3: the flip test of every clean training image's patch with the clean model (helpers.potency)
-STAGE_INPUTS["potency_clean"] = ("data", "ssl", "cluster", "search")
-STAGE_INPUTS["ssl_filtered"] = (*_DEFENSE, "search", "classifier")  # SSL retrained on the filtered set
-STAGE_INPUTS["eval_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
-# The rest of the paper (notebook 08): each stage reads the sections of the model it starts from
-STAGE_INPUTS["kd_student"] = ("data", "attack", "ssl", "kd")  # Table 3: the backdoored model distilled
-STAGE_INPUTS["eval_kd"] = ("data", "attack", "ssl", "kd", "eval")
-STAGE_INPUTS["ssl_mix"] = ("data", "attack", "ssl", "mix")  # Table 8: i-CutMix's parts
-STAGE_INPUTS["eval_mix"] = ("data", "attack", "ssl", "mix", "eval")
-STAGE_INPUTS["ssl_clean_filtered"] = (*_DEFENSE, "search", "classifier")  # Table 10: the clean set, defended
-STAGE_INPUTS["eval_clean_filtered"] = (*_DEFENSE, "search", "classifier", "eval")
-for _variant in ("clean", "poisoned", "filtered"):  # Table 4: finetuned instead of a linear probe
-    STAGE_INPUTS[f"finetune_{_variant}"] = (*STAGE_INPUTS[f"eval_{_variant}"], "finetune")
+# Sections each cached stage reads, upstream ones included: the stage's cache key hashes exactly these
+# (declared in ``helpers.stages``, with the stage's upstream stages and its code).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {s.name: stages.sections(s.name) for s in stages.STAGES}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -597,8 +572,8 @@ def with_resolved_root(params: Params) -> Params:
 
 # Stages whose result depends on the precision of the networks they run: SSL pre-training runs in
 # ``compute.ssl_precision``; every other network pass in ``compute.precision``.
-NETWORK_STAGES = frozenset(s for s in STAGE_INPUTS if s not in ("data", "attack"))
-PRETRAINING_STAGES = frozenset({"ssl_clean", "ssl_poisoned", "ssl_mix"})  # what they train on needs no other network
+NETWORK_STAGES = frozenset(s.name for s in stages.STAGES if s.network)
+PRETRAINING_STAGES = frozenset(s.name for s in stages.STAGES if s.network == "pretraining")  # no other network
 
 
 # Keys added to the schema after results were shipped: left out of a stage's params (its ``params.yaml`` and

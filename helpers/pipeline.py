@@ -41,6 +41,7 @@ class Task:
     name: str
     deps: tuple[str, ...]
     minutes: float  # rough cost on one CPU thread (bf16), used only to order the ready tasks
+    stages: tuple[str, ...] = ()  # the cached stages it computes (helpers.stages; tests check deps against them)
 
 
 DEFENSES = ("patchsearch", "poisoncam")
@@ -63,7 +64,12 @@ def tasks(variants: tuple[str, ...] = ()) -> list[Task]:
             _base_tasks(), [*VARIANT_TASKS, *(f"eval_{t[4:]}" for t in VARIANT_TASKS if t.startswith("ssl_"))]
         )
         out += [
-            Task(f"{variant}:{t.name}", tuple(d if d == "prepare" else f"{variant}:{d}" for d in t.deps), t.minutes)
+            Task(
+                f"{variant}:{t.name}",
+                tuple(d if d == "prepare" else f"{variant}:{d}" for d in t.deps),
+                t.minutes,
+                t.stages,
+            )
             for t in keep
             if t.name != "prepare"
         ]
@@ -91,22 +97,29 @@ def notebook_tasks(variant_names) -> tuple[tuple[str, ...], list[str]]:
 
 
 def _base_tasks() -> list[Task]:
-    out = [Task("prepare", (), 0.5)]  # data and attack, once, before anything reads them side by side
+    out = [
+        Task("prepare", (), 0.5, ("data", "attack"))
+    ]  # data and attack, once, before anything reads them side by side
     for variant in ("clean", "poisoned"):
         for icutmix in (False, True):
             name = f"ssl_{variant}" + ("_icutmix" if icutmix else "")
-            out += [Task(name, ("prepare",), 12), Task(f"eval_{name[4:]}", (name,), 1)]
+            out += [
+                Task(name, ("prepare",), 12, (f"ssl_{variant}",)),
+                Task(f"eval_{name[4:]}", (name,), 1, (f"eval_{variant}",)),
+            ]
     for variant in ("poisoned", "clean"):
         for method in DEFENSES:
-            out.append(Task(f"defense_{method}_{variant}", (f"ssl_{variant}",), 10))
+            computes = tuple(f"{stage}_{variant}" for stage in ("cluster", "search", "classifier"))
+            out.append(Task(f"defense_{method}_{variant}", (f"ssl_{variant}",), 10, computes))
     for icutmix in (False, True):  # Figure 3: the potency of clean patches, with and without i-CutMix
         name = "potency_clean" + ("_icutmix" if icutmix else "")
-        out.append(Task(name, ("defense_patchsearch_clean", "ssl_clean" + ("_icutmix" if icutmix else "")), 12))
+        deps = ("defense_patchsearch_clean", "ssl_clean" + ("_icutmix" if icutmix else ""))
+        out.append(Task(name, deps, 12, ("potency_clean",)))
     for method, icutmix in (("patchsearch", False), ("patchsearch", True), ("poisoncam", False)):
         name = f"ssl_filtered_{method}" + ("_icutmix" if icutmix else "")
         out += [
-            Task(name, (f"defense_{method}_poisoned",), 12),
-            Task(f"eval_filtered_{method}" + ("_icutmix" if icutmix else ""), (name,), 1),
+            Task(name, (f"defense_{method}_poisoned",), 12, ("ssl_filtered",)),
+            Task(f"eval_filtered_{method}" + ("_icutmix" if icutmix else ""), (name,), 1, ("eval_filtered",)),
         ]
     return out + _more_tasks()
 
@@ -119,10 +132,11 @@ def _more_tasks() -> list[Task]:
     """Notebook 08's stages (the rest of the paper), each task its training and the evaluation of it."""
     from .kd import TABLE3_TRUSTED
 
-    out = [Task(f"kd_{round(100 * share)}", ("ssl_poisoned",), 16 * share / 0.25) for share in TABLE3_TRUSTED]
-    out += [Task(f"mix_{fill}_{loss}", ("prepare",), 13) for fill, loss in MIX_ROWS]  # crop + weighted: i-CutMix
-    out += [Task(f"retrain_clean_{method}", (f"defense_{method}_clean",), 13) for method in DEFENSES]
-    out += [Task(f"finetune_{name}", (f"ssl_{name}",), 8) for name in FINETUNED]
+    kd, mix, retrain = ("kd_student", "eval_kd"), ("ssl_mix", "eval_mix"), ("ssl_clean_filtered", "eval_clean_filtered")
+    out = [Task(f"kd_{round(100 * s)}", ("ssl_poisoned",), 16 * s / 0.25, kd) for s in TABLE3_TRUSTED]
+    out += [Task(f"mix_{fill}_{loss}", ("prepare",), 13, mix) for fill, loss in MIX_ROWS]  # crop + weighted: i-CutMix
+    out += [Task(f"retrain_clean_{method}", (f"defense_{method}_clean",), 13, retrain) for method in DEFENSES]
+    out += [Task(f"finetune_{name}", (f"ssl_{name}",), 8, (f"finetune_{name.split('_')[0]}",)) for name in FINETUNED]
     return out
 
 

@@ -1,0 +1,131 @@
+"""Every cached stage, declared once: what it reads, what it builds on, the code it runs, and what computes it.
+
+A stage is one cached result (``helpers.cache``): a folder keyed by the params it reads and the code it
+runs. ``STAGES`` below is the only list of them. Everything else that names stages is derived from it:
+
+- ``params.STAGE_INPUTS``: the params sections a stage's key holds, its own and its upstream stages';
+- ``fingerprint.STAGE_CODE``: the ``helpers`` modules whose code its key holds, its own and its upstream
+  stages' (``tests/test_fingerprint.py`` fails when a module that this code imports is not named);
+- ``params.NETWORK_STAGES`` / ``PRETRAINING_STAGES``: which precision enters its key;
+- ``checkpoints.SHIPPED_STAGES``: which results a fresh clone gets instead of computing them;
+- ``codelock.STAGE_TASK``: the smoke pipeline task that recomputes it when a renewal must prove its code
+  unchanged.
+
+``tests/test_stages.py`` checks that every declared ``compute`` function exists, sits in a module of the
+stage's code, and names its stage when it asks the cache; and that the pipeline's tasks exist.
+
+This module imports nothing from ``helpers``: every other module may read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...]  # params sections it reads itself (its upstream stages' are added)
+    upstream: tuple[str, ...]  # stages whose results (or whose inputs) it builds on
+    runs: tuple[str, ...]  # helpers modules its own computation runs (its upstream stages' are added)
+    compute: str  # "module.function" that computes it (through ``cache.cached_stage``)
+    network: str | None = "network"  # "pretraining": SSL precision; "network": both precisions; None: no network
+    shipped: bool = True  # a published run ships its result (``helpers.checkpoints``)
+    smoke_task: str = ""  # the smoke pipeline task that computes it (default: its name)
+
+
+SSL_CODE = ("train", "ssl", "models", "augment", "compute", "attack", "kernels")  # train imports the attack
+DEFENSE_CODE = ("defense", "cluster", "search", "poison_classifier", "cam", "evaluate")  # cam: Grad-CAM, features
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", ("data",), (), ("data",), "data.load_data", None, False, "prepare"),
+    Stage("attack", ("attack",), ("data",), ("attack", "kernels"), "attack.run_attack", None, False, "prepare"),
+    # notebook 02: SSL pre-training, on the clean and the poisoned set
+    Stage("ssl_clean", ("ssl",), ("data",), SSL_CODE, "train.train_stage", "pretraining"),
+    Stage("ssl_poisoned", ("ssl",), ("attack",), SSL_CODE, "train.train_stage", "pretraining"),
+    # notebook 07: the linear probe and kNN, on clean and patched validation data (the attack's patches)
+    Stage("eval_clean", ("eval",), ("ssl_clean", "attack"), ("evaluate", "cam"), "evaluate.evaluate_stage"),
+    Stage("eval_poisoned", ("eval",), ("ssl_poisoned",), ("evaluate", "cam"), "evaluate.evaluate_stage"),
+    # notebooks 03-06: the defense on the poisoned set with its model, and on the clean set with the clean
+    # model (paper Table 10); the clean one never reads the attack, so attack configurations share it
+    *(
+        stage
+        for variant in ("poisoned", "clean")
+        for stage in (
+            Stage(f"cluster_{variant}", ("cluster",), (f"ssl_{variant}",), DEFENSE_CODE, "defense.cluster_stage",
+                  shipped=False, smoke_task=f"defense_patchsearch_{variant}"),
+            Stage(f"search_{variant}", ("search",), (f"cluster_{variant}",), DEFENSE_CODE, "defense.search_stage",
+                  smoke_task=f"defense_{'poisoncam' if variant == 'poisoned' else 'patchsearch'}_{variant}"),
+            Stage(f"classifier_{variant}", ("classifier",), (f"search_{variant}",), DEFENSE_CODE,
+                  "defense.classifier_stage", smoke_task=f"defense_patchsearch_{variant}"),
+        )
+    ),
+    # Figure 3: the flip test of every clean training image's patch with the clean model
+    Stage("potency_clean", (), ("search_clean",), ("potency",), "potency.potency_stage"),
+    # notebook 07: SSL retrained on the poisoned set minus what a defense removed
+    Stage("ssl_filtered", (), ("classifier_poisoned",), ("train",), "train.train_stage",
+          smoke_task="ssl_filtered_patchsearch"),
+    Stage("eval_filtered", ("eval",), ("ssl_filtered",), ("evaluate",), "evaluate.evaluate_stage",
+          smoke_task="eval_filtered_patchsearch"),
+    # notebook 08, the rest of the paper: Table 3 (distillation on trusted data)
+    Stage("kd_student", ("kd",), ("ssl_poisoned",), ("kd", "loop"), "kd.kd_stage", smoke_task="kd_5"),
+    Stage("eval_kd", ("eval",), ("kd_student",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
+          smoke_task="kd_5"),
+    # Table 8: i-CutMix's parts, each trained on the poisoned set
+    Stage("ssl_mix", ("ssl", "mix"), ("attack",), ("mixing", "loop", *SSL_CODE), "mixing.mix_stage", "pretraining",
+          smoke_task="mix_black_onehot"),
+    Stage("eval_mix", ("eval",), ("ssl_mix",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
+          smoke_task="mix_black_onehot"),
+    # Table 10's second half: SSL retrained on the clean set minus what a defense removed from it. Its key
+    # holds the attack section too, which it never reads (an attack change recomputes it): so it shipped.
+    Stage("ssl_clean_filtered", ("attack",), ("classifier_clean",), ("retrain", "loop", "train"),
+          "retrain.retrain_clean_stage", smoke_task="retrain_clean_patchsearch"),
+    Stage("eval_clean_filtered", ("eval",), ("ssl_clean_filtered",), ("assess", "evaluate"),
+          "assess.evaluate_model_stage", smoke_task="retrain_clean_patchsearch"),
+    # Table 4: the whole backbone finetuned on the probe's labels, evaluated on clean and patched data
+    *(
+        Stage(f"finetune_{variant}", ("attack", "eval", "finetune"), (f"ssl_{variant}",), ("finetune", *DEFENSE_CODE),
+              "finetune.finetune_stage", smoke_task=task)
+        for variant, task in (("clean", "finetune_clean"), ("poisoned", "finetune_poisoned"),
+                              ("filtered", "finetune_filtered_patchsearch"))
+    ),
+)  # fmt: skip
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def _closure(name: str, field: str) -> tuple[str, ...]:
+    """``field`` of stage ``name`` and of every stage upstream of it, each name once, nearest first."""
+    out: dict[str, None] = {}
+    todo = [name]
+    while todo:
+        stage = BY_NAME[todo.pop(0)]
+        out.update(dict.fromkeys(getattr(stage, field)))
+        todo += stage.upstream
+    return tuple(out)
+
+
+def sections(name: str) -> tuple[str, ...]:
+    """The params sections stage ``name``'s key holds: its own and its upstream stages'."""
+    return _closure(name, "reads")
+
+
+def code(name: str) -> tuple[str, ...]:
+    """The ``helpers`` modules stage ``name``'s key holds: the ones it runs and its upstream stages'."""
+    return _closure(name, "runs")
+
+
+def upstream_closure(name: str) -> tuple[str, ...]:
+    """Every stage that ``name`` builds on, directly or not."""
+    out: dict[str, None] = {}
+    todo = list(BY_NAME[name].upstream)
+    while todo:
+        stage = todo.pop(0)
+        if stage not in out:
+            out[stage] = None
+            todo += BY_NAME[stage].upstream
+    return tuple(out)
+
+
+def smoke_task(name: str) -> str:
+    return BY_NAME[name].smoke_task or name
