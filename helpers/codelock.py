@@ -99,9 +99,11 @@ def compare_artifacts(before: Path, after: Path) -> list[str]:
             out.append(f"{name}: other files ({', '.join(sorted(fa ^ fb)[:5])})")
             continue
         roots = (before.resolve(), after.resolve())
-    out += [
-        f"{name}/{rel}: differs" for rel in sorted(fa) if not same_file(before / name / rel, after / name / rel, roots)
-    ]
+        out += [
+            f"{name}/{rel}: differs"
+            for rel in sorted(fa)
+            if not same_file(before / name / rel, after / name / rel, roots)
+        ]
     return out
 
 
@@ -120,9 +122,10 @@ def _run_pipeline(tree: Path, artifacts: Path, tasks: list[str], data_root: str,
         raise RuntimeError(f"the smoke pipeline failed in {tree} (exit {result.returncode}): see {log}")
 
 
-def prove_unchanged(modules: list[str], keep: Path | None = None) -> tuple[list[str], list[str]]:
-    """Run the smoke tasks of ``modules`` with the committed code and with the working tree; return the
-    tasks run and what differs (empty: the results are unchanged)."""
+def prove_unchanged(modules: list[str], keep: Path | None = None, against: str = "HEAD") -> tuple[list[str], list[str]]:
+    """Run the smoke tasks of ``modules`` with the committed code (``against``: ``HEAD``, or an older commit
+    whose code held the modules' identities) and with the working tree; return the tasks run and what
+    differs (empty: the results are unchanged)."""
     from .params import load, resolve_data_root
 
     tasks = tasks_for(modules)
@@ -130,7 +133,7 @@ def prove_unchanged(modules: list[str], keep: Path | None = None) -> tuple[list[
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="codelock-"))
     work.mkdir(parents=True, exist_ok=True)
     committed = work / "committed"
-    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(committed), "HEAD"], cwd=paths.REPO_ROOT,
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(committed), against], cwd=paths.REPO_ROOT,
                    check=True, capture_output=True)  # fmt: skip
     try:
         _run_pipeline(committed, work / "before", tasks, data_root, work / "before.log")

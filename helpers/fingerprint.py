@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     renew = sub.add_parser("renew", help="keep the identities, after proving the smoke results unchanged")
     renew.add_argument("modules", nargs="+")
     renew.add_argument("--keep", default=None, help="keep both runs' artifacts in this folder")
+    renew.add_argument("--against", default="HEAD", help="the commit whose results yours must equal (default HEAD)")
     args = parser.parse_args(argv)
     if args.action == "status":
         moved = moved_modules()
@@ -305,12 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .codelock import prove_unchanged
 
-    tasks, differences = prove_unchanged(args.modules, args.keep)
+    tasks, differences = prove_unchanged(args.modules, args.keep, args.against)
     if differences:
         print("NOT renewed: the smoke results differ (bump instead if that is intended):")
         print("\n".join(f"  {line}" for line in differences[:20]))
         raise SystemExit(1)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", args.against], capture_output=True, text=True).stdout.strip()
     proof = f"smoke tasks {' '.join(tasks)} equal to {head}'s, {time.strftime('%Y-%m-%d')}"
     write_lock(args.modules, new_identity=False, proof=proof)
     print(f"renewed {', '.join(args.modules)}: {proof}")
