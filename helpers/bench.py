@@ -403,8 +403,8 @@ def profile_bench(prm) -> str:
     from .cam import ClusterClassifier, Normaliser, assign, grad_cam_batched, make_masks, poisoncam_heatmaps
     from .compute import device_for_run
     from .evaluate import extract_features
+    from .models import backbone_for
     from .search import flip_test, flip_test_loop, paste_locations
-    from .train import backbone_for
 
     gpu = torch.cuda.is_available()
     device = device_for_run()

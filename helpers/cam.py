@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compute import autocast, fp32_region
+from .models import Normaliser  # noqa: F401 (read from here too)
 
 
 class ClusterClassifier(nn.Module):
@@ -86,20 +87,6 @@ class ClusterClassifier(nn.Module):
         feats = self.features(x)
         with fp32_region(x.device):
             return feats @ self.centroids.T
-
-
-class Normaliser:
-    """uint8 ``N x 3 x H x W`` pixels -> the normalised float input of the backbone, on ``device``."""
-
-    def __init__(self, mean, std, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device)[:, None, None]
-        self.std = torch.tensor(std, device=self.device)[:, None, None]
-
-    def __call__(self, pixels) -> torch.Tensor:
-        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.asarray(pixels))
-        x = x.to(self.device).float().div_(255)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

@@ -228,7 +228,7 @@ def unexpected_tensors(path: Path, params: Params) -> str | None:
     but the position embedding's, whose length follows the native image size): what differs, or None."""
     from safetensors import safe_open
 
-    from .train import backbone_for
+    from .models import backbone_for
 
     network = backbone_for(params.ssl, params.data.image_size or 32)
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}

@@ -1,4 +1,8 @@
-"""The proof behind renewing a module's lock entry (``python -m helpers.fingerprint renew <module>``).
+"""The code lock's command line and the proof behind a renewal.
+
+    python -m helpers.codelock status              the modules whose code moved from helpers/code.lock.json
+    python -m helpers.codelock bump <module>       their results change: a new identity (recompute)
+    python -m helpers.codelock renew <module> [--against COMMIT]   keep the identity, after the proof below
 
 A renewal keeps a module's identity, so every cached and shipped result of the stages that run it stays
 valid. That is only true if the new code computes the same results. ``prove_unchanged`` checks it:
@@ -24,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths, stages
-from .fingerprint import STAGE_CODE
+from . import fingerprint, paths, stages
 
 SMOKE = "params/smoke.yaml"
 # The smoke pipeline task that computes each stage (``helpers.pipeline``'s task names; ``helpers.stages``).
@@ -35,8 +38,8 @@ TIMING = ("seconds", "per_s", "_unix", "img_s", "minutes")  # names of measured 
 
 def tasks_for(modules: list[str]) -> list[str]:
     """The smoke tasks that run every stage whose code includes any of ``modules``."""
-    stages = [stage for stage, code in STAGE_CODE.items() if set(code) & set(modules)]
-    return sorted({STAGE_TASK[stage] for stage in stages})
+    running = [s.name for s in stages.STAGES if set(stages.code(s.name)) & set(modules)]
+    return sorted({STAGE_TASK[name] for name in running})
 
 
 def _timing(name: str) -> bool:
@@ -145,3 +148,41 @@ def prove_unchanged(modules: list[str], keep: Path | None = None, against: str =
         )
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import subprocess
+    import time
+
+    parser = argparse.ArgumentParser(description="The code lock: which modules moved, and recording them.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("status", help="the modules whose code moved from the lock")
+    bump = sub.add_parser("bump", help="new identities: the results of these modules change (recompute)")
+    bump.add_argument("modules", nargs="+")
+    renew = sub.add_parser("renew", help="keep the identities, after proving the smoke results unchanged")
+    renew.add_argument("modules", nargs="+")
+    renew.add_argument("--keep", default=None, help="keep both runs' artifacts in this folder")
+    renew.add_argument("--against", default="HEAD", help="the commit whose results yours must equal (default HEAD)")
+    args = parser.parse_args(argv)
+    if args.action == "status":
+        moved = fingerprint.moved_modules()
+        print("\n".join(f"{name}: {why}" for name, why in moved.items()) or "every module matches the lock")
+        raise SystemExit(1 if moved else 0)
+    if args.action == "bump":
+        fingerprint.write_lock(args.modules, new_identity=True)
+        print(f"bumped {', '.join(args.modules)}: every stage that runs them will be computed again")
+        return
+    tasks, differences = prove_unchanged(args.modules, args.keep, args.against)
+    if differences:
+        print("NOT renewed: the smoke results differ (bump instead if that is intended):")
+        print("\n".join(f"  {line}" for line in differences[:20]))
+        raise SystemExit(1)
+    head = subprocess.run(["git", "rev-parse", "--short", args.against], capture_output=True, text=True).stdout.strip()
+    proof = f"smoke tasks {' '.join(tasks)} equal to {head}'s, {time.strftime('%Y-%m-%d')}"
+    fingerprint.write_lock(args.modules, new_identity=False, proof=proof)
+    print(f"renewed {', '.join(args.modules)}: {proof}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -67,3 +68,21 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
 def fp32_region(device: torch.device | str) -> contextlib.AbstractContextManager:
     """Leave autocast: losses, cosines and scores inside run in fp32 (inputs must be cast to float)."""
     return torch.autocast(torch.device(device).type, enabled=False)
+
+
+class TrainingDiverged(RuntimeError):
+    """A training whose loss became NaN or infinite: it stops at that step, and nothing of it is cached.
+    The cache puts the stage's name in front of the message (``names_stage``)."""
+
+    names_stage = True
+
+
+def check_finite(loss: float, where: str, keys: dict[str, object]) -> None:
+    """Raise ``TrainingDiverged`` where ``loss`` is not finite: ``where`` names the training and the step,
+    ``keys`` the params most likely at fault with their values. Every trainer of the project calls it."""
+    if not math.isfinite(loss):
+        at_fault = ", ".join(f"{key} = {value}" for key, value in keys.items())
+        raise TrainingDiverged(
+            f"{where}: the loss is {loss}, the training diverged; the keys most likely at fault: {at_fault} "
+            "(nothing of this training is cached)"
+        )

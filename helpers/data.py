@@ -23,12 +23,9 @@ from tqdm.auto import tqdm
 from . import io
 from .cache import cached_stage
 from .params import Params
+from .paths import DataError  # noqa: F401 (raised here; users import it from data too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """Missing or malformed input data; the message names the path (and line) at fault."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ from .cam import (
 from .cluster import content_ids, kmeans, l2_normalise
 from .compute import device_for_run
 from .data import ImageList, load_data, write_file_list
-from .evaluate import extract_features
+from .models import extract_features
 from .params import Params
 from .poison_classifier import (
     predict_logits,
@@ -468,6 +468,12 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
         )
 
     return cached_stage(f"classifier_{variant}", params, compute).path
+
+
+def filtered_model_stage(params: Params, icutmix: bool | None = None, progress: bool = True) -> Path:
+    """The cached ``ssl_filtered`` stage: the SSL model retrained on the poisoned set minus what the defense
+    of ``params.search.method`` removed (with ``icutmix``: the paper's "PatchSearch + i-CutMix")."""
+    return train_stage(params, "filtered", icutmix, progress, keep=lambda: kept_indices(params, progress))
 
 
 def kept_indices(params: Params, progress: bool = False) -> np.ndarray:

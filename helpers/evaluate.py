@@ -18,39 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import io
 from .attack import patched_val_pixels, run_attack
 from .cache import cached_stage
-from .cam import Normaliser
-from .compute import autocast
+from .compute import TrainingDiverged, check_finite
 from .data import load_data, write_file_list
-from .train import TrainingDiverged, augment_config, check_finite, load_backbone, train_stage
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: torch.nn.Module,
-    pixels,
-    mean,
-    std,
-    batch_size: int = 512,
-    progress: bool = False,
-    desc: str = "features",
-    precision: str = "fp32",
-) -> np.ndarray:
-    """Backbone features of uint8 ``N x 3 x H x W`` images (eval mode, no augmentation), computed in
-    ``precision`` (``helpers.compute``) and returned as fp32."""
-    device = next(backbone.parameters()).device
-    normalise = Normaliser(mean, std, device)
-    backbone.eval()
-    out = []
-    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, disable=not progress, leave=False):
-        with autocast(device, precision):
-            feats = backbone(normalise(pixels[start : start + batch_size]))
-        out.append(feats.float().cpu())
-    return torch.cat(out).numpy()
+from .models import extract_features
+from .train import augment_config, load_backbone, train_stage
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -182,7 +157,12 @@ def evaluate_stage(params, variant: str, icutmix: bool = False, progress: bool =
     e = params.eval
 
     def compute(out, final):
-        model_dir = train_stage(params, variant, progress=progress)  # only on a miss: a result needs no model
+        if variant == "filtered":  # only on a miss: a result needs no model
+            from .defense import filtered_model_stage
+
+            model_dir = filtered_model_stage(params, progress=progress)
+        else:
+            model_dir = train_stage(params, variant, progress=progress)
         data = load_data(params, progress=progress)
         attack = run_attack(params, data, progress=progress)
         image_size = data.train.pixels.shape[-1]

@@ -25,12 +25,12 @@ from . import io
 from .attack import patched_val_pixels, run_attack
 from .augment import BatchAugment
 from .cache import cached_stage
-from .compute import autocast, device_for_run, resolve_precision
+from .compute import autocast, check_finite, device_for_run, resolve_precision
 from .data import load_data
-from .defense import with_method
+from .defense import filtered_model_stage, with_method
 from .evaluate import attack_metrics, label_subset
 from .params import FinetuneParams, Params
-from .train import augment_config, check_finite, load_backbone, train_stage
+from .train import augment_config, load_backbone, train_stage
 
 VARIANTS = ("clean", "poisoned", "filtered")
 
@@ -90,7 +90,7 @@ def predict(net: nn.Module, pixels: torch.Tensor, mean, std, batch_size: int = 5
 
 def model_stage(params: Params, variant: str, icutmix: bool, progress: bool) -> Path:
     if variant == "filtered":  # the model retrained on the list of params.search.method's defense
-        return train_stage(with_method(params, params.search.method), "filtered", icutmix, progress)
+        return filtered_model_stage(with_method(params, params.search.method), icutmix, progress)
     return train_stage(params, variant, icutmix, progress)
 
 

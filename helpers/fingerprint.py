@@ -9,8 +9,8 @@
   written as Python 3.11's ``ast.dump`` writes it, whatever Python runs: ``dump_tree``), so comments,
   docstrings and layout never count. ``tests/test_code_lock.py`` fails when a module's code has moved
   from its lock entry, until one of two commands records it:
-  ``python -m helpers.fingerprint bump <module>`` when its results change (a new identity: every stage
-  that runs it is computed again), or ``python -m helpers.fingerprint renew <module>``, which first proves
+  ``python -m helpers.codelock bump <module>`` when its results change (a new identity: every stage
+  that runs it is computed again), or ``python -m helpers.codelock renew <module>``, which first proves
   the smoke profile's stage outputs unchanged, bit for bit, by running them with the committed code and
   with yours (``helpers.codelock``), and keeps the identity (refactors, renames, a path that only another
   machine takes: shipped results stay valid).
@@ -128,8 +128,13 @@ def _file_source_fingerprint(path: str, mtime_ns: int, size: int) -> str:
 
 
 def result_modules() -> list[str]:
-    """The modules whose code computes some stage's result: the ones the lock holds."""
+    """The modules whose code computes some stage's result: the ones the lock holds (retired ones included)."""
     return sorted({name for modules in STAGE_CODE.values() for name in modules})
+
+
+def source_modules() -> list[str]:
+    """The result modules that are files of the package (not retired into others)."""
+    return [name for name in result_modules() if _exists(name)]
 
 
 def lock_path(package_dir: Path | None = None) -> Path:
@@ -150,7 +155,7 @@ def _identity(modules: dict, name: str, package_dir: Path | None) -> str:
     if name not in modules:
         raise KeyError(
             f"helpers/{name}.py is not in {lock_path(package_dir)}: record it with "
-            f"`python -m helpers.fingerprint bump {name}`"
+            f"`python -m helpers.codelock bump {name}`"
         )
     return modules[name]["identity"]
 
@@ -164,12 +169,22 @@ def code_fingerprint(stage: str, package_dir: Path | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _exists(name: str, package_dir: Path | None = None) -> bool:
+    return ((package_dir or PACKAGE_DIR) / f"{name}.py").is_file()
+
+
 def moved_modules(package_dir: Path | None = None) -> dict[str, str]:
-    """Result modules whose code differs from their lock entry, each with what differs."""
+    """Result modules whose code differs from their lock entry, each with what differs. A module merged into
+    others (``stages.retired``) has no file: its entry must say so (a renewal records it)."""
     modules, out = read_lock(package_dir)["modules"], {}
     for name in result_modules():
         if name not in modules:
             out[name] = "not in the lock"
+        elif not _exists(name, package_dir):
+            if not modules[name].get("retired"):
+                out[name] = "its file is gone: renew it (proves its stages' results unchanged) to retire it"
+        elif modules[name].get("retired"):
+            out[name] = "retired in the lock, but its file exists"
         elif module_fingerprint(name, package_dir) != modules[name]["source"]:
             out[name] = "its code changed since the lock"
     for name in sorted(set(modules) - set(result_modules())):
@@ -187,6 +202,13 @@ def write_lock(names: list[str], new_identity: bool, package_dir: Path | None = 
     if unknown:
         raise KeyError(f"not a module any stage runs: {', '.join(unknown)} (they are: {', '.join(result_modules())})")
     for name in names:
+        if not _exists(name, package_dir):  # merged into other modules: the identity stays, nothing to read
+            if new_identity or name not in modules:
+                raise KeyError(f"helpers/{name}.py does not exist: only a recorded module can be retired (renew)")
+            modules[name] = {"identity": modules[name]["identity"], "source": None, "retired": True}
+            if proof:
+                modules[name]["renewed_by"] = proof
+            continue
         source = module_fingerprint(name, package_dir)
         if new_identity or name not in modules:
             modules[name] = {"identity": source, "source": source}
@@ -206,8 +228,8 @@ def write_lock(names: list[str], new_identity: bool, package_dir: Path | None = 
 
 def helpers_imports(name: str, package_dir: Path | None = None, top_level_only: bool = False) -> set[str]:
     """The ``helpers`` modules that module ``name`` imports (relative imports); with ``top_level_only``,
-    those at module level (an import inside a function serves another stage: ``train`` imports
-    ``defense`` only to retrain on a defense's filtered list, the ``ssl_filtered`` stage)."""
+    those at module level (an import inside a function serves another stage: ``evaluate`` imports
+    ``defense`` only to retrain a model on a defense's filtered list, the ``ssl_filtered`` stage)."""
     tree = ast.parse(((package_dir or PACKAGE_DIR) / f"{name}.py").read_text())
     found = set()
     for node in tree.body if top_level_only else ast.walk(tree):
@@ -279,43 +301,3 @@ def _tree_stamp(split_dir: Path) -> tuple:
     if not split_dir.is_dir():
         return ()
     return (os.stat(split_dir).st_mtime_ns, *(entry.stat().st_mtime_ns for entry in os.scandir(split_dir)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import subprocess
-    import time
-
-    parser = argparse.ArgumentParser(description="The code lock: which modules moved, and recording them.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("status", help="the modules whose code moved from the lock")
-    bump = sub.add_parser("bump", help="new identities: the results of these modules change (recompute)")
-    bump.add_argument("modules", nargs="+")
-    renew = sub.add_parser("renew", help="keep the identities, after proving the smoke results unchanged")
-    renew.add_argument("modules", nargs="+")
-    renew.add_argument("--keep", default=None, help="keep both runs' artifacts in this folder")
-    renew.add_argument("--against", default="HEAD", help="the commit whose results yours must equal (default HEAD)")
-    args = parser.parse_args(argv)
-    if args.action == "status":
-        moved = moved_modules()
-        print("\n".join(f"{name}: {why}" for name, why in moved.items()) or "every module matches the lock")
-        raise SystemExit(1 if moved else 0)
-    if args.action == "bump":
-        write_lock(args.modules, new_identity=True)
-        print(f"bumped {', '.join(args.modules)}: every stage that runs them will be computed again")
-        return
-    from .codelock import prove_unchanged
-
-    tasks, differences = prove_unchanged(args.modules, args.keep, args.against)
-    if differences:
-        print("NOT renewed: the smoke results differ (bump instead if that is intended):")
-        print("\n".join(f"  {line}" for line in differences[:20]))
-        raise SystemExit(1)
-    head = subprocess.run(["git", "rev-parse", "--short", args.against], capture_output=True, text=True).stdout.strip()
-    proof = f"smoke tasks {' '.join(tasks)} equal to {head}'s, {time.strftime('%Y-%m-%d')}"
-    write_lock(args.modules, new_identity=False, proof=proof)
-    print(f"renewed {', '.join(args.modules)}: {proof}")
-
-
-if __name__ == "__main__":
-    main()

@@ -26,9 +26,9 @@ from torch import nn
 from .cache import cached_stage, stage_dir
 from .compute import fp32_region
 from .data import load_data
-from .loop import train_method, write_model
+from .models import backbone_for
 from .params import Params
-from .train import backbone_for, load_backbone, train_stage
+from .train import load_backbone, train_ssl, train_stage, write_model
 
 TABLE3_TRUSTED = (0.25, 0.10, 0.05)  # the trusted shares of the paper's Table 3
 
@@ -113,7 +113,8 @@ def kd_stage(params: Params, progress: bool = True) -> Path:
         torch.manual_seed(k.seed)  # the student's initial weights
         model = Distiller(teacher, backbone_for(params.ssl, size), k.queue_size, k.temperature)
         desc = f"KD student ({k.trusted:.0%} trusted)"
-        history = train_method(clean[torch.as_tensor(trusted)], model, p, work, progress, c.ssl_precision, desc=desc)
+        pixels = clean[torch.as_tensor(trusted)]
+        _, history = train_ssl(pixels, p, work, progress, precision=c.ssl_precision, model=model, desc=desc)
         write_model(out, model.backbone, history, c.ssl_precision)
         np.save(out / "trusted.npy", trusted)
 

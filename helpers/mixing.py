@@ -30,10 +30,9 @@ from .attack import poisoned_train_pixels, run_attack
 from .augment import BatchAugment
 from .cache import cached_stage, stage_dir
 from .data import load_data
-from .loop import train_method, write_model
 from .params import Params, SSLParams
-from .ssl import cutmix_box, gather
-from .train import augment_config, build_model
+from .ssl import cutmix_box
+from .train import augment_config, build_model, train_ssl, write_model
 
 FILLS = ("crop", "black", "noise")
 LOSSES = ("weighted", "onehot")
@@ -58,48 +57,33 @@ def mix_batch(x: torch.Tensor, fill: str, generator: torch.Generator, mean, std)
     return mixed, perm, lam
 
 
-class MixedMoCo(nn.Module):
-    """MoCo-v2 (``helpers.ssl.MoCoV2``) whose query views are mixed by ``mix_batch`` with ``fill``, and whose
-    loss is i-CutMix's weighted one or the one-hot one."""
+class Mixer:
+    """What MoCo-v2 mixes its query views with (``helpers.ssl.MoCoV2.mix``): ``mix_batch`` with ``fill``, and
+    the loss's weight of the own key: i-CutMix's ``lambda`` (``weighted``) or 1 (``onehot``: the own key is
+    the only positive)."""
 
-    def __init__(self, moco: nn.Module, fill: str, loss: str, mean, std) -> None:
-        super().__init__()
+    def __init__(self, fill: str, loss: str, mean, std) -> None:
+        if fill not in FILLS:
+            raise ValueError(f"mix.fill must be one of {', '.join(FILLS)}, got {fill!r}")
         if loss not in LOSSES:
             raise ValueError(f"mix.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        self.moco, self.fill, self.loss, self.mean, self.std = moco, fill, loss, mean, std
+        self.fill, self.loss, self.mean, self.std = fill, loss, mean, std
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.moco.backbone
-
-    def momentum_update(self, m: float | None = None) -> None:
-        self.moco.momentum_update(m)
-
-    def forward(self, v1, v2, mix_generator: torch.Generator | None = None):
-        m = self.moco
-        pairs = [(v1, v2), (v2, v1)] if m.symmetric else [(v1, v2)]
-        loss, keys = 0.0, []
-        negatives = m.queue.clone()
-        for a, b in pairs:
-            perm, lam = None, 1.0
-            if mix_generator is not None:
-                a, perm, lam = mix_batch(a, self.fill, mix_generator, self.mean, self.std)
-                lam = 1.0 if self.loss == "onehot" else lam  # one-hot: the own key is the only positive
-            q = m._embed(m.online, a)
-            with torch.no_grad():
-                k = m._embed(m.target, b)
-            loss = loss + m._loss(q, k, negatives, perm, lam)
-            keys.append(k)
-        m._enqueue(gather(torch.cat(keys)))
-        return loss / len(pairs)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator):
+        mixed, perm, lam = mix_batch(x, self.fill, generator, self.mean, self.std)
+        return mixed, perm, 1.0 if self.loss == "onehot" else lam
 
 
-def mixed_model(p: SSLParams, image_size: int, fill: str, loss: str) -> MixedMoCo:
+def mixed_model(p: SSLParams, image_size: int, fill: str, loss: str) -> nn.Module:
+    """The profile's MoCo-v2, mixing its query views with ``fill`` and weighing its loss by ``loss``."""
     if p.method != "mocov2":
         raise ValueError(f"the i-CutMix ablation (mix section) is implemented for ssl.method mocov2, got {p.method!r}")
     cfg = augment_config(p, image_size)
+    mixer = Mixer(fill, loss, cfg.mean, cfg.std)
     torch.manual_seed(p.seed)  # the initial weights, as helpers.train.train_ssl draws them
-    return MixedMoCo(build_model(p, image_size), fill, loss, cfg.mean, cfg.std)
+    model = build_model(p, image_size)
+    model.mix = mixer
+    return model
 
 
 def with_mix(params: Params, fill: str, loss: str) -> Params:
@@ -124,7 +108,7 @@ def mix_stage(params: Params, progress: bool = True) -> Path:
         pixels = poisoned_train_pixels(data, run_attack(params, data, progress), params.data.image_size)
         model = mixed_model(params.ssl, pixels.shape[-1], params.mix.fill, params.mix.loss)
         desc = f"{params.mix.fill} + {params.mix.loss}"
-        history = train_method(pixels, model, params.ssl, work, progress, c.ssl_precision, mix=True, desc=desc)
+        _, history = train_ssl(pixels, params.ssl, work, progress, precision=c.ssl_precision, model=model, desc=desc)
         write_model(out, model.backbone, history, c.ssl_precision)
 
     result = cached_stage("ssl_mix", params, compute)

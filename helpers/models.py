@@ -1,13 +1,24 @@
 """Backbones: ResNet-18 (CIFAR or ImageNet stem, width multiplier) and ViT (timm) for SSL.
 
 Every backbone maps ``B x 3 x H x W`` normalised images to ``B x feature_dim`` features and names its last
-convolutional stage / last block so Grad-CAM can hook it later (``cam_layer``).
+convolutional stage / last block so Grad-CAM can hook it later (``cam_layer``). ``backbone_for`` builds the
+one an SSL profile trains; ``Normaliser`` and ``extract_features`` feed it uint8 images (every later stage
+reads a backbone through them: clustering, the probe).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .compute import autocast
+
+if TYPE_CHECKING:
+    from .params import SSLParams
 
 
 class BasicBlock(nn.Module):
@@ -120,3 +131,48 @@ def build_backbone(
     if arch == "vit":
         return ViT(image_size, vit_patch, vit_dim, vit_depth, vit_heads)
     raise ValueError(f"ssl.arch must be resnet18, resnet10 or vit, got {arch!r}")
+
+
+def backbone_for(p: SSLParams, image_size: int) -> nn.Module:
+    """The backbone that the SSL params ``p`` train, for images of side ``image_size``."""
+    return build_backbone(
+        p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
+    )
+
+
+class Normaliser:
+    """uint8 ``N x 3 x H x W`` pixels -> the normalised float input of the backbone, on ``device``."""
+
+    def __init__(self, mean, std, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device)[:, None, None]
+        self.std = torch.tensor(std, device=self.device)[:, None, None]
+
+    def __call__(self, pixels) -> torch.Tensor:
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.asarray(pixels))
+        x = x.to(self.device).float().div_(255)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: torch.nn.Module,
+    pixels,
+    mean,
+    std,
+    batch_size: int = 512,
+    progress: bool = False,
+    desc: str = "features",
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Backbone features of uint8 ``N x 3 x H x W`` images (eval mode, no augmentation), computed in
+    ``precision`` (``helpers.compute``) and returned as fp32."""
+    device = next(backbone.parameters()).device
+    normalise = Normaliser(mean, std, device)
+    backbone.eval()
+    out = []
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, disable=not progress, leave=False):
+        with autocast(device, precision):
+            feats = backbone(normalise(pixels[start : start + batch_size]))
+        out.append(feats.float().cpu())
+    return torch.cat(out).numpy()

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from . import paths, stages
+from .paths import DataError
 
 
 class ParamsError(ValueError):
@@ -533,7 +534,6 @@ def dump(params: Params) -> str:
 
 def resolve_data_root(params: Params) -> Path:
     """The data root: ``data.root``, else ``$PATCHSEARCH_DATA_ROOT``, else the dataset's default place."""
-    from .data import DataError  # the data layer owns the error type users see for missing data
 
     d = params.data
     how = paths.HOW_TO_GET_DATA.get(d.dataset, "set data.root or $PATCHSEARCH_DATA_ROOT")

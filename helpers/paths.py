@@ -22,6 +22,12 @@ PARAMS_DIR = REPO_ROOT / "params"
 
 DATA_ROOT_ENV = "PATCHSEARCH_DATA_ROOT"
 
+
+class DataError(ValueError):
+    """Missing or malformed input data; the message names the path (and line) at fault. Defined here, the
+    lowest module, because both the params (a data root that does not exist) and the data layer raise it."""
+
+
 # Where a data set is looked for when neither the params file nor the environment names a root:
 # the shared read-only copy beside the checkout first, then what `make data` writes inside it.
 DEFAULT_DATA_ROOTS = {

@@ -177,7 +177,7 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     """Compute one task's stages (in this process)."""
     from .attack import run_attack
     from .data import load_data
-    from .defense import classifier_stage, with_method
+    from .defense import classifier_stage, filtered_model_stage, with_method
     from .evaluate import evaluate_stage
     from .potency import potency_stage
     from .train import train_stage
@@ -188,7 +188,7 @@ def run_task(params: Params, name: str, progress: bool = False) -> None:
     elif base == "potency_clean":
         potency_stage(params, icutmix, progress)
     elif base.startswith("ssl_filtered_"):
-        train_stage(with_method(params, base.removeprefix("ssl_filtered_")), "filtered", icutmix, progress)
+        filtered_model_stage(with_method(params, base.removeprefix("ssl_filtered_")), icutmix, progress)
     elif base.startswith("eval_filtered_"):
         evaluate_stage(with_method(params, base.removeprefix("eval_filtered_")), "filtered", icutmix, progress)
     elif base.startswith("ssl_"):
@@ -436,14 +436,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.task:
         import torch
+        import torch.distributed as dist
 
         from .notebook import setup
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: an SSL task trains across the ranks
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         params = with_compute(setup(args.params), args.precision, args.threads)
         with stop_on_sigterm():  # a stopped task removes its unfinished stage folder on the way out
             run_task(params, args.task, progress=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return
     log_dir = paths.new_run_dir(paths.runs_dir() / "pipeline")
     result = run_all(

@@ -26,11 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, BatchAugment
-from .compute import autocast, fp32_region
+from .compute import autocast, check_finite, fp32_region
 from .kernels import paste_patches
 from .models import ResNet
 from .params import ClassifierParams
-from .train import check_finite
 
 
 class PoisonNet(nn.Module):

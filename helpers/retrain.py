@@ -16,9 +16,8 @@ import torch
 from .cache import cached_stage, stage_dir
 from .data import load_data
 from .defense import classifier_stage
-from .loop import write_model
 from .params import Params
-from .train import train_ssl
+from .train import train_ssl, write_model
 
 
 def clean_kept(params: Params, progress: bool = False) -> np.ndarray:

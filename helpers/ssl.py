@@ -109,6 +109,7 @@ class MoCoV2(_Momentum):
         self.backbone = backbone
         self._make_target(backbone, mlp([backbone.feature_dim, hidden, dim]))
         self.m, self.t, self.symmetric = m, temperature, symmetric
+        self.mix = icutmix  # how the query views are mixed under i-CutMix (helpers.mixing swaps it)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -132,7 +133,7 @@ class MoCoV2(_Momentum):
         for a, b in pairs:
             perm, lam = None, 1.0
             if mix_generator is not None:
-                a, perm, lam = icutmix(a, mix_generator)
+                a, perm, lam = self.mix(a, mix_generator)
             q = self._embed(self.online, a)
             with torch.no_grad():
                 k = self._embed(self.target, b)

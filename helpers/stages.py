@@ -32,9 +32,14 @@ class Stage:
     network: str | None = "network"  # "pretraining": SSL precision; "network": both precisions; None: no network
     shipped: bool = True  # a published run ships its result (``helpers.checkpoints``)
     smoke_task: str = ""  # the smoke pipeline task that computes it (default: its name)
+    retired: tuple[str, ...] = ()  # modules merged into others, whose lock identity its key still holds
 
 
 SSL_CODE = ("train", "ssl", "models", "augment", "compute", "attack", "kernels")  # train imports the attack
+# helpers/loop.py, a second SSL loop for methods built outside helpers.ssl, was merged into train.train_ssl
+# (its ``model`` argument) with the smoke results proved unchanged. The stages it trained keep its identity in
+# their keys, so their shipped results stay valid; the lock marks it retired.
+LOOP = ("loop",)
 DEFENSE_CODE = ("defense", "cluster", "search", "poison_classifier", "cam", "evaluate")  # cam: Grad-CAM, features
 
 STAGES: tuple[Stage, ...] = (
@@ -68,18 +73,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_filtered", ("eval",), ("ssl_filtered",), ("evaluate",), "evaluate.evaluate_stage",
           smoke_task="eval_filtered_patchsearch"),
     # notebook 08, the rest of the paper: Table 3 (distillation on trusted data)
-    Stage("kd_student", ("kd",), ("ssl_poisoned",), ("kd", "loop"), "kd.kd_stage", smoke_task="kd_5"),
+    Stage("kd_student", ("kd",), ("ssl_poisoned",), ("kd",), "kd.kd_stage", smoke_task="kd_5", retired=LOOP),
     Stage("eval_kd", ("eval",), ("kd_student",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
           smoke_task="kd_5"),
     # Table 8: i-CutMix's parts, each trained on the poisoned set
-    Stage("ssl_mix", ("ssl", "mix"), ("attack",), ("mixing", "loop", *SSL_CODE), "mixing.mix_stage", "pretraining",
-          smoke_task="mix_black_onehot"),
+    Stage("ssl_mix", ("ssl", "mix"), ("attack",), ("mixing", *SSL_CODE), "mixing.mix_stage", "pretraining",
+          smoke_task="mix_black_onehot", retired=LOOP),
     Stage("eval_mix", ("eval",), ("ssl_mix",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
           smoke_task="mix_black_onehot"),
     # Table 10's second half: SSL retrained on the clean set minus what a defense removed from it. Its key
     # holds the attack section too, which it never reads (an attack change recomputes it): so it shipped.
-    Stage("ssl_clean_filtered", ("attack",), ("classifier_clean",), ("retrain", "loop", "train"),
-          "retrain.retrain_clean_stage", smoke_task="retrain_clean_patchsearch"),
+    Stage("ssl_clean_filtered", ("attack",), ("classifier_clean",), ("retrain", "train"),
+          "retrain.retrain_clean_stage", smoke_task="retrain_clean_patchsearch", retired=LOOP),
     Stage("eval_clean_filtered", ("eval",), ("ssl_clean_filtered",), ("assess", "evaluate"),
           "assess.evaluate_model_stage", smoke_task="retrain_clean_patchsearch"),
     # Table 4: the whole backbone finetuned on the probe's labels, evaluated on clean and patched data
@@ -111,8 +116,14 @@ def sections(name: str) -> tuple[str, ...]:
 
 
 def code(name: str) -> tuple[str, ...]:
-    """The ``helpers`` modules stage ``name``'s key holds: the ones it runs and its upstream stages'."""
-    return _closure(name, "runs")
+    """The ``helpers`` modules stage ``name``'s key holds: the ones it runs, the retired ones whose code it ran,
+    and its upstream stages'."""
+    return tuple(dict.fromkeys(_closure(name, "runs") + _closure(name, "retired")))
+
+
+def retired() -> frozenset[str]:
+    """Modules no longer in the package whose lock identities some stage's key still holds."""
+    return frozenset(m for s in STAGES for m in s.retired)
 
 
 def upstream_closure(name: str) -> tuple[str, ...]:

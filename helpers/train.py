@@ -1,7 +1,7 @@
 """SSL training loop: vectorised augmentation on the device, per-epoch atomic checkpoints, exact resume,
 torch DDP through ``torchrun`` (gloo on CPU, NCCL on GPU); a single process needs no launcher.
 
-    torchrun --nproc_per_node 2 -m helpers.train --params params/cifar10.yaml --variant poisoned
+    torchrun --nproc_per_node 2 -m helpers.pipeline --params params/cifar10.yaml --task ssl_poisoned
 
 Randomness is drawn from generators seeded by (seed, epoch, rank), so a run killed at any point and
 resumed from its last checkpoint ends with the same weights as an uninterrupted one.
@@ -9,16 +9,15 @@ resumed from its last checkpoint ends with the same weights as an uninterrupted 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -28,9 +27,9 @@ from . import io
 from .attack import poisoned_train_pixels, run_attack
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, BatchAugment
 from .cache import cached_stage, stage_dir
-from .compute import autocast, device_for_run, resolve_precision
+from .compute import TrainingDiverged, autocast, check_finite, device_for_run, resolve_precision  # noqa: F401
 from .data import load_data
-from .models import build_backbone
+from .models import backbone_for, build_backbone  # noqa: F401 (backbone_for: read from here too)
 from .params import Params, SSLParams
 from .ssl import build_method
 
@@ -39,12 +38,6 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def backbone_for(p: SSLParams, image_size: int) -> torch.nn.Module:
-    return build_backbone(
-        p.arch, image_size, p.width, p.stem, p.stem_stride, p.vit_patch, p.vit_dim, p.vit_depth, p.vit_heads
-    )
 
 
 def build_model(p: SSLParams, image_size: int) -> torch.nn.Module:
@@ -124,8 +117,16 @@ def train_ssl(
     on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    model: torch.nn.Module | None = None,
+    desc: str | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train ``p.method`` on ``pixels`` (uint8 ``N x 3 x H x W``). Resumes from ``checkpoint_dir/last.pt``.
+
+    ``model``: a method built elsewhere instead (notebook 08: a student distilled from a teacher, MoCo-v2 with
+    another i-CutMix box or loss), with ``forward(view1, view2, mix_generator) -> loss`` and
+    ``momentum_update()``; build it right after ``torch.manual_seed(<its seed>)``, as this function builds
+    ``p.method``'s. It trains with ``p``'s optimiser, schedule, batch size, epochs and augmentation, and with
+    the mixing generator where ``p.icutmix``. ``desc`` names the training in the progress bar.
 
     ``precision`` (``fp32`` / ``bf16`` / ``auto``) is that of the forward and backward passes
     (``helpers.compute``); ``compile`` compiles its networks with ``torch.compile`` (off by default: ``make
@@ -135,9 +136,11 @@ def train_ssl(
     rank, world = dist_info()
     device = device_for_run()
     precision = resolve_precision(precision, device)
-    torch.manual_seed(p.seed)  # the initial weights
     image_size = pixels.shape[-1]
-    model = build_model(p, image_size).to(device).to(memory_format=torch.channels_last)
+    if model is None:
+        torch.manual_seed(p.seed)  # the initial weights
+        model = build_model(p, image_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
     augment = BatchAugment(augment_config(p, image_size))
     optimizer = _optimizer(model, p, world)
     base_lr = optimizer.param_groups[0]["lr"]
@@ -165,9 +168,8 @@ def train_ssl(
         order = torch.randperm(len(pixels), generator=g)  # the same on every rank
         g_rank = epoch_generator(p.seed, epoch, 1 + rank)  # augmentation and mixing: per rank
         start, losses = time.perf_counter(), []
-        bar = tqdm(
-            range(steps), desc=f"{p.method} epoch {epoch + 1}/{p.epochs}", disable=not progress or rank > 0, leave=False
-        )
+        name = f"{desc or p.method} epoch {epoch + 1}/{p.epochs}"
+        bar = tqdm(range(steps), desc=name, disable=not progress or rank > 0, leave=False)
         for step in bar:
             if on_step:
                 on_step(epoch, step)
@@ -200,10 +202,7 @@ def train_ssl(
             }
         )
         if progress and rank == 0:
-            tqdm.write(
-                f"{p.method} epoch {epoch + 1}/{p.epochs}: loss {history[-1]['loss']:.4f}, "
-                f"{history[-1]['images_per_s']:.0f} img/s"
-            )
+            tqdm.write(f"{name}: loss {history[-1]['loss']:.4f}, {history[-1]['images_per_s']:.0f} img/s")
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
             save_checkpoint(checkpoint_dir, state, history)
@@ -213,24 +212,6 @@ def train_ssl(
         if world > 1:
             dist.barrier()
     return model, history
-
-
-class TrainingDiverged(RuntimeError):
-    """A training whose loss became NaN or infinite: it stops at that step, and nothing of it is cached.
-    The cache puts the stage's name in front of the message (``names_stage``)."""
-
-    names_stage = True
-
-
-def check_finite(loss: float, where: str, keys: dict[str, object]) -> None:
-    """Raise ``TrainingDiverged`` where ``loss`` is not finite: ``where`` names the training and the step,
-    ``keys`` the params most likely at fault with their values. Every trainer of the project calls it."""
-    if not math.isfinite(loss):
-        at_fault = ", ".join(f"{key} = {value}" for key, value in keys.items())
-        raise TrainingDiverged(
-            f"{where}: the loss is {loss}, the training diverged; the keys most likely at fault: {at_fault} "
-            "(nothing of this training is cached)"
-        )
 
 
 def check_loss(loss: float, p: SSLParams, epoch: int, step: int) -> None:
@@ -245,10 +226,13 @@ def train_stage(
     icutmix: bool | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, torch.nn.Module, list[dict]], None] | None = None,
+    keep: Callable[[], np.ndarray] | None = None,
 ) -> Path:
     """The cached ``ssl_clean`` / ``ssl_poisoned`` / ``ssl_filtered`` stage: train on the clean, the poisoned
     or the defended (filtered) training set and return the stage folder (``backbone.safetensors``,
-    ``history.json`` and ``history.csv``).
+    ``history.json`` and ``history.csv``). The filtered set is the poisoned set at the indices ``keep()``
+    returns, asked only when the model must be trained: ``defense.filtered_model_stage`` passes the
+    defense's list (a later stage's result, which this module never imports).
     Checkpoints live beside it in ``<hash>.partial/`` until the model is complete, so a killed run resumes
     where it stopped."""
     if variant not in ("clean", "poisoned", "filtered"):
@@ -265,9 +249,9 @@ def train_stage(
             return data.train.tensor()
         pixels = poisoned_train_pixels(data, run_attack(params, data, progress), params.data.image_size)
         if variant == "filtered":  # the poisoned set minus what the defense of params.search.method removed
-            from .defense import kept_indices
-
-            pixels = pixels[torch.as_tensor(kept_indices(params, progress))]
+            if keep is None:
+                raise ValueError("ssl_filtered trains on a defense's list: call defense.filtered_model_stage")
+            pixels = pixels[torch.as_tensor(keep())]
         return pixels
 
     c = params.compute
@@ -288,13 +272,18 @@ def train_stage(
             precision=c.ssl_precision,
             compile=c.compile,
         )
-        io.save_weights(out / "backbone.safetensors", model.backbone.state_dict(), {"precision": c.ssl_precision})
-        io.write_json(out / "history.json", history)
-        io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
+        write_model(out, model.backbone, history, c.ssl_precision)
 
     result = cached_stage(stage, params, compute)
     shutil.rmtree(work, ignore_errors=True)
     return result.path
+
+
+def write_model(out: Path, backbone: torch.nn.Module, history: list[dict], precision: str) -> None:
+    """A model stage's files: the backbone and the training history (every stage that trains one)."""
+    io.save_weights(out / "backbone.safetensors", backbone.state_dict(), {"precision": precision})
+    io.write_json(out / "history.json", history)
+    io.write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 
 
 def load_backbone(params: Params, stage_path: Path, image_size: int) -> torch.nn.Module:
@@ -302,30 +291,3 @@ def load_backbone(params: Params, stage_path: Path, image_size: int) -> torch.nn
     backbone = backbone_for(params.ssl, image_size)
     backbone.load_state_dict(io.load_weights(stage_path / "backbone.safetensors"))
     return backbone.to(device_for_run()).eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Train one SSL model of a profile (``--variant clean|poisoned``), under torchrun or alone."""
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--variant", choices=["clean", "poisoned", "filtered"], default="poisoned")
-    parser.add_argument("--method", choices=["patchsearch", "poisoncam"], default=None, help="defense (filtered)")
-    parser.add_argument("--icutmix", action="store_true")
-    args = parser.parse_args(argv)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    from .notebook import setup
-
-    params = setup(args.params)
-    if args.method:
-        params = dataclasses.replace(params, search=dataclasses.replace(params.search, method=args.method))
-    result = train_stage(params, args.variant, icutmix=args.icutmix)
-    if dist_info()[0] == 0:
-        print(f"model: {result}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

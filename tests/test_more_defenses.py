@@ -1,4 +1,4 @@
-"""Notebook 08's pieces: the KD loss, the i-CutMix variants' boxes, the loop they train in, the coverage
+"""Notebook 08's pieces: the KD loss, the i-CutMix variants' boxes, training them in train_ssl, the coverage
 replay and the trusted subset."""
 
 import numpy as np
@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.kd import Distiller, trusted_indices
-from helpers.loop import train_method
-from helpers.mixing import MixedMoCo, mix_batch, mixed_model, trigger_coverage, trigger_masks
+from helpers.mixing import Mixer, mix_batch, mixed_model, trigger_coverage, trigger_masks
 from helpers.ssl import icutmix
 from helpers.train import train_ssl
 from tests.test_train import PIXELS, tiny
@@ -96,7 +95,7 @@ def test_unknown_fill_and_loss_are_refused_by_name():
     with pytest.raises(ValueError, match="mix.fill.*'gray'"):
         mix_batch(_views(), "gray", torch.Generator(), MEAN, STD)
     with pytest.raises(ValueError, match="mix.loss.*'soft'"):
-        MixedMoCo(nn.Identity(), "crop", "soft", MEAN, STD)
+        Mixer("crop", "soft", MEAN, STD)
 
 
 def test_the_onehot_loss_is_the_weighted_one_with_lambda_one():
@@ -107,7 +106,7 @@ def test_the_onehot_loss_is_the_weighted_one_with_lambda_one():
         model = mixed_model(p, 16, "crop", loss)
         losses[loss] = float(model(v1, v2, mix_generator=torch.Generator().manual_seed(5)))
     model = mixed_model(p, 16, "crop", "weighted")
-    m, g = model.moco, torch.Generator().manual_seed(5)
+    m, g = model, torch.Generator().manual_seed(5)
     negatives, total = m.queue.clone(), 0.0
     for a, b in [(v1, v2), (v2, v1)]:
         mixed, perm, _ = icutmix(a, g)
@@ -117,13 +116,13 @@ def test_the_onehot_loss_is_the_weighted_one_with_lambda_one():
     assert losses["onehot"] != pytest.approx(losses["weighted"], rel=1e-3)
 
 
-def test_the_loop_trains_i_cutmix_to_the_weights_of_train_ssl(tmp_path):
-    """crop + weighted through ``helpers.loop`` is the profile's i-CutMix model, weight for weight: the
-    ablation's rows differ from the i-CutMix row by their box or loss alone."""
+def test_the_crop_and_weighted_mixer_trains_i_cutmix_to_the_same_weights(tmp_path):
+    """crop + weighted, built by ``mixed_model`` and handed to ``train_ssl``, is the profile's i-CutMix model,
+    weight for weight: the ablation's rows differ from the i-CutMix row by their box or loss alone."""
     p = tiny(method="mocov2", icutmix=True, epochs=2)
     reference, ref_history = train_ssl(PIXELS, p, tmp_path / "train_ssl", progress=False)
     model = mixed_model(p, 16, "crop", "weighted")
-    history = train_method(PIXELS, model, p, tmp_path / "loop", progress=False, mix=True)
+    _, history = train_ssl(PIXELS, p, tmp_path / "mixed", progress=False, model=model)
     assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
     ref_state, state = reference.backbone.state_dict(), model.backbone.state_dict()
     for key in ref_state:

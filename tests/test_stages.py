@@ -47,6 +47,9 @@ def test_the_registry_is_ordered_upstream_first_and_names_real_things():
         assert set(stage.reads) <= set(params.Params.__dataclass_fields__), stage.reads
         assert set(stage.runs) <= {p.stem for p in fingerprint.PACKAGE_DIR.glob("*.py")} - fingerprint.NOT_RESULT_CODE
         assert stage.network in (None, "network", "pretraining")
+        for name in stage.retired:  # merged into other modules: no file, an identity kept in the lock
+            assert not (fingerprint.PACKAGE_DIR / f"{name}.py").exists(), name
+            assert fingerprint.read_lock()["modules"][name]["retired"] is True, name
     tasks = {t.name for t in pipeline.tasks()}
     assert {stages.smoke_task(s.name) for s in stages.STAGES} <= tasks
 
@@ -102,3 +105,30 @@ def test_every_pipeline_task_waits_for_the_stages_its_stages_build_on():
             assert not missing, f"task {task.name} computes {name} without waiting for {missing}"
     for stage in stages.STAGES:  # the renewal's proof reruns the task that computes each stage
         assert stage.name in graph[stages.smoke_task(stage.name)].stages, stage.name
+
+
+def test_no_helpers_module_imports_itself_back():
+    """Data flows one way: no chain of imports (at module level or inside a function) leads a module back
+    to itself."""
+    graph = {p.stem: fingerprint.helpers_imports(p.stem) for p in fingerprint.PACKAGE_DIR.glob("*.py")}
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for nxt in sorted(graph[name]):
+            assert state.get(nxt) != "open", "import cycle: " + " -> ".join([*path, name, nxt])
+            if nxt in graph and nxt not in state:
+                visit(nxt, [*path, name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_the_filtered_model_needs_the_defense_list(tiny_params):
+    from helpers import cache, train
+
+    with pytest.raises(ValueError, match="defense.filtered_model_stage"):
+        train.train_stage(tiny_params, "filtered", progress=False)
+    assert cache.cached_result("ssl_filtered", tiny_params) is None  # nothing cached
