@@ -97,9 +97,8 @@ def notebook_tasks(variant_names) -> tuple[tuple[str, ...], list[str]]:
 
 
 def _base_tasks() -> list[Task]:
-    out = [
-        Task("prepare", (), 0.5, ("data", "attack"))
-    ]  # data and attack, once, before anything reads them side by side
+    # data and attack, once, before anything reads them side by side
+    out = [Task("prepare", (), 0.5, ("data", "attack"))]
     for variant in ("clean", "poisoned"):
         for icutmix in (False, True):
             name = f"ssl_{variant}" + ("_icutmix" if icutmix else "")
