@@ -38,8 +38,7 @@ TIMING = ("seconds", "per_s", "_unix", "img_s", "minutes")  # names of measured 
 
 def tasks_for(modules: list[str]) -> list[str]:
     """The smoke tasks that run every stage whose code includes any of ``modules``."""
-    running = [s.name for s in stages.STAGES if set(stages.code(s.name)) & set(modules)]
-    return sorted({STAGE_TASK[name] for name in running})
+    return sorted({STAGE_TASK[stage] for stage, code in fingerprint.STAGE_CODE.items() if set(code) & set(modules)})
 
 
 def _timing(name: str) -> bool:
@@ -152,7 +151,6 @@ def prove_unchanged(modules: list[str], keep: Path | None = None, against: str =
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import subprocess
     import time
 
     parser = argparse.ArgumentParser(description="The code lock: which modules moved, and recording them.")

@@ -99,43 +99,42 @@ STAGES: tuple[Stage, ...] = (
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
-def _closure(name: str, field: str) -> tuple[str, ...]:
-    """``field`` of stage ``name`` and of every stage upstream of it, each name once, nearest first."""
+def lineage(name: str) -> tuple[str, ...]:
+    """Stage ``name`` and every stage it builds on, directly or not, each once, nearest first."""
     out: dict[str, None] = {}
     todo = [name]
-    while todo:
-        stage = BY_NAME[todo.pop(0)]
-        out.update(dict.fromkeys(getattr(stage, field)))
-        todo += stage.upstream
-    return tuple(out)
-
-
-def sections(name: str) -> tuple[str, ...]:
-    """The params sections stage ``name``'s key holds: its own and its upstream stages'."""
-    return _closure(name, "reads")
-
-
-def code(name: str) -> tuple[str, ...]:
-    """The ``helpers`` modules stage ``name``'s key holds: the ones it runs, the retired ones whose code it ran,
-    and its upstream stages'."""
-    return tuple(dict.fromkeys(_closure(name, "runs") + _closure(name, "retired")))
-
-
-def retired() -> frozenset[str]:
-    """Modules no longer in the package whose lock identities some stage's key still holds."""
-    return frozenset(m for s in STAGES for m in s.retired)
-
-
-def upstream_closure(name: str) -> tuple[str, ...]:
-    """Every stage that ``name`` builds on, directly or not."""
-    out: dict[str, None] = {}
-    todo = list(BY_NAME[name].upstream)
     while todo:
         stage = todo.pop(0)
         if stage not in out:
             out[stage] = None
             todo += BY_NAME[stage].upstream
     return tuple(out)
+
+
+def upstream_closure(name: str) -> tuple[str, ...]:
+    """Every stage that ``name`` builds on, directly or not."""
+    return lineage(name)[1:]
+
+
+def _collect(name: str, field: str) -> tuple[str, ...]:
+    """``field`` of stage ``name`` and of every stage upstream of it, each entry once, nearest first."""
+    return tuple(dict.fromkeys(x for stage in lineage(name) for x in getattr(BY_NAME[stage], field)))
+
+
+def sections(name: str) -> tuple[str, ...]:
+    """The params sections stage ``name``'s key holds: its own and its upstream stages'."""
+    return _collect(name, "reads")
+
+
+def code(name: str) -> tuple[str, ...]:
+    """The ``helpers`` modules stage ``name``'s key holds: the ones it runs, the retired ones whose code it ran,
+    and its upstream stages'."""
+    return tuple(dict.fromkeys(_collect(name, "runs") + _collect(name, "retired")))
+
+
+def retired() -> frozenset[str]:
+    """Modules no longer in the package whose lock identities some stage's key still holds."""
+    return frozenset(m for s in STAGES for m in s.retired)
 
 
 def smoke_task(name: str) -> str:
