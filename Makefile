@@ -26,15 +26,15 @@ venv: $(STAMP)
 DEFAULT_PARAMS := params/cifar10.yaml
 ## Run every notebook on a profile. The default profile publishes: figures/cifar10/ and the executed
 ## notebooks/*.ipynb. Any other PARAMS writes its figures under runs/<profile>/<time>/ only.
-## It starts from the checkpoints shipped in figures/<profile>/checkpoints/ (verified; helpers/checkpoints.py);
+## It starts from the checkpoints shipped in figures/<profile>/checkpoints/ (verified; helpers/runners/checkpoints.py);
 ## RETRAIN=1 uses none and computes every stage again from nothing (about 4 hours on 2 CPU cores).
 reproduce: $(STAMP)
-	$(PY) -m helpers.reproduce --params "$(PARAMS)" $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") \
+	$(PY) -m helpers.runners.reproduce --params "$(PARAMS)" $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") \
 		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish) $(if $(RETRAIN),--retrain)
 
-## The HTML book from the executed notebooks: build/report/html/index.html (helpers/report.py).
+## The HTML book from the executed notebooks: build/report/html/index.html (helpers/runners/report.py).
 report: $(STAMP)
-	$(PY) -m helpers.report
+	$(PY) -m helpers.runners.report
 
 ## Step through the notebooks in JupyterLab with the project's environment (its Python is the kernel).
 lab: $(STAMP)
@@ -55,26 +55,26 @@ sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 ## Download CIFAR-10 (needs a network) as JPEG files in the ImageFolder layout to data/cifar10: the same files as
-## the shared copy (helpers/fetch_data.py); `make reproduce` does this itself when it finds no CIFAR-10.
+## the shared copy (helpers/runners/fetch.py); `make reproduce` does this itself when it finds no CIFAR-10.
 data: $(STAMP)
-	$(PY) -m helpers.fetch_data --out data/cifar10
+	$(PY) -m helpers.runners.fetch --out data/cifar10
 
 ## Speed ratios measured in one run on this machine.
 bench: $(STAMP)
-	$(PY) -m helpers.bench $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
+	$(PY) -m helpers.studies.bench $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 
 ## Remove every cached stage result, listing each first (never silently).
 clean-artifacts: $(STAMP)
 	$(PY) -m helpers.cache --clean
 
-## The GPU queue of params/cifar10-gpu.yaml (helpers/gpu.py): which jobs are done, the next one prepared in .gpu/
-## for one command on a lent GPU (`python3 -m helpers.gpu run --out "$OUT"`, carrying .gpu), and the files it
+## The GPU queue of params/cifar10-gpu.yaml (helpers/runners/gpu.py): which jobs are done, the next one prepared in .gpu/
+## for one command on a lent GPU (`python3 -m helpers.runners.gpu run --out "$OUT"`, carrying .gpu), and the files it
 ## brought back checked and shipped into figures/cifar10-gpu/checkpoints/ (FROM=<the folder they came back to>).
 gpu-status: $(STAMP)
-	$(PY) -m helpers.gpu status
+	$(PY) -m helpers.runners.gpu status
 
 gpu-prepare: $(STAMP)
-	$(PY) -m helpers.gpu prepare
+	$(PY) -m helpers.runners.gpu prepare
 
 gpu-install: $(STAMP)
-	$(PY) -m helpers.gpu install "$(FROM)"
+	$(PY) -m helpers.runners.gpu install "$(FROM)"

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from . import io
 from .cache import cached_stage
-from .data import Data, DataError, ImageList, decode_images, image_hw, load_rgb, read_file_list, write_file_list
+from .data import Data, ImageList, decode_images, image_hw, load_rgb, read_file_list, write_file_list
 from .kernels import paste_patches
 from .params import AttackParams, Params, resolve_input_path
+from .paths import DataError
 
 
 class AttackError(ValueError):

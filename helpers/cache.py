@@ -4,10 +4,10 @@ A stage's outputs are computed into a temporary folder and renamed into place on
 with the params the stage read written beside them (``params.yaml``, the completion marker).
 A killed computation leaves no half-written result; the next run simply recomputes it.
 
-Two environment variables, set by ``helpers.reproduce`` and inherited by its pipeline and notebook kernels:
+Two environment variables, set by ``helpers.runners.reproduce`` and inherited by its pipeline and notebook kernels:
 
 - ``PATCHSEARCH_STAGE_LOG``: a file to which every stage lookup appends ``{"stage", "key", "hit"}`` (one JSON
-  line): the run's record lists the stages it used, and ``helpers.checkpoints`` ships them.
+  line): the run's record lists the stages it used, and ``helpers.runners.checkpoints`` ships them.
 - ``PATCHSEARCH_RECOMPUTE_BEFORE``: a Unix time; a result finished before it counts as a miss and is computed
   again, then put in place of the old one (``make reproduce RETRAIN=1``: every stage from nothing).
 """

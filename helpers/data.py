@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import io
 from .cache import cached_stage
 from .params import Params
-from .paths import DataError  # noqa: F401 (raised here; users import it from data too)
+from .paths import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

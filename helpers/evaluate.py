@@ -7,12 +7,17 @@ several seeds, mean and std), kNN as a cheap extra, and the attack metrics on cl
 
 The linear probe is trained full-batch on features computed once without augmentation (a logistic
 regression): on a CPU this replaces the papers' probe trained for epochs on augmented images.
+
+``evaluate_model_stage`` measures any other trained backbone the same way (notebook 08's models:
+distilled students, i-CutMix variants, the clean set retrained after a defense).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +30,8 @@ from .cache import cached_stage
 from .compute import TrainingDiverged, check_finite
 from .data import load_data, write_file_list
 from .models import extract_features
-from .train import augment_config, load_backbone, train_stage
+from .params import Params
+from .ssl import augment_config, load_backbone, train_stage
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -158,7 +164,7 @@ def evaluate_stage(params, variant: str, icutmix: bool = False, progress: bool =
 
     def compute(out, final):
         if variant == "filtered":  # only on a miss: a result needs no model
-            from .defense import filtered_model_stage
+            from .classify import filtered_model_stage
 
             model_dir = filtered_model_stage(params, progress=progress)
         else:
@@ -236,4 +242,68 @@ def table2_row(name: str, probe_table, knn: dict, fraction: float) -> dict:
         "ASR (%)": mean_std("asr", 100),
         "kNN acc (%)": f"{knn['val']['acc'] * 100:.1f}",
         "kNN ASR (%)": f"{knn['patched']['asr'] * 100:.1f}",
+    }
+
+
+def evaluate_model_stage(stage: str, params: Params, model_dir: Callable[[], Path], progress: bool = True):
+    """The cached ``stage`` (an ``eval_*`` entry of ``STAGE_INPUTS``) of the backbone in the folder that
+    ``model_dir()`` returns (``backbone.safetensors`` of ``params.ssl``'s architecture; the model's own
+    cached stage), called only when the evaluation is not cached: a shipped evaluation needs no model.
+    Returns ``(folder, probe table, knn table)`` like ``evaluate_stage``."""
+    e = params.eval
+
+    def compute(out: Path, final: Path) -> None:
+        data = load_data(params, progress=progress)
+        attack = run_attack(params, data, progress=progress)
+        image_size = data.train.pixels.shape[-1]
+        backbone = load_backbone(params, model_dir(), image_size)
+        cfg = augment_config(params.ssl, image_size)
+        sets = {"train": data.train.pixels, "val": data.val.pixels, "patched": patched_val_pixels(data, attack)}
+        feats = {
+            k: extract_features(backbone, v, cfg.mean, cfg.std, e.batch_size, progress, k, params.compute.precision)
+            for k, v in sets.items()
+        }
+        labels = {"train": data.train.labels, "val": data.val.labels, "patched": data.val.labels[attack.val_idx]}
+        n_classes, target = len(data.train.classes), attack.target_index
+        rows = probe_rows(
+            *(feats["train"], labels["train"], feats["val"], labels["val"], feats["patched"], labels["patched"]),
+            *(target, n_classes, e.label_fractions, e.probe_seeds, e.probe_epochs, e.probe_lr),
+            *(e.probe_weight_decay, e.seed),
+        )
+        io.write_text(out / "probe.csv", pd.DataFrame(rows).to_csv(index=False))
+        knn = {
+            name: attack_metrics(
+                knn_predict(feats["train"], labels["train"], feats[name], n_classes, e.knn_k, e.knn_temperature),
+                labels[name],
+                target,
+            )
+            for name in ("val", "patched")
+        }
+        io.write_json(out / "knn.json", knn)
+
+    result = cached_stage(stage, params, compute)
+    return result.path, pd.read_csv(result.path / "probe.csv"), json.loads((result.path / "knn.json").read_text())
+
+
+def mean_row(probe_table: pd.DataFrame, fraction: float) -> dict:
+    """Mean over the probe seeds of one label fraction: accuracy (%), FP (images) and ASR (%)."""
+    t = probe_table[np.isclose(probe_table["labels"], fraction)]
+    return {
+        "clean acc (%)": 100 * t["clean_acc"].mean(),
+        "clean FP": t["clean_fp"].mean(),
+        "patched acc (%)": 100 * t["patched_acc"].mean(),
+        "patched FP": t["patched_fp"].mean(),
+        "ASR (%)": 100 * t["asr"].mean(),
+    }
+
+
+def goal_checks(asr: float, clean_asr: float, acc: float, clean_acc: float, rich_share: float) -> dict[str, bool]:
+    """The study's goal for one run, part by part (fractions, not %): the 10%-label probe's ASR at least 20%
+    and at least 5x the clean model's, clean accuracy within 3 points of the clean model's, and at least
+    half of the poisons in clusters at least half poisoned."""
+    return {
+        "ASR >= 20%": asr >= 0.2,
+        "ASR >= 5x the clean model's": asr >= 5 * clean_asr,
+        "accuracy within 3 points of the clean model's": clean_acc - acc <= 0.03,
+        ">= 50% of the poisons in rich clusters": rich_share >= 0.5,
     }

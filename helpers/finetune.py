@@ -25,12 +25,13 @@ from . import io
 from .attack import patched_val_pixels, run_attack
 from .augment import BatchAugment
 from .cache import cached_stage
+from .classify import filtered_model_stage
 from .compute import autocast, check_finite, device_for_run, resolve_precision
 from .data import load_data
-from .defense import filtered_model_stage, with_method
 from .evaluate import attack_metrics, label_subset
 from .params import FinetuneParams, Params
-from .train import augment_config, load_backbone, train_stage
+from .search import with_method
+from .ssl import augment_config, load_backbone, train_stage
 
 VARIANTS = ("clean", "poisoned", "filtered")
 

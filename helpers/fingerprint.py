@@ -9,10 +9,10 @@
   written as Python 3.11's ``ast.dump`` writes it, whatever Python runs: ``dump_tree``), so comments,
   docstrings and layout never count. ``tests/test_code_lock.py`` fails when a module's code has moved
   from its lock entry, until one of two commands records it:
-  ``python -m helpers.codelock bump <module>`` when its results change (a new identity: every stage
-  that runs it is computed again), or ``python -m helpers.codelock renew <module>``, which first proves
+  ``python -m helpers.runners.codelock bump <module>`` when its results change (a new identity: every stage
+  that runs it is computed again), or ``python -m helpers.runners.codelock renew <module>``, which first proves
   the smoke profile's stage outputs unchanged, bit for bit, by running them with the committed code and
-  with yours (``helpers.codelock``), and keeps the identity (refactors, renames, a path that only another
+  with yours (``helpers.runners.codelock``), and keeps the identity (refactors, renames, a path that only another
   machine takes: shipped results stay valid).
   ``tests/test_fingerprint.py`` checks that every module a stage's modules import is either listed for
   that stage or declared as not computing results (``NOT_RESULT_CODE``), so a forgotten dependency fails
@@ -36,34 +36,13 @@ from . import stages
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-# Modules that never change a stage's numbers: file plumbing, paths, params parsing, the cache itself,
-# figures, the runners, the benchmark and this module.
+# Modules that never change a stage's numbers: file plumbing, paths, params parsing, the cache itself, figures,
+# the notebooks' setup, the stage registry and this module. The runners (``helpers.runners``) and the side
+# studies (``helpers.studies``) are sub-packages that no stage module imports (``tests/test_stages.py``).
 NOT_RESULT_CODE = frozenset(
-    {
-        "__init__",
-        "cache",
-        "fingerprint",
-        "io",
-        "params",
-        "paths",
-        "plotting",
-        "notebook",
-        "reproduce",
-        "pipeline",
-        "bench",
-        "study",
-        "generality",
-        "removal_study",
-        "score_study",
-        "precision_study",
-        "fetch_data",
-        "checkpoints",
-        "heldout",
-        "gpu",
-        "codelock",
-        "stages",
-    }
+    {"__init__", "cache", "fingerprint", "io", "params", "paths", "plotting", "notebook", "stages"}
 )
+SUBPACKAGES = ("runners", "studies")
 
 # For every stage, the modules whose code computes its result, its upstream stages' included: declared in
 # ``helpers.stages`` with the stage itself.
@@ -151,13 +130,19 @@ def read_lock(package_dir: Path | None = None) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
 
 
-def _identity(modules: dict, name: str, package_dir: Path | None) -> str:
+def _entry(modules: dict, name: str, package_dir: Path | None) -> dict:
     if name not in modules:
         raise KeyError(
             f"helpers/{name}.py is not in {lock_path(package_dir)}: record it with "
-            f"`python -m helpers.codelock bump {name}`"
+            f"`python -m helpers.runners.codelock bump {name}`"
         )
-    return modules[name]["identity"]
+    return modules[name]
+
+
+def key_name(entry: dict, name: str) -> str:
+    """The name under which a module's identity enters keys: the one it had when the identity was recorded
+    (a renamed module keeps its old name there: ``python -m helpers.runners.codelock rename``)."""
+    return entry.get("key_name", name)
 
 
 def code_fingerprint(stage: str, package_dir: Path | None = None) -> str:
@@ -165,7 +150,9 @@ def code_fingerprint(stage: str, package_dir: Path | None = None) -> str:
     if stage not in STAGE_CODE:
         raise KeyError(f"unknown stage '{stage}' (known: {', '.join(STAGE_CODE)})")
     modules = read_lock(package_dir)["modules"]
-    parts = [f"{name}:{_identity(modules, name, package_dir)}" for name in sorted(STAGE_CODE[stage])]
+    entries = {name: _entry(modules, name, package_dir) for name in STAGE_CODE[stage]}
+    keys = sorted((key_name(entry, name), entry["identity"]) for name, entry in entries.items())
+    parts = [f"{key}:{identity}" for key, identity in keys]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -192,10 +179,35 @@ def moved_modules(package_dir: Path | None = None) -> dict[str, str]:
     return out
 
 
+def rename_in_lock(old: str, new: str, package_dir: Path | None = None) -> dict:
+    """Move module ``old``'s lock entry to ``new`` (a module renamed): its identity and the name under which
+    that identity enters keys stay, so no key changes; its code must then be renewed (proved unchanged)."""
+    lock = read_lock(package_dir)
+    modules = lock["modules"]
+    if old not in modules:
+        raise KeyError(f"{old} is not in {lock_path(package_dir)} (it holds: {', '.join(modules)})")
+    if new in modules:
+        raise KeyError(f"{new} is already in {lock_path(package_dir)}")
+    if new not in result_modules():
+        raise KeyError(f"no stage runs a module {new}: declare it in helpers/stages.py first")
+    entry = modules.pop(old)
+    modules[new] = {"identity": entry["identity"], "source": entry["source"], "key_name": key_name(entry, old)}
+    return _write(lock, modules, package_dir)
+
+
+def _write(lock: dict, modules: dict, package_dir: Path | None) -> dict:
+    lock["modules"] = dict(sorted(modules.items()))
+    path = lock_path(package_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(lock, indent=2) + "\n")
+    os.replace(tmp, path)
+    return lock
+
+
 def write_lock(names: list[str], new_identity: bool, package_dir: Path | None = None, proof: str = "") -> dict:
     """Record the current code of ``names`` in the lock: with ``new_identity`` (a bump) their identity becomes
     their code's fingerprint, so every stage that runs them misses the cache; without (a renewal, proved by
-    ``helpers.codelock``) the identity stays and shipped results stay valid."""
+    ``helpers.runners.codelock``) the identity stays and shipped results stay valid."""
     lock = read_lock(package_dir)
     modules = lock["modules"]
     unknown = [name for name in names if name not in result_modules()]
@@ -205,31 +217,27 @@ def write_lock(names: list[str], new_identity: bool, package_dir: Path | None = 
         if not _exists(name, package_dir):  # merged into other modules: the identity stays, nothing to read
             if new_identity or name not in modules:
                 raise KeyError(f"helpers/{name}.py does not exist: only a recorded module can be retired (renew)")
-            modules[name] = {"identity": modules[name]["identity"], "source": None, "retired": True}
+            kept = {k: v for k, v in modules[name].items() if k in ("identity", "key_name")}
+            modules[name] = {**kept, "source": None, "retired": True}
             if proof:
                 modules[name]["renewed_by"] = proof
             continue
         source = module_fingerprint(name, package_dir)
         if new_identity or name not in modules:
-            modules[name] = {"identity": source, "source": source}
+            modules[name] = {"identity": source, "source": source}  # a new identity enters keys by its name
         else:
             modules[name] = {**modules[name], "source": source}
         if proof and not new_identity:
             modules[name]["renewed_by"] = proof
     for name in set(modules) - set(result_modules()):
         del modules[name]
-    lock["modules"] = dict(sorted(modules.items()))
-    path = lock_path(package_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(lock, indent=2) + "\n")
-    os.replace(tmp, path)
-    return lock
+    return _write(lock, modules, package_dir)
 
 
 def helpers_imports(name: str, package_dir: Path | None = None, top_level_only: bool = False) -> set[str]:
     """The ``helpers`` modules that module ``name`` imports (relative imports); with ``top_level_only``,
     those at module level (an import inside a function serves another stage: ``evaluate`` imports
-    ``defense`` only to retrain a model on a defense's filtered list, the ``ssl_filtered`` stage)."""
+    ``classify`` only to retrain a model on a defense's filtered list, the ``ssl_filtered`` stage)."""
     tree = ast.parse(((package_dir or PACKAGE_DIR) / f"{name}.py").read_text())
     found = set()
     for node in tree.body if top_level_only else ast.walk(tree):

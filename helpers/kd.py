@@ -28,7 +28,7 @@ from .compute import fp32_region
 from .data import load_data
 from .models import backbone_for
 from .params import Params
-from .train import load_backbone, train_ssl, train_stage, write_model
+from .ssl import load_backbone, train_ssl, train_stage, write_model
 
 TABLE3_TRUSTED = (0.25, 0.10, 0.05)  # the trusted shares of the paper's Table 3
 

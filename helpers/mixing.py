@@ -31,8 +31,7 @@ from .augment import BatchAugment
 from .cache import cached_stage, stage_dir
 from .data import load_data
 from .params import Params, SSLParams
-from .ssl import cutmix_box
-from .train import augment_config, build_model, train_ssl, write_model
+from .ssl import augment_config, build_model, cutmix_box, train_ssl, write_model
 
 FILLS = ("crop", "black", "noise")
 LOSSES = ("weighted", "onehot")
@@ -80,7 +79,7 @@ def mixed_model(p: SSLParams, image_size: int, fill: str, loss: str) -> nn.Modul
         raise ValueError(f"the i-CutMix ablation (mix section) is implemented for ssl.method mocov2, got {p.method!r}")
     cfg = augment_config(p, image_size)
     mixer = Mixer(fill, loss, cfg.mean, cfg.std)
-    torch.manual_seed(p.seed)  # the initial weights, as helpers.train.train_ssl draws them
+    torch.manual_seed(p.seed)  # the initial weights, as helpers.ssl.train_ssl draws them
     model = build_model(p, image_size)
     model.mix = mixer
     return model

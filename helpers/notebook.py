@@ -9,14 +9,14 @@ from pathlib import Path
 
 from . import paths
 from .cache import RECOMPUTE_ENV
-from .checkpoints import install
 from .params import Params, load, with_overrides, with_resolved_root
+from .runners.checkpoints import install
 
 
 def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
     """Load ``params_path`` (relative paths are taken from the repository root), resolve the data root,
     log cache hits and misses to the notebook's output, and install the profile's shipped checkpoints
-    (``helpers.checkpoints``) that match the params, so that a notebook opened on a fresh clone trains nothing.
+    (``helpers.runners.checkpoints``) that match the params, so that a notebook opened on a fresh clone trains nothing.
 
     ``overrides`` changes keys for an experiment without editing the file, section by section, e.g.
     ``{"cluster": {"k": 50}}``; an unknown key or a value out of range is refused with its name. Outputs
@@ -85,7 +85,7 @@ def opening(params: Params, notebook: str) -> str:
     stages it read) and the checkpoints' manifest (what each stage took when it was made)."""
     import json
 
-    from .checkpoints import read_manifest, shipped_dir
+    from .runners.checkpoints import read_manifest, shipped_dir
 
     steps = " → ".join(f"**{name}**" if key == notebook else name for key, name in STEPS.items())
     lines = [f"**Where this sits:** {steps}."]

@@ -8,7 +8,7 @@ Environment variables override the defaults so that tests, CI and users can redi
 - ``PATCHSEARCH_FIGURES``: where the published reference figures and tables are (default ``<repo>/figures``).
 - ``PATCHSEARCH_RUNS``: where executed notebooks and a run's own figures go (default ``<repo>/runs``).
 - ``PATCHSEARCH_OUTPUT``: the folder a notebook writes its figures and tables to (``figures_dir``); set by
-  ``helpers.reproduce`` for each run.
+  ``helpers.runners.reproduce`` for each run.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ OUTPUT_ENV = "PATCHSEARCH_OUTPUT"
 
 def published_dir(profile: str) -> Path:
     """The profile's reference figures and tables, ``figures/<profile>/``: refreshed only by ``make reproduce``
-    of the default profile (``helpers.reproduce --publish``) and by the runners' ``--publish``."""
+    of the default profile (``helpers.runners.reproduce --publish``) and by the runners' ``--publish``."""
     return _env_dir("PATCHSEARCH_FIGURES", REPO_ROOT / "figures") / profile
 
 
 def figures_dir(profile: str) -> Path:
-    """Where a notebook writes its figures and tables: ``$PATCHSEARCH_OUTPUT`` when ``helpers.reproduce`` runs it
-    (the run's own folder, or ``published_dir`` when it publishes), else ``runs/<profile>/figures/``, so
+    """Where a notebook writes its figures and tables: ``$PATCHSEARCH_OUTPUT`` when ``helpers.runners.reproduce``
+    runs it (the run's own folder, or ``published_dir`` when it publishes), else ``runs/<profile>/figures/``, so
     that a reader who edits a parameter or runs another profile never overwrites the reference."""
     value = os.environ.get(OUTPUT_ENV)
     return Path(value).expanduser().resolve() if value else runs_dir() / profile / "figures"

@@ -1,5 +1,5 @@
 """Figures and tables: one ``savefig`` / ``save_table`` that write a notebook's outputs to ``paths.figures_dir``
-(the run's folder; ``figures/<profile>/`` only when ``helpers.reproduce --publish`` runs the default
+(the run's folder; ``figures/<profile>/`` only when ``helpers.runners.reproduce --publish`` runs the default
 profile) or, for the runners' ``--publish``, to ``paths.published_dir`` (``published=True``)."""
 
 from __future__ import annotations

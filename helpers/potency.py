@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from . import io
 from .cache import cached_stage
-from .defense import Scorer, defense_context, load_search, search_stage, with_method
 from .params import Params
+from .search import Scorer, defense_context, load_search, search_stage, with_method
 
 CHUNK = 500  # images scored per flip-test call: bounds the memory of the pasted batch
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from .cache import cached_stage, stage_dir
+from .classify import classifier_stage
 from .data import load_data
-from .defense import classifier_stage
 from .params import Params
-from .train import train_ssl, write_model
+from .ssl import train_ssl, write_model
 
 
 def clean_kept(params: Params, progress: bool = False) -> np.ndarray:

@@ -39,35 +39,45 @@
 - Blind window side (``WINDOW_RULES``): ``rsd`` (the paper) and ``contrast`` are statistics of the first
   round's scores (``window_statistic``); ``agreement`` asks whether the top candidates' windows send the
   flip images to the same cluster more than random windows of the same images do
-  (``destination_agreement``, computed by ``helpers.defense``); ``pooled`` asks the same question pooled
+  (``destination_agreement``, computed by ``Scorer.agreement``); ``pooled`` asks the same question pooled
   over the pairs and averaged over several draws of paste places and random windows
   (``pooled_agreement``). ``pick_window`` takes the largest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-from .cam import ClusterClassifier, assign
+from . import io
+from .cache import cached_stage
+from .cluster import check_variant, cluster_stage, defense_ids, training_set
+from .compute import device_for_run
+from .data import ImageList
 from .kernels import paste_patches
-
-
-def flip_set(features: np.ndarray, assignment: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Indices of the flip-test set: per non-empty cluster, the member with the largest cosine to its centre."""
-    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    c = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    cos = (f * c[assignment]).sum(1)
-    chosen = []
-    for k in np.unique(assignment):
-        members = np.flatnonzero(assignment == k)
-        chosen.append(members[np.argmax(cos[members])])
-    return np.array(chosen, dtype=np.int64)
-
+from .localize import (
+    ClusterClassifier,
+    assign,
+    best_windows,
+    cut_patches,
+    grad_cam_batched,
+    make_masks,
+    poisoncam_heatmaps,
+)
+from .models import Normaliser
+from .params import Params
+from .ssl import augment_config, load_backbone, train_stage
 
 SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat")
 
@@ -264,6 +274,8 @@ def relative_std(scores: np.ndarray) -> float:
 
 
 WINDOW_RULES = ("rsd", "contrast", "agreement", "pooled")
+
+
 POPULATION_RULES = ("rsd", "contrast")  # statistics of the first round's scores (``window_statistic``)
 
 
@@ -278,7 +290,7 @@ def window_statistic(scores: np.ndarray, rule: str, k: int = 20) -> float:
       when almost every score is zero.
 
     The other rules, ``agreement`` (``destination_agreement``) and ``pooled`` (``pooled_agreement``), need
-    the network, not only the scores: ``helpers.defense`` computes them."""
+    the network, not only the scores: ``Scorer.agreement`` computes them."""
     scores = np.asarray(scores, dtype=np.float64)
     if rule == "rsd":
         return relative_std(scores)
@@ -313,7 +325,7 @@ def destination_agreement(after: torch.Tensor, before: torch.Tensor) -> float:
     cluster, 0 for a pair that moved no image in common; the mean over pairs. ``after`` is ``C x F`` (every
     patch pasted at the same ``F`` places, ``flip_destinations``), ``before`` is ``F``.
 
-    The ``agreement`` window rule (``helpers.defense``) compares this for the top-``k`` candidates' located
+    The ``agreement`` window rule (``Scorer.agreement``) compares this for the top-``k`` candidates' located
     windows and for random windows of the same side cut from the same images: a trigger is one pattern cut
     from many images, so at the side that cuts it whole the top candidates are copies of it and send the
     flip images to the same cluster, while random windows of those images do not. A window so small or so
@@ -364,3 +376,276 @@ def shared_locations(n_cand: int, n_flip: int, size: int, w: int, seed: int) -> 
 def top_k_accuracy(ranking: np.ndarray, poison_mask: np.ndarray, k: int = 20) -> float:
     """Share of poisons among the ``k`` top-ranked images (ground truth: for evaluation only)."""
     return float(poison_mask[ranking[:k]].mean())
+
+
+SCORE_RULE = {"patchsearch": "into", "poisoncam": "changed"}  # each paper's poison score
+
+
+def score_rule(params: Params) -> str:
+    """The flip test's count: ``search.score_rule``, or where that is null PatchSearch's paper's for
+    PatchSearch and ``search.poisoncam_score`` for PoisonCAM."""
+    q = params.search
+    return q.score_rule or (q.poisoncam_score if q.method == "poisoncam" else SCORE_RULE["patchsearch"])
+
+
+def with_method(params: Params, method: str) -> Params:
+    return dataclasses.replace(params, search=dataclasses.replace(params.search, method=method))
+
+
+@dataclass
+class DefenseContext:
+    """What the search needs: the cluster classifier, the training pixels and the clustering."""
+
+    params: Params
+    model: ClusterClassifier
+    normalise: Normaliser
+    pixels: torch.Tensor  # N x 3 x H x W uint8 (CPU)
+    images: ImageList
+    assignment: np.ndarray
+    flip_idx: np.ndarray
+    outlier_stats: np.ndarray
+    features: np.ndarray | None  # None where a shipped clustering leaves them out (notebook 03 extracts them)
+    ids: np.ndarray  # N, the order the defense draws and breaks ties in (``defense_ids``)
+
+    @property
+    def size(self) -> int:
+        return self.pixels.shape[-1]
+
+
+def defense_context(params: Params, variant: str = "poisoned", progress: bool = True) -> DefenseContext:
+    cluster_dir = cluster_stage(params, variant, progress)
+    model_dir = train_stage(params, variant, progress=progress)
+    pixels, images = training_set(params, variant, progress)
+    z = np.load(cluster_dir / "clustering.npz")
+    device = device_for_run()
+    backbone = load_backbone(params, model_dir, pixels.shape[-1])
+    model = ClusterClassifier(backbone, z["centroids"], params.search.cam_layer, params.compute.precision)
+    model = model.to(device).eval()
+    cfg = augment_config(params.ssl, pixels.shape[-1])
+    return DefenseContext(
+        params,
+        model,
+        Normaliser(cfg.mean, cfg.std, device),
+        pixels,
+        images,
+        z["assignment"],
+        z["flip_idx"],
+        z["outlier_stats"],
+        z["features"] if "features" in z.files else None,
+        defense_ids(params, pixels),
+    )
+
+
+def heatmaps(
+    ctx: DefenseContext, method: str, idx: np.ndarray, progress: bool = False, masks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Localization heatmaps ``len(idx) x H x W`` of training images ``idx`` (each for its own cluster);
+    PoisonCAM uses ``masks`` when given, else the profile's (``search_masks``)."""
+    q = ctx.params.search
+    x = ctx.normalise(ctx.pixels[idx])
+    targets = torch.as_tensor(ctx.assignment[idx])
+    if method == "patchsearch":
+        return grad_cam_batched(ctx.model, x, targets, max(1, q.batch_size // 4))
+    masks = search_masks(ctx) if masks is None else masks
+    return poisoncam_heatmaps(ctx.model, x, targets, masks, ctx.outlier_stats, q.batch_size, progress)
+
+
+def search_masks(ctx: DefenseContext) -> torch.Tensor:
+    q = ctx.params.search
+    return make_masks(q.mask_strategy, q.masks, ctx.size, q.mask_grid, q.mask_keep, q.seed)
+
+
+class Scorer:
+    """Poison scores of training images for each window side, heatmaps computed once per image."""
+
+    def __init__(self, ctx: DefenseContext, method: str, windows: list[int]) -> None:
+        self.ctx, self.method, self.windows = ctx, method, windows
+        n = len(ctx.pixels)
+        self.corner = {w: np.full((n, 2), -1, dtype=np.int64) for w in windows}
+        flip = torch.as_tensor(ctx.flip_idx)
+        self.flip_pixels = ctx.pixels[flip].to(ctx.normalise.device)
+        self.flip_before = torch.as_tensor(ctx.assignment[ctx.flip_idx])
+        self.masks = search_masks(ctx) if method == "poisoncam" else None  # drawn once, used every round
+        self.seconds = {"heatmaps": 0.0, "flip_test": 0.0}
+        self.n_heatmaps = 0
+
+    def locate(self, idx: np.ndarray) -> None:
+        todo = idx[self.corner[self.windows[0]][idx, 0] < 0]
+        if not len(todo):
+            return
+        start = time.perf_counter()
+        maps = heatmaps(self.ctx, self.method, todo, masks=self.masks)
+        for w in self.windows:
+            xs, ys = best_windows(maps, w)
+            self.corner[w][todo] = np.stack([xs.numpy(), ys.numpy()], 1)
+        self.n_heatmaps += len(todo)
+        self.seconds["heatmaps"] += time.perf_counter() - start
+
+    def patches(self, idx: np.ndarray, w: int) -> torch.Tensor:
+        self.locate(idx)
+        c = torch.as_tensor(self.corner[w][idx])
+        return cut_patches(self.ctx.pixels[torch.as_tensor(idx)], c[:, 0], c[:, 1], w)
+
+    def score(self, idx: np.ndarray, w: int) -> np.ndarray:
+        patches = self.patches(idx, w)
+        start = time.perf_counter()
+        q = self.ctx.params.search
+        ids = self.ctx.ids[idx]
+        locations = paste_locations(ids, len(self.flip_pixels), self.ctx.size, self.ctx.size, w, q.seed)
+        scores = flip_test(
+            self.ctx.model,
+            self.ctx.normalise,
+            self.flip_pixels,
+            self.flip_before,
+            patches.to(self.flip_pixels.device),
+            torch.as_tensor(self.ctx.assignment[idx]),
+            locations,
+            q.batch_size,
+            score_rule(self.ctx.params),
+        )
+        self.seconds["flip_test"] += time.perf_counter() - start
+        return scores
+
+    def agreement(self, idx: np.ndarray, w: int, draws: int = 1) -> dict[str, float]:
+        """How much the located windows of images ``idx`` agree on where they send the flip images, against
+        random windows of the same side cut from the same images, every patch pasted at the same places.
+
+        ``agreement``: ``destination_agreement`` on draw 0 (seed ``search.seed``), located and random.
+        ``pooled``: ``pooled_agreement``, located minus random, its mean and sd over ``draws`` draws of the
+        paste places and random windows (draw ``d`` seeded by ``search.seed + 1000 * d``)."""
+        start = time.perf_counter()
+        q, size = self.ctx.params.search, self.ctx.size
+        located = self.patches(idx, w)
+        out, pooled = {}, []
+        for draw in range(draws):
+            seed = q.seed + 1000 * draw
+            corners = random_windows(self.ctx.ids[idx], size, w, seed)
+            chance = cut_patches(self.ctx.pixels[torch.as_tensor(idx)], corners[:, 0], corners[:, 1], w)
+            places = shared_locations(len(idx), len(self.flip_pixels), size, w, seed)
+            after = {
+                name: flip_destinations(
+                    self.ctx.model,
+                    self.ctx.normalise,
+                    self.flip_pixels,
+                    patches.to(self.flip_pixels.device),
+                    places,
+                    q.batch_size,
+                )
+                for name, patches in (("located", located), ("random", chance))
+            }
+            if draw == 0:
+                for name, moved in after.items():
+                    out[f"agreement_{name}"] = destination_agreement(moved, self.flip_before)
+            pooled.append(
+                pooled_agreement(after["located"], self.flip_before)
+                - pooled_agreement(after["random"], self.flip_before)
+            )
+        out["agreement"] = out["agreement_located"] - out["agreement_random"]
+        out["pooled"] = float(np.mean(pooled))
+        out["pooled_sd"] = float(np.std(pooled, ddof=1)) if draws > 1 else float("nan")
+        self.seconds["flip_test"] += time.perf_counter() - start
+        return out
+
+
+def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
+    """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
+    used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule``: ``rsd`` and
+    ``contrast`` over the first round's scores, the same images for every side
+    (``helpers.search.choose_window``); ``agreement`` and ``pooled`` over each side's top candidates
+    (``search.window_top_k``) against random windows of the same images
+    (``helpers.search.destination_agreement``, ``helpers.search.pooled_agreement``). Every rule's
+    statistic and pick is saved (``sweep.csv``) with the ranking, candidate boxes and top patches of the
+    side used, and every side's scores."""
+    check_variant(variant)
+    q = params.search
+
+    def compute(out: Path, final: Path) -> None:
+        start = time.perf_counter()
+        ctx = defense_context(params, variant, progress)
+        windows = sorted(set(q.window_sweep) | ({q.window_px} if q.window_px else set()))
+        windows = [w for w in windows if w <= ctx.size]
+        scorer = Scorer(ctx, q.method, windows)
+        results: dict[int, SearchResult] = {}
+        sweep, rounds = [], []
+        for w in tqdm(windows, desc=f"search ({q.method})", disable=not progress):
+            result = iterative_search(
+                ctx.assignment,
+                lambda idx, w=w: scorer.score(idx, w),
+                q.samples_per_cluster,
+                q.prune_fraction,
+                q.seed,
+                ids=ctx.ids,
+            )
+            results[w] = result
+            rounds += [{"window": w, **r} for r in result.rounds]
+            sweep.append(
+                {
+                    "window": w,
+                    "scored": int(result.scored.sum()),
+                    "max_score": float(result.scores.max()),
+                    "rounds": len(result.rounds),
+                }
+            )
+        first = {w: np.flatnonzero(r.round_of == 0) for w, r in results.items()}
+        if any(not np.array_equal(first[w], first[windows[0]]) for w in windows):
+            raise RuntimeError("the first search round scored different images for different window sides")
+        population = {w: results[w].scores[first[w]] for w in windows}
+        table = pd.DataFrame(sweep)
+        picks = {}
+        for rule in POPULATION_RULES:
+            picks[rule], stats = choose_window(population, rule, q.window_top_k)
+            table[rule] = table["window"].map(stats)
+            table[f"{rule}_pick"] = table["window"] == picks[rule]
+        agree = pd.DataFrame(
+            [scorer.agreement(results[w].ranking()[: q.window_top_k], w, q.window_draws) for w in windows]
+        )
+        for column in agree.columns:
+            table[column] = agree[column].to_numpy()
+        for rule in ("agreement", "pooled"):
+            picks[rule] = pick_window(dict(zip(windows, agree[rule], strict=True)))
+            table[f"{rule}_pick"] = table["window"] == picks[rule]
+        w = picks[q.window_rule] if q.window_px is None else q.window_px
+        table["used"] = table["window"] == w
+        chosen = results[w]
+        ranking = chosen.ranking()
+        io.save_npz(
+            out / "search.npz",
+            scores=chosen.scores,
+            scored=chosen.scored,
+            ranking=ranking,
+            corners=scorer.corner[w],
+            window=np.array(w),
+            **{f"scores_w{v}": results[v].scores for v in windows},
+            **{f"scored_w{v}": results[v].scored for v in windows},
+            first_round=first[windows[0]],
+        )
+        io.write_text(out / "sweep.csv", table.to_csv(index=False))
+        io.write_text(out / "rounds.csv", pd.DataFrame(rounds).to_csv(index=False))
+        top = ranking[: q.save_top]
+        patches = scorer.patches(top, w)
+        (out / "top_patches").mkdir()
+        for rank, (i, patch) in enumerate(zip(top, patches, strict=True)):
+            Image.fromarray(patch.permute(1, 2, 0).numpy()).save(out / "top_patches" / f"{rank:04d}_{i}.png")
+        summary = {
+            "method": q.method,
+            "score_rule": score_rule(params),
+            "window": w,
+            "window_rule": None if q.window_px else q.window_rule,
+            "scored": int(chosen.scored.sum()),
+            "heatmaps": scorer.n_heatmaps,
+            "seconds": time.perf_counter() - start,
+            **{f"seconds_{k}": v for k, v in scorer.seconds.items()},
+        }
+        io.write_json(out / "summary.json", summary)
+
+    return cached_stage(f"search_{variant}", params, compute).path
+
+
+def load_search(path: Path) -> dict:
+    z = np.load(path / "search.npz")
+    out = {k: z[k] for k in z.files}
+    out["window"] = int(out["window"])
+    out["sweep"] = pd.read_csv(path / "sweep.csv")
+    out["rounds"] = pd.read_csv(path / "rounds.csv")
+    out["summary"] = json.loads((path / "summary.json").read_text())
+    return out

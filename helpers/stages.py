@@ -30,67 +30,70 @@ class Stage:
     runs: tuple[str, ...]  # helpers modules its own computation runs (its upstream stages' are added)
     compute: str  # "module.function" that computes it (through ``cache.cached_stage``)
     network: str | None = "network"  # "pretraining": SSL precision; "network": both precisions; None: no network
-    shipped: bool = True  # a published run ships its result (``helpers.checkpoints``)
+    shipped: bool = True  # a published run ships its result (``helpers.runners.checkpoints``)
     smoke_task: str = ""  # the smoke pipeline task that computes it (default: its name)
     retired: tuple[str, ...] = ()  # modules merged into others, whose lock identity its key still holds
 
 
-SSL_CODE = ("train", "ssl", "models", "augment", "compute", "attack", "kernels")  # train imports the attack
-# helpers/loop.py, a second SSL loop for methods built outside helpers.ssl, was merged into train.train_ssl
-# (its ``model`` argument) with the smoke results proved unchanged. The stages it trained keep its identity in
-# their keys, so their shipped results stay valid; the lock marks it retired.
-LOOP = ("loop",)
-DEFENSE_CODE = ("defense", "cluster", "search", "poison_classifier", "cam", "evaluate")  # cam: Grad-CAM, features
+SSL_CODE = ("ssl", "models", "augment", "compute", "attack", "kernels")  # ssl trains on the attack's set
+DEFENSE_CODE = ("cluster", "localize", "search", "classify", "evaluate")
+# Modules merged into others with their stages' results proved unchanged (``helpers.runners.codelock renew``): the
+# stages that ran them keep their lock identities in their keys, so their shipped results stay valid.
+# - loop: a second SSL loop for methods built outside the SSL module, merged into ``ssl.train_ssl``;
+# - train: the SSL loop and stage, merged into ``ssl`` beside the methods;
+# - defense: the defense's stages, each moved into its stage's module (cluster, localize, search, classify);
+# - assess: the evaluation of notebook 08's models, merged into ``evaluate``.
+LOOP, TRAIN, DEFENSE, ASSESS = ("loop",), ("train",), ("defense",), ("assess",)
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", ("data",), (), ("data",), "data.load_data", None, False, "prepare"),
     Stage("attack", ("attack",), ("data",), ("attack", "kernels"), "attack.run_attack", None, False, "prepare"),
     # notebook 02: SSL pre-training, on the clean and the poisoned set
-    Stage("ssl_clean", ("ssl",), ("data",), SSL_CODE, "train.train_stage", "pretraining"),
-    Stage("ssl_poisoned", ("ssl",), ("attack",), SSL_CODE, "train.train_stage", "pretraining"),
+    Stage("ssl_clean", ("ssl",), ("data",), SSL_CODE, "ssl.train_stage", "pretraining", retired=TRAIN),
+    Stage("ssl_poisoned", ("ssl",), ("attack",), SSL_CODE, "ssl.train_stage", "pretraining", retired=TRAIN),
     # notebook 07: the linear probe and kNN, on clean and patched validation data (the attack's patches)
-    Stage("eval_clean", ("eval",), ("ssl_clean", "attack"), ("evaluate", "cam"), "evaluate.evaluate_stage"),
-    Stage("eval_poisoned", ("eval",), ("ssl_poisoned",), ("evaluate", "cam"), "evaluate.evaluate_stage"),
+    Stage("eval_clean", ("eval",), ("ssl_clean", "attack"), ("evaluate", "localize"), "evaluate.evaluate_stage"),
+    Stage("eval_poisoned", ("eval",), ("ssl_poisoned",), ("evaluate", "localize"), "evaluate.evaluate_stage"),
     # notebooks 03-06: the defense on the poisoned set with its model, and on the clean set with the clean
     # model (paper Table 10); the clean one never reads the attack, so attack configurations share it
     *(
         stage
         for variant in ("poisoned", "clean")
         for stage in (
-            Stage(f"cluster_{variant}", ("cluster",), (f"ssl_{variant}",), DEFENSE_CODE, "defense.cluster_stage",
-                  shipped=False, smoke_task=f"defense_patchsearch_{variant}"),
-            Stage(f"search_{variant}", ("search",), (f"cluster_{variant}",), DEFENSE_CODE, "defense.search_stage",
+            Stage(f"cluster_{variant}", ("cluster",), (f"ssl_{variant}",), DEFENSE_CODE, "cluster.cluster_stage",
+                  shipped=False, smoke_task=f"defense_patchsearch_{variant}", retired=DEFENSE),
+            Stage(f"search_{variant}", ("search",), (f"cluster_{variant}",), DEFENSE_CODE, "search.search_stage",
                   smoke_task=f"defense_{'poisoncam' if variant == 'poisoned' else 'patchsearch'}_{variant}"),
             Stage(f"classifier_{variant}", ("classifier",), (f"search_{variant}",), DEFENSE_CODE,
-                  "defense.classifier_stage", smoke_task=f"defense_patchsearch_{variant}"),
+                  "classify.classifier_stage", smoke_task=f"defense_patchsearch_{variant}"),
         )
     ),
     # Figure 3: the flip test of every clean training image's patch with the clean model
     Stage("potency_clean", (), ("search_clean",), ("potency",), "potency.potency_stage"),
     # notebook 07: SSL retrained on the poisoned set minus what a defense removed
-    Stage("ssl_filtered", (), ("classifier_poisoned",), ("train",), "train.train_stage",
+    Stage("ssl_filtered", (), ("classifier_poisoned",), ("ssl",), "ssl.train_stage",
           smoke_task="ssl_filtered_patchsearch"),
     Stage("eval_filtered", ("eval",), ("ssl_filtered",), ("evaluate",), "evaluate.evaluate_stage",
           smoke_task="eval_filtered_patchsearch"),
     # notebook 08, the rest of the paper: Table 3 (distillation on trusted data)
     Stage("kd_student", ("kd",), ("ssl_poisoned",), ("kd",), "kd.kd_stage", smoke_task="kd_5", retired=LOOP),
-    Stage("eval_kd", ("eval",), ("kd_student",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
-          smoke_task="kd_5"),
+    Stage("eval_kd", ("eval",), ("kd_student",), ("evaluate", "localize"), "evaluate.evaluate_model_stage",
+          smoke_task="kd_5", retired=ASSESS),
     # Table 8: i-CutMix's parts, each trained on the poisoned set
     Stage("ssl_mix", ("ssl", "mix"), ("attack",), ("mixing", *SSL_CODE), "mixing.mix_stage", "pretraining",
-          smoke_task="mix_black_onehot", retired=LOOP),
-    Stage("eval_mix", ("eval",), ("ssl_mix",), ("assess", "evaluate", "cam"), "assess.evaluate_model_stage",
-          smoke_task="mix_black_onehot"),
+          smoke_task="mix_black_onehot", retired=LOOP + TRAIN),
+    Stage("eval_mix", ("eval",), ("ssl_mix",), ("evaluate", "localize"), "evaluate.evaluate_model_stage",
+          smoke_task="mix_black_onehot", retired=ASSESS),
     # Table 10's second half: SSL retrained on the clean set minus what a defense removed from it. Its key
     # holds the attack section too, which it never reads (an attack change recomputes it): so it shipped.
-    Stage("ssl_clean_filtered", ("attack",), ("classifier_clean",), ("retrain", "train"),
+    Stage("ssl_clean_filtered", ("attack",), ("classifier_clean",), ("retrain", "ssl"),
           "retrain.retrain_clean_stage", smoke_task="retrain_clean_patchsearch", retired=LOOP),
-    Stage("eval_clean_filtered", ("eval",), ("ssl_clean_filtered",), ("assess", "evaluate"),
-          "assess.evaluate_model_stage", smoke_task="retrain_clean_patchsearch"),
+    Stage("eval_clean_filtered", ("eval",), ("ssl_clean_filtered",), ("evaluate",),
+          "evaluate.evaluate_model_stage", smoke_task="retrain_clean_patchsearch", retired=ASSESS),
     # Table 4: the whole backbone finetuned on the probe's labels, evaluated on clean and patched data
     *(
         Stage(f"finetune_{variant}", ("attack", "eval", "finetune"), (f"ssl_{variant}",), ("finetune", *DEFENSE_CODE),
-              "finetune.finetune_stage", smoke_task=task)
+              "finetune.finetune_stage", smoke_task=task, retired=DEFENSE)
         for variant, task in (("clean", "finetune_clean"), ("poisoned", "finetune_poisoned"),
                               ("filtered", "finetune_filtered_patchsearch"))
     ),

@@ -148,7 +148,7 @@ plotting.savefig(fig, P.profile, NB, "patched_val", dpi=P.figures.dpi)
 # a defense that simply guessed "the centre" would find them all. The profile spreads the training
 # triggers over nearly the whole image (`attack.train_margin`), and the table below measures what such a guess
 # would get: the share of training triggers that a fixed window at the centre hits (overlap of at least
-# half the smaller of the two, `cam.window_hits`), for windows of several sides. The localizations of
+# half the smaller of the two, `localize.window_hits`), for windows of several sides. The localizations of
 # notebook 04 are compared with the same guess.
 
 # %%
@@ -170,12 +170,12 @@ fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "trigger_locations", dpi=P.figures.dpi)
 
 # %%
-from helpers import cam
+from helpers import localize
 
 side = int(A.poison_boxes[0, 0, 2])
 centre = pd.DataFrame(
     [
-        {"window side (px)": w, **cam.localization_baselines(A.poison_boxes[:, :, :3], w, width)}
+        {"window side (px)": w, **localize.localization_baselines(A.poison_boxes[:, :, :3], w, width)}
         for w in sorted({side, *P.search.window_sweep})
         if w <= width
     ]

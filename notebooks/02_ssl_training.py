@@ -37,7 +37,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from helpers import attack, augment, cluster, data, evaluate, notebook, plotting, train
+from helpers import attack, augment, cluster, data, evaluate, notebook, plotting, ssl
 
 P = notebook.setup(params_path)
 NB = "02_ssl_training"
@@ -70,7 +70,7 @@ pd.DataFrame([P.ssl.__dict__]).T.rename(columns={0: "value"})
 # poisoned image and two of its views: the trigger survives most crops (`ssl.crop_min_scale`).
 
 # %%
-aug = augment.BatchAugment(train.augment_config(P.ssl, D.train.pixels.shape[-1]))
+aug = augment.BatchAugment(ssl.augment_config(P.ssl, D.train.pixels.shape[-1]))
 g = torch.Generator().manual_seed(0)
 sample = poisoned_pixels[A.poison_idx[:8]]
 views = [aug(sample, g), aug(sample, g)]
@@ -89,7 +89,7 @@ plotting.savefig(fig, P.profile, NB, "views", dpi=P.figures.dpi)
 # interrupted run resumes where it stopped. Finished models are cached: a rerun loads them.
 
 # %%
-model_dirs = {variant: train.train_stage(P, variant) for variant in ("clean", "poisoned")}
+model_dirs = {variant: ssl.train_stage(P, variant) for variant in ("clean", "poisoned")}
 histories = {v: pd.read_csv(d / "history.csv") for v, d in model_dirs.items()}
 fig, ax = plt.subplots(figsize=(5, 3.2))
 for variant, h in histories.items():
@@ -116,8 +116,8 @@ pd.DataFrame(
 
 # %%
 image_size = D.train.pixels.shape[-1]
-cfg = train.augment_config(P.ssl, image_size)
-backbone = train.load_backbone(P, model_dirs["poisoned"], image_size)
+cfg = ssl.augment_config(P.ssl, image_size)
+backbone = ssl.load_backbone(P, model_dirs["poisoned"], image_size)
 features = evaluate.extract_features(
     backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True, precision=P.compute.precision
 )
@@ -179,7 +179,7 @@ def grouping(features: np.ndarray, is_poison: np.ndarray, k: int = 7) -> dict:
 
 
 clean_features = evaluate.extract_features(
-    train.load_backbone(P, model_dirs["clean"], image_size),
+    ssl.load_backbone(P, model_dirs["clean"], image_size),
     poisoned_pixels,
     cfg.mean,
     cfg.std,
@@ -209,14 +209,14 @@ concentration
 # %% [markdown]
 # ## The CPU-scale study: when does the backdoor take?
 # The paper trains ResNet-18 for hundreds of epochs on 127k images of 224 px. On this 2-core CPU one
-# training has about 20 minutes. `python -m helpers.study` trains clean and backdoored models for a grid
+# training has about 20 minutes. `python -m helpers.studies.strength` trains clean and backdoored models for a grid
 # of settings (method, stem stride, trigger size, crop scale, poison rate) and evaluates them every few
-# epochs; `python -m helpers.study --publish` copies the rows to `figures/<profile>/02_study_*.csv`. The
+# epochs; `python -m helpers.studies.strength --publish` copies the rows to `figures/<profile>/02_study_*.csv`. The
 # goal: patched-data ASR at least 20% and at least 5x the clean model's, clean accuracy within 3 points
 # of the clean model's, and at least half of the poisons in clusters that are at least half poisoned.
 
 # %%
-from helpers import paths, study
+from helpers import evaluate, paths
 
 study_csv = paths.published_dir(P.profile) / "02_study_curves.csv"
 if study_csv.is_file():
@@ -250,8 +250,8 @@ if study_csv.is_file():
     plotting.savefig(fig, P.profile, NB, "study_curves", dpi=P.figures.dpi)
     runs = pd.read_csv(paths.published_dir(P.profile) / "02_study_runs.csv")
     lines = []
-    for _, r in runs.iterrows():  # why each run met or missed the study's goal (helpers.study.publish)
-        checks = study.goal_checks(  # the table holds %, the goal fractions
+    for _, r in runs.iterrows():  # why each run met or missed the study's goal (helpers.studies.strength.publish)
+        checks = evaluate.goal_checks(  # the table holds %, the goal fractions
             *(r[c] / 100 for c in ("probe10 ASR", "probe10 ASR clean model", "probe10 acc", "probe10 acc clean model")),
             r["poisons in rich clusters (%)"] / 100,
         )
@@ -265,14 +265,14 @@ if study_csv.is_file():
     notebook.show_markdown("\n".join(lines))
     display(runs)  # noqa: F821
 else:
-    print(f"no study results for profile {P.profile} (run `python -m helpers.study` to make them)")
+    print(f"no study results for profile {P.profile} (run `python -m helpers.studies.strength` to make them)")
 
 # %% [markdown]
 # ## One configuration is not evidence: the settings across (target, trigger) pairs
 # A setting counts only if it plants a backdoor for several targets and triggers, with the triggers
-# spread over the image (a fixed window at the centre must not find them). `python -m helpers.study
-# --publish <profile> --pairs` tabulates every setting of `helpers.study.SETTINGS` on the pairs of
-# `helpers.study.PAIRS`: the goal is a 10%-label probe ASR of at least 20% and at least 4x the clean
+# spread over the image (a fixed window at the centre must not find them). `python -m helpers.studies.strength
+# --publish <profile> --pairs` tabulates every setting of `helpers.studies.strength.SETTINGS` on the pairs of
+# `helpers.studies.strength.PAIRS`: the goal is a 10%-label probe ASR of at least 20% and at least 4x the clean
 # model's (measured with the same pair's trigger) in every pair. Settings whose curve showed no backdoor
 # were stopped early; their last evaluated epoch is in the table.
 
@@ -294,7 +294,7 @@ if pairs_csv.is_file():
 
     display(Image(filename=str(pairs_csv.with_suffix(".png"))))  # noqa: F821
 else:
-    print(f"no pairs study for profile {P.profile} (python -m helpers.study --publish {P.profile} --pairs)")
+    print(f"no pairs study for profile {P.profile} (python -m helpers.studies.strength --publish {P.profile} --pairs)")
 
 # %% [markdown]
 # ## Exercises

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from helpers import attack, cluster, data, defense, notebook, plotting
+from helpers import attack, cluster, data, notebook, plotting
 
 P = notebook.setup(params_path)
 NB = "03_clustering"
@@ -50,7 +50,7 @@ notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 poison = A.poison_mask(len(D.train.images))
-X, _ = defense.training_set(P, "poisoned")  # the poisoned training set, as the defender sees it
+X, _ = cluster.training_set(P, "poisoned")  # the poisoned training set, as the defender sees it
 
 # %% [markdown]
 # ## Embed and cluster
@@ -59,12 +59,12 @@ X, _ = defense.training_set(P, "poisoned")  # the poisoned training set, as the 
 # centres: the same rule the search uses later.
 
 # %%
-stage = defense.cluster_stage(P, "poisoned")
+stage = cluster.cluster_stage(P, "poisoned")
 Z = np.load(stage / "clustering.npz")
 assignment, k = Z["assignment"], P.cluster.k
 summary = json.loads((stage / "summary.json").read_text())
 kmeans_by = summary.get("kmeans", "faiss")  # the stage's k-means: faiss, or torch where faiss is missing
-features = Z["features"] if "features" in Z.files else defense.training_features(P, "poisoned")  # shipped: left out
+features = Z["features"] if "features" in Z.files else cluster.training_features(P, "poisoned")  # shipped: left out
 print(f"{len(assignment)} images, k = {k} clusters, {summary['seconds']:.1f} s (features + k-means, when computed)")
 
 # %% [markdown]
@@ -198,7 +198,7 @@ print(f"flip-test set: {len(flip)} images, {poison[flip].sum()} of them poisoned
 # 1. **Fewer, larger clusters.** With `overrides={"cluster": {"k": 50}}`, predict whether the share of
 #    poisons in poison-rich clusters (printed above) rises or falls, then rerun and check. Then try
 #    `{"cluster": {"k": 200}}`. The paper uses about 127 images per cluster: which k is closest here?
-# 2. **Without the trigger.** Cluster the clean model's embedding (`defense.cluster_stage(P, "clean")`)
+# 2. **Without the trigger.** Cluster the clean model's embedding (`cluster.cluster_stage(P, "clean")`)
 #    and find the cluster holding the most images of the target class. Is it as pure as the most
 #    poisoned cluster above? What holds each together?
 # 3. **Another seed.** `{"cluster": {"seed": 1}}`: do the same poisoned clusters come back (compare the

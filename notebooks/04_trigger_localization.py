@@ -27,13 +27,13 @@
 #   (for a ViT, the last block's `norm1` tokens on their grid). The paper uses `layer4`, a 7x7 grid at
 #   224 px; at 32 px `layer4` is a 2x2 grid, so this profile uses `layer2`, an 8x8 grid, the nearest to the
 #   paper's resolution (the setup cell prints the layer and its grid). Our batched Grad-CAM equals the
-#   `pytorch-grad-cam` library's maps within 1e-4 (`tests/test_cam.py`).
+#   `pytorch-grad-cam` library's maps within 1e-4 (`tests/test_localize.py`).
 # - **PoisonCAM** masks the image B times (B = 256 random masks with *full coverage*: every pixel hidden
 #   by exactly half of them) and measures how far each masked copy falls from its cluster (a z-score of the
 #   cosine distance among the cluster's members: the *clustering outlier score*). A pixel's heat is the
 #   mean score of the masks that hide it minus that of the masks that keep it: hiding a trigger throws a
 #   poisoned image out of the trigger's cluster. The paper publishes no code; every choice it leaves open
-#   is listed in `helpers/cam.py`.
+#   is listed in `helpers/localize.py`.
 #
 # The true trigger boxes are drawn for teaching; the defenses never see them.
 
@@ -49,14 +49,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers import attack, cam, data, defense, notebook, plotting
+from helpers import attack, data, localize, notebook, plotting, search
 
 P = notebook.setup(params_path)
 NB = "04_trigger_localization"
 notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
-ctx = defense.defense_context(P, "poisoned")
+ctx = search.defense_context(P, "poisoned")
 poison = A.poison_mask(len(ctx.pixels))
 side = int(A.poison_boxes[0, 0, 2])
 print(f"trigger side: {side} px on {ctx.size} px images (unknown to the defender)")
@@ -79,8 +79,8 @@ maps, seconds = {}, {}
 for method in ("patchsearch", "poisoncam"):
     start = time.perf_counter()
     maps[method] = {
-        "poisoned": defense.heatmaps(ctx, method, sample_p, progress=True),
-        "clean": defense.heatmaps(ctx, method, sample_c, progress=True),
+        "poisoned": search.heatmaps(ctx, method, sample_p, progress=True),
+        "clean": search.heatmaps(ctx, method, sample_c, progress=True),
     }
     seconds[method] = time.perf_counter() - start
     print(f"{method}: {2 * n} heatmaps in {seconds[method]:.1f} s ({2 * n / seconds[method]:.0f} images/s)")
@@ -120,7 +120,7 @@ for j, (kind, i) in enumerate(columns):
     axes[0, j].set_title(f"{kind}\n{D.train.classes[labels[idx]]}", fontsize=8)
     for row, method in ((1, "patchsearch"), (2, "poisoncam")):
         heat = maps[method][kind][i]
-        xs, ys = cam.best_windows(heat[None], w_show)
+        xs, ys = localize.best_windows(heat[None], w_show)
         shown = overlay(axes[row, j], image, heat.numpy(), box, (int(xs[0]), int(ys[0]), w_show))
 for row, label in enumerate(["image", "PatchSearch\nGrad-CAM", "PoisonCAM\nmasking"]):
     axes[row, 0].set_ylabel(label, fontsize=9)
@@ -183,7 +183,7 @@ def poisoncam_readable(model, image, cluster, masks, mean_distance, std_distance
 
 # %%
 x4 = ctx.normalise(ctx.pixels[sample_p[:4]])
-masks = defense.search_masks(ctx).to(x4.device)
+masks = search.search_masks(ctx).to(x4.device)
 diff = {"patchsearch": 0.0, "poisoncam": 0.0}
 for j, (i, image) in enumerate(zip(sample_p[:4], x4, strict=True)):
     c = int(ctx.assignment[i])
@@ -202,23 +202,23 @@ notebook.show_markdown(
 # %% [markdown]
 # ## Localization accuracy, beside the guesses it must beat
 # A candidate window *hits* the trigger when their overlap covers at least half of the smaller of the two
-# (`cam.window_hits`). A hit rate means little alone: where the attacker's triggers gather near the
+# (`localize.window_hits`). A hit rate means little alone: where the attacker's triggers gather near the
 # centre, a fixed window at the centre hits them without looking at the image. So every rate stands beside
 # two trivial guesses of the same side, by the same rule: the **centre window**, and a window at a
-# **random place** (its exact expected hit rate, `cam.localization_baselines`). The defender does not
+# **random place** (its exact expected hit rate, `localize.localization_baselines`). The defender does not
 # know the trigger size: the rates are shown for every side of the search's sweep, the side each method's
 # search picked blind (notebook 05) is marked, and the dashed line is the true side (for teaching only).
 
 # %%
-picked = {m: defense.load_search(defense.search_stage(defense.with_method(P, m), "poisoned"))["window"] for m in maps}
+picked = {m: search.load_search(search.search_stage(search.with_method(P, m), "poisoned"))["window"] for m in maps}
 windows = sorted({w for w in P.search.window_sweep if w <= ctx.size} | set(picked.values()))
 rows = []
 for w in windows:
-    guess = cam.localization_baselines(boxes, w, ctx.size)
+    guess = localize.localization_baselines(boxes, w, ctx.size)
     row = {"window": w, "centre window": guess["centre"], "random window": guess["random"]}
     for method in ("patchsearch", "poisoncam"):
-        xs, ys = cam.best_windows(maps[method]["poisoned"], w)
-        row[method] = float(cam.window_hits_any(xs.numpy(), ys.numpy(), w, boxes).mean())
+        xs, ys = localize.best_windows(maps[method]["poisoned"], w)
+        row[method] = float(localize.window_hits_any(xs.numpy(), ys.numpy(), w, boxes).mean())
     rows.append(row)
 acc = pd.DataFrame(rows)
 for method in ("patchsearch", "poisoncam"):
@@ -273,21 +273,21 @@ notebook.show_markdown("\n".join(claims))
 m = min(64, n)
 rows = []
 for strategy in ("full", "random", "interval"):
-    masks = cam.make_masks(strategy, P.search.masks, ctx.size, P.search.mask_grid, P.search.mask_keep, P.search.seed)
+    masks = localize.make_masks(strategy, P.search.masks, ctx.size, P.search.mask_grid, P.search.mask_keep, P.search.seed)
     x = ctx.normalise(ctx.pixels[sample_p[:m]])
-    heat = cam.poisoncam_heatmaps(
+    heat = localize.poisoncam_heatmaps(
         ctx.model, x, torch.as_tensor(ctx.assignment[sample_p[:m]]), masks, ctx.outlier_stats, P.search.batch_size
     )
     w_pc = picked["poisoncam"]
-    xs, ys = cam.best_windows(heat, w_pc)
-    guess = cam.localization_baselines(boxes[:m], w_pc, ctx.size)
+    xs, ys = localize.best_windows(heat, w_pc)
+    guess = localize.localization_baselines(boxes[:m], w_pc, ctx.size)
     rows.append(
         {
             "strategy": strategy,
             "masks": P.search.masks,
             "images": m,
             "window": w_pc,
-            "hit rate": float(cam.window_hits_any(xs.numpy(), ys.numpy(), w_pc, boxes[:m]).mean()),
+            "hit rate": float(localize.window_hits_any(xs.numpy(), ys.numpy(), w_pc, boxes[:m]).mean()),
             "centre window": guess["centre"],
             "random window": guess["random"],
         }
@@ -304,6 +304,6 @@ strategies
 #    localization table moves, then rerun and compare. Does it still beat the centre window?
 # 2. **Another layer.** `{"search": {"cam_layer": "layer3"}}` gives Grad-CAM a 4x4 grid instead of 8x8.
 #    Predict the effect on the hit rate at the trigger's side and at 4 px, then check.
-# 3. **The hit rule.** Recompute the table with `cam.window_hits(..., min_cover=0.25)` and then `0.75`.
+# 3. **The hit rule.** Recompute the table with `localize.window_hits(..., min_cover=0.25)` and then `0.75`.
 #    Which numbers move more, the methods' or the baselines'? What does that tell you about how to
 #    report a localization rate?

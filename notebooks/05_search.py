@@ -80,7 +80,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from helpers import attack, cam, data, defense, notebook, plotting, potency, search
+from helpers import attack, cluster, data, localize, notebook, plotting, potency, search
 
 P = notebook.setup(params_path)
 NB = "05_search"
@@ -89,11 +89,11 @@ D = data.load_data(P)
 A = attack.run_attack(P, D)
 poison = A.poison_mask(len(D.train.images))
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
-stages = {m: defense.search_stage(defense.with_method(P, m), "poisoned") for m in METHODS}
-found = {m: defense.load_search(path) for m, path in stages.items()}
-ids = defense.defense_ids(P, defense.training_set(P, "poisoned")[0])  # the order the search breaks ties in
+stages = {m: search.search_stage(search.with_method(P, m), "poisoned") for m in METHODS}
+found = {m: search.load_search(path) for m, path in stages.items()}
+ids = cluster.defense_ids(P, cluster.training_set(P, "poisoned")[0])  # the order the search breaks ties in
 print(
-    "flip-test counts:", ", ".join(f"{METHODS[m]} `{defense.score_rule(defense.with_method(P, m))}`" for m in METHODS)
+    "flip-test counts:", ", ".join(f"{METHODS[m]} `{search.score_rule(search.with_method(P, m))}`" for m in METHODS)
 )
 
 # %% [markdown]
@@ -235,12 +235,12 @@ def search_round_readable(alive, queues, best, score_of, s, r):
 # %%
 lines = []
 for m, f in found.items():
-    ctx = defense.defense_context(defense.with_method(P, m), "poisoned", progress=False)
+    ctx = search.defense_context(search.with_method(P, m), "poisoned", progress=False)
     w, top = int(f["window"]), int(f["ranking"][0])
     flip = torch.as_tensor(ctx.flip_idx)
     corners = search.paste_locations(ctx.ids[[top]], len(flip), ctx.size, ctx.size, w, P.search.seed)[0]
     c = torch.as_tensor(f["corners"][top])
-    patch = cam.cut_patches(ctx.pixels[top : top + 1], c[:1], c[1:], w)[0]
+    patch = localize.cut_patches(ctx.pixels[top : top + 1], c[:1], c[1:], w)[0]
     readable = flip_score_readable(
         ctx.model,
         ctx.normalise,
@@ -249,7 +249,7 @@ for m, f in found.items():
         patch,
         int(ctx.assignment[top]),
         corners,
-        defense.SCORE_RULE[m],
+        search.SCORE_RULE[m],
     )
     rng = np.random.default_rng(P.search.seed)  # the stage's shuffle of every cluster's images, in id order
     members = {c: np.flatnonzero(ctx.assignment == c) for c in range(P.cluster.k)}
@@ -278,7 +278,7 @@ notebook.show_markdown("\n".join(lines))
 # poisons among the images scored in each round (right).
 
 # %%
-assignment = np.load(defense.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
+assignment = np.load(cluster.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
 replayed = {}
 for m, f in found.items():
     stored = f[f"scores_w{int(f['window'])}"]
@@ -360,7 +360,7 @@ plotting.save_table(auc.round(3).reset_index(), P.profile, NB, "score_auc")
 notebook.show_markdown(
     "Score AUC, poisons against clean candidates among the scored images (0.5: chance): "
     + "; ".join(
-        f"{METHODS[m]} ({defense.score_rule(defense.with_method(P, m))} count) {auc.loc[f['window'], METHODS[m]]:.2f} at its w = "
+        f"{METHODS[m]} ({search.score_rule(search.with_method(P, m))} count) {auc.loc[f['window'], METHODS[m]]:.2f} at its w = "
         f"{f['window']} px, from {auc[METHODS[m]].min():.2f} to {auc[METHODS[m]].max():.2f} over the sweep"
         for m, f in found.items()
     )
@@ -371,7 +371,7 @@ auc
 # %% [markdown]
 # ## Which count? Every flip-test count on the same images
 # The scores above come from two searches that visited different images, each steered by its own count.
-# `python -m helpers.score_study` scores one blind sample (the first 4 images of every cluster in the
+# `python -m helpers.studies.score_rules` scores one blind sample (the first 4 images of every cluster in the
 # defense's order) with every count at every side, PoisonCAM's heatmaps throughout, on the profile and on
 # variants of it (`figures/<profile>/05_search_score_rules*.md`; shown here when it exists). The `_vs_flat`
 # counts leave out what a flat square of the candidate's mean colour does at the same place; `changed_vs_grey`
@@ -397,7 +397,7 @@ if rules_path.is_file():
     notebook.show_markdown("\n".join(lines))
     display(rules.pivot_table(index=["configuration", "window"], columns="count", values="AUC"))  # noqa: F821
 else:
-    print(f"no score-rule study for profile {P.profile} yet: python -m helpers.score_study --run default")
+    print(f"no score-rule study for profile {P.profile} yet: python -m helpers.studies.score_rules --run default")
 
 # %% [markdown]
 # ## The top-ranked candidate triggers

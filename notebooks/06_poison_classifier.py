@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers import attack, cam, data, defense, notebook, plotting, poison_classifier, removal_study, train
+from helpers import attack, classify, cluster, data, localize, notebook, plotting, search, ssl
 
 P = notebook.setup(params_path)
 NB = "06_poison_classifier"
@@ -57,7 +57,7 @@ D = data.load_data(P)
 A = attack.run_attack(P, D)
 poison = A.poison_mask(len(D.train.images))
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
-stages = {m: defense.classifier_stage(defense.with_method(P, m), "poisoned") for m in METHODS}
+stages = {m: classify.classifier_stage(search.with_method(P, m), "poisoned") for m in METHODS}
 
 # %% [markdown]
 # ## What the classifier is trained on
@@ -66,17 +66,17 @@ stages = {m: defense.classifier_stage(defense.with_method(P, m), "poisoned") for
 # patches was pasted on it, at a random place and a random side around its window w.
 
 # %%
-X, _ = defense.training_set(P, "poisoned")
+X, _ = cluster.training_set(P, "poisoned")
 shown = np.random.default_rng(0).choice(len(X), 8, replace=False)
 images, titles = [], []
 for m, label in METHODS.items():
-    f = defense.load_search(defense.search_stage(defense.with_method(P, m), "poisoned"))
+    f = search.load_search(search.search_stage(search.with_method(P, m), "poisoned"))
     top = f["ranking"][: P.classifier.top_k]
     corners = torch.as_tensor(f["corners"][top])
-    patches = cam.cut_patches(X[torch.as_tensor(top)], corners[:, 0], corners[:, 1], f["window"])
+    patches = localize.cut_patches(X[torch.as_tensor(top)], corners[:, 0], corners[:, 1], f["window"])
     g = torch.Generator().manual_seed(0)
     batch = X[torch.as_tensor(shown)].float() / 255
-    pasted, labels = poison_classifier.paste_random_patches(batch, patches, P.classifier.paste_p, f["window"], g)
+    pasted, labels = classify.paste_random_patches(batch, patches, P.classifier.paste_p, f["window"], g)
     images += list((pasted * 255).round().byte().numpy())
     titles += [
         f"{label} (w={int(f['window'])})\nlabel {int(v)}: {D.train.classes[D.train.labels[i]]}"
@@ -134,22 +134,22 @@ def training_step_readable(model, optimiser, images, patches, p, w, g, scale, no
 # few steps of a fresh classifier on batches of the training pool:
 
 # %%
-f = defense.load_search(defense.search_stage(defense.with_method(P, P.search.method), "poisoned"))
+f = search.load_search(search.search_stage(search.with_method(P, P.search.method), "poisoned"))
 top = f["ranking"][: P.classifier.top_k]
 corners = torch.as_tensor(f["corners"][top])
-patches = cam.cut_patches(X[torch.as_tensor(top)], corners[:, 0], corners[:, 1], f["window"])
+patches = localize.cut_patches(X[torch.as_tensor(top)], corners[:, 0], corners[:, 1], f["window"])
 batch = X[torch.as_tensor(shown)].float() / 255
 scale = tuple(P.classifier.paste_scale)
 mine, mine_labels = paste_readable(
     batch, patches, P.classifier.paste_p, f["window"], torch.Generator().manual_seed(0), scale
 )
-kernel, kernel_labels = poison_classifier.paste_random_patches(
+kernel, kernel_labels = classify.paste_random_patches(
     batch.clone(), patches, P.classifier.paste_p, f["window"], torch.Generator().manual_seed(0), scale
 )
 torch.manual_seed(0)
-net = poison_classifier.PoisonNet(P.classifier.width, "cifar", P.classifier.stem_stride)
+net = classify.PoisonNet(P.classifier.width, "cifar", P.classifier.stem_stride)
 optimiser = torch.optim.SGD(net.parameters(), lr=P.classifier.lr, momentum=0.9)
-cfg = train.augment_config(P.ssl, X.shape[-1])  # the normalisation the stage uses
+cfg = ssl.augment_config(P.ssl, X.shape[-1])  # the normalisation the stage uses
 mean, std = (torch.tensor(v)[:, None, None] for v in (cfg.mean, cfg.std))
 g = torch.Generator().manual_seed(1)
 pool = torch.randperm(len(X), generator=g)
@@ -229,7 +229,7 @@ outputs
 # ## Which clean images does it remove?
 # Ground truth, for evaluation only: the clean images each defense removes, per class. A classifier that
 # learned the trigger removes few clean images, spread evenly; one that learned "a small colourful patch"
-# removes colourful objects (vehicles, for instance). `python -m helpers.removal_study` compares variants
+# removes colourful objects (vehicles, for instance). `python -m helpers.studies.removal` compares variants
 # of the classifier on the same search (`figures/<profile>/06_false_removals.md`).
 
 # %%
@@ -251,7 +251,7 @@ by_class
 # *poisonous*. The members differ only in their random seed, so an image that some of them call clean is
 # one whose verdict rests on the training draw. Below, ground truth for evaluation only: how many members
 # call each image poisonous, for the poisons and for the clean images; then the removals of the paper's
-# rule beside those of a unanimous ensemble (`helpers.removal_study.ENSEMBLES`). The filtered list the
+# rule beside those of a unanimous ensemble (`helpers.studies.removal.ENSEMBLES`). The filtered list the
 # pipeline retrains on follows the paper's rule.
 
 # %%
@@ -264,8 +264,8 @@ for ax, (m, path) in zip(axes, stages.items(), strict=True):
     for offset, (mask, label) in zip((-0.2, 0.2), ((poison, "poisons"), (~poison, "clean images")), strict=True):
         ax.bar(k + offset, [(votes[mask] == v).sum() for v in k], width=0.4, label=label)
     ax.set(title=METHODS[m], xlabel="members calling the image poisonous", ylabel="images", yscale="log")
-    for rule in removal_study.ENSEMBLES:
-        removed = removal_study.ensemble_removed(logits, rule)
+    for rule in classify.ENSEMBLES:
+        removed = classify.ensemble_removed(logits, rule)
         rows.append(
             {
                 "method": METHODS[m],

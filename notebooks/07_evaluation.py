@@ -45,7 +45,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
-from helpers import attack, cache, data, defense, evaluate, io, notebook, params, plotting, removal_study
+from helpers import attack, cache, classify, cluster, data, evaluate, io, notebook, params, plotting, search
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -59,19 +59,19 @@ A = attack.run_attack(P, D)
 # defended models are trained on the poisoned set minus what each defense removed (notebooks 03-06).
 
 # %%
-PC = defense.with_method(P, "poisoncam")
-PAPER_COUNT = defense.SCORE_RULE["poisoncam"]  # the flip-test count of PoisonCAM's paper ("changed")
+PC = search.with_method(P, "poisoncam")
+PAPER_COUNT = search.SCORE_RULE["poisoncam"]  # the flip-test count of PoisonCAM's paper ("changed")
 # Where the profile counts PoisonCAM's flip test otherwise (search.poisoncam_score), the paper's count runs
 # beside it: the same heatmaps and windows, the literal score (notebook 05 shows why it fails at 32 px).
 PC_PAPER = params.with_overrides(PC, {"search": {"poisoncam_score": PAPER_COUNT}}, "the paper's count")
-BOTH_COUNTS = defense.score_rule(PC) != defense.score_rule(PC_PAPER)
+BOTH_COUNTS = search.score_rule(PC) != search.score_rule(PC_PAPER)
 MODELS = {
     "Clean": (P, "clean", False),
     "Backdoored": (P, "poisoned", False),
     "Clean + i-CutMix": (P, "clean", True),
     "Backdoored + i-CutMix": (P, "poisoned", True),
-    "PatchSearch": (defense.with_method(P, "patchsearch"), "filtered", False),
-    "PatchSearch + i-CutMix": (defense.with_method(P, "patchsearch"), "filtered", True),
+    "PatchSearch": (search.with_method(P, "patchsearch"), "filtered", False),
+    "PatchSearch + i-CutMix": (search.with_method(P, "patchsearch"), "filtered", True),
     "PoisonCAM": (PC, "filtered", False),
 }
 if BOTH_COUNTS:
@@ -148,11 +148,11 @@ notebook.show_markdown(headline)
 # The paper reports BYOL (ResNet-18) beside MoCo-v2: does the attack, and the defense, carry over to
 # another SSL method? The profile's variant `byol` (`variants` in the params file) trains the same models
 # with BYOL, and PatchSearch defends its backdoored model (its own search, classifier and retraining;
-# `python -m helpers.pipeline --variants byol`). BYOL's settings were chosen without the test split:
-# by kNN accuracy on 5,000 training images outside the profile's subset (`python -m helpers.heldout`).
+# `python -m helpers.runners.pipeline --variants byol`). BYOL's settings were chosen without the test split:
+# by kNN accuracy on 5,000 training images outside the profile's subset (`python -m helpers.studies.heldout`).
 
 # %%
-heldout = notebook.figure_path(P.profile, "07_heldout_selection.csv")  # python -m helpers.heldout
+heldout = notebook.figure_path(P.profile, "07_heldout_selection.csv")  # python -m helpers.studies.heldout
 if heldout.is_file():
     display(pd.read_csv(heldout))
 PAPER_BYOL = {  # paper Table 2, BYOL ResNet-18, ImageNet-100, 0.5% poison: clean acc (%), patched ASR (%)
@@ -166,7 +166,7 @@ PAPER_BYOL = {  # paper Table 2, BYOL ResNet-18, ImageNet-100, 0.5% poison: clea
 if "byol" in P.variants:
     B = params.with_variant(P, "byol")
     byol = {
-        name: evaluate.evaluate_stage(defense.with_method(B, "patchsearch"), variant, icutmix)
+        name: evaluate.evaluate_stage(search.with_method(B, "patchsearch"), variant, icutmix)
         for name, (_, variant, icutmix) in MODELS.items()
         if name in PAPER_BYOL
     }
@@ -212,7 +212,7 @@ else:
 # setting, with another seed (initial weights, batch order, augmentations), can plant another backdoor,
 # or none. The profile's variants `ssl_seed1`, `ssl_seed2` (MoCo-v2), `byol_seed1` and `byol_seed2` (BYOL)
 # train the clean and backdoored models again with other SSL seeds, on the same poisoned set
-# (`python -m helpers.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1 byol_seed2`). For each SSL seed:
+# (`python -m helpers.runners.pipeline --variants ssl_seed1 ssl_seed2 byol_seed1 byol_seed2`). For each SSL seed:
 # the mean over its probe seeds; then mean ± sd over SSL seeds. An SSL seed plants a backdoor by the rule
 # above, against the clean model of the same SSL seed.
 
@@ -241,7 +241,7 @@ for ssl_method, names in SEED_RUNS.items():
             seed_rows.append(row)
 by_seed = pd.DataFrame(seed_rows)
 if missing:
-    print("not computed (python -m helpers.pipeline --variants ...):", ", ".join(missing))
+    print("not computed (python -m helpers.runners.pipeline --variants ...):", ", ".join(missing))
 if len(by_seed):
     plotting.save_table(by_seed.round(2), P.profile, NB, "table2_ssl_seeds_per_seed")
     over = by_seed.groupby("SSL method", sort=False).agg(
@@ -328,20 +328,20 @@ plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 
 # %%
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
-DEFENDERS = {"PatchSearch": defense.with_method(P, "patchsearch"), "PoisonCAM": PC}
+DEFENDERS = {"PatchSearch": search.with_method(P, "patchsearch"), "PoisonCAM": PC}
 if BOTH_COUNTS:
     DEFENDERS["PoisonCAM, paper's count"] = PC_PAPER
 poison = A.poison_mask(len(D.train.images))
 rows, found, removed = [], {}, {}
 for label, pm in DEFENDERS.items():
-    found[label] = defense.load_search(defense.search_stage(pm, "poisoned"))
-    logits = np.load(defense.classifier_stage(pm, "poisoned") / "classifier.npz")["logits"]
-    removed[label] = removal_study.ensemble_removed(logits, "mean")
+    found[label] = search.load_search(search.search_stage(pm, "poisoned"))
+    logits = np.load(classify.classifier_stage(pm, "poisoned") / "classifier.npz")["logits"]
+    removed[label] = classify.ensemble_removed(logits, "mean")
     boxes = A.boxes_of(np.flatnonzero(found[label]["scored"] & poison))
-    for rule in removal_study.ENSEMBLES:
-        r = removal_study.ensemble_removed(logits, rule)
-        metrics = defense.detection_metrics(found[label], r, poison, boxes, D.train.pixels.shape[-1])
-        rows.append({"method": label, "count": defense.score_rule(pm), "ensemble": rule, **metrics})
+    for rule in classify.ENSEMBLES:
+        r = classify.ensemble_removed(logits, rule)
+        metrics = classify.detection_metrics(found[label], r, poison, boxes, D.train.pixels.shape[-1])
+        rows.append({"method": label, "count": search.score_rule(pm), "ensemble": rule, **metrics})
 table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
 lines = []
@@ -377,7 +377,7 @@ def pr_curve(order):
 
 fig, axes = plt.subplots(1, len(DEFENDERS), figsize=(5 * len(DEFENDERS), 3.6), sharey=True)
 for ax, (label, pm) in zip(axes, DEFENDERS.items(), strict=True):
-    scores = pd.read_csv(defense.classifier_stage(pm, "poisoned") / "scores.csv")
+    scores = pd.read_csv(classify.classifier_stage(pm, "poisoned") / "scores.csv")
     ranking = found[label]["ranking"]
     n_scored = int(found[label]["scored"].sum())
     ranking = np.r_[ranking[:n_scored], np.random.default_rng(0).permutation(ranking[n_scored:])]
@@ -407,8 +407,8 @@ plotting.savefig(fig, P.profile, NB, "precision_recall", dpi=P.figures.dpi)
 # trigger boxed.
 
 # %%
-X, _ = defense.training_set(P, "poisoned")
-scores = pd.read_csv(defense.classifier_stage(defense.with_method(P, P.search.method), "poisoned") / "scores.csv")
+X, _ = cluster.training_set(P, "poisoned")
+scores = pd.read_csv(classify.classifier_stage(search.with_method(P, P.search.method), "poisoned") / "scores.csv")
 order = np.argsort(-scores["classifier_logit"].to_numpy(), kind="stable")
 n = P.figures.n_examples // 2
 for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])):
@@ -427,14 +427,14 @@ for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])
 # %%
 rows = []
 for label, pm in DEFENDERS.items():
-    logits = np.load(defense.classifier_stage(pm, "clean") / "classifier.npz")["logits"]
-    w = defense.load_search(defense.search_stage(pm, "clean"))["window"]
-    for rule in removal_study.ENSEMBLES:
-        r = removal_study.ensemble_removed(logits, rule)
+    logits = np.load(classify.classifier_stage(pm, "clean") / "classifier.npz")["logits"]
+    w = search.load_search(search.search_stage(pm, "clean"))["window"]
+    for rule in classify.ENSEMBLES:
+        r = classify.ensemble_removed(logits, rule)
         rows.append(
             {
                 "method": label,
-                "count": defense.score_rule(pm),
+                "count": search.score_rule(pm),
                 "ensemble": rule,
                 "data": "clean",
                 "w (blind)": w,
@@ -457,7 +457,7 @@ table10
 # %% [markdown]
 # ## Beyond one configuration
 # A defense evaluated on one attack proves little: the numbers above belong to one target class and one
-# trigger. `python -m helpers.generality` runs the same pipeline, with the defenses set exactly as the
+# trigger. `python -m helpers.studies.generality` runs the same pipeline, with the defenses set exactly as the
 # profile sets them (nothing in them reads the attack), over other targets, trigger seeds, a trigger image
 # that is not a colour grid, other trigger sizes and repeated patches, and writes one table
 # (`figures/<profile>/07_generality.md`). It is shown here when it exists for this profile.
@@ -498,12 +498,12 @@ if general_path.is_file():
             + ", ".join(changed)
             + " (`07_generality_params_default.yaml`). The blind window the current rule picks on every "
             "configuration is in `07_generality_blind_window.md`; the rows follow the profile once the "
-            "configurations are rerun (`python -m helpers.generality --run NAME`)."
+            "configurations are rerun (`python -m helpers.studies.generality --run NAME`)."
         )
     notebook.show_markdown("\n".join(lines))
     display(general)  # noqa: F821
 else:
-    print(f"no generality table for profile {P.profile} yet: python -m helpers.generality --publish {P.profile}")
+    print(f"no generality table for profile {P.profile} yet: python -m helpers.studies.generality --publish {P.profile}")
 
 # %% [markdown]
 # ## Exercises

@@ -26,7 +26,7 @@
 # - **Table 10**, completed: the price of defending a set that was never poisoned, after retraining.
 #
 # Every row is a cached stage of the profile (`helpers.kd`, `helpers.finetune`, `helpers.mixing`,
-# `helpers.retrain`; `python -m helpers.pipeline` computes them side by side). The paper's numbers come
+# `helpers.retrain`; `python -m helpers.runners.pipeline` computes them side by side). The paper's numbers come
 # from ViT-B or ResNet-18 on ImageNet-100 with one trigger on 0.5% of the images; here every row uses the
 # profile of notebooks 01-07 (CIFAR-10, ResNet-18/2, MoCo-v2, two triggers on every bird), so compare
 # directions and ratios, not levels. All numbers are the linear probe's (notebook 07) unless a table says
@@ -47,10 +47,9 @@ import numpy as np
 import pandas as pd
 
 from helpers import (
-    assess,
     attack,
+    classify,
     data,
-    defense,
     evaluate,
     finetune,
     kd,
@@ -59,6 +58,7 @@ from helpers import (
     params,
     plotting,
     retrain,
+    search,
 )
 
 P = notebook.setup(params_path)
@@ -71,7 +71,7 @@ TOP = max(P.eval.label_fractions)  # the tables read the largest label fraction;
 
 def row(name: str, probe: pd.DataFrame, fraction: float = TOP, **extra) -> dict:
     """One table row: the mean over the probe seeds (or finetuning seeds) of one label fraction."""
-    return {"model": name, **extra, **{k: round(v, 1) for k, v in assess.mean_row(probe, fraction).items()}}
+    return {"model": name, **extra, **{k: round(v, 1) for k, v in evaluate.mean_row(probe, fraction).items()}}
 
 
 def paper_table(probes: dict, paper: dict, columns: list[str], extra: dict | None = None) -> pd.DataFrame:
@@ -98,8 +98,8 @@ def model_eval(p, variant, icutmix=False):
     return evaluate.evaluate_stage(p, variant, icutmix)[1]
 
 
-PS = defense.with_method(P, "patchsearch")
-PC = defense.with_method(P, "poisoncam")
+PS = search.with_method(P, "patchsearch")
+PC = search.with_method(P, "poisoncam")
 reference = {
     "Clean": model_eval(P, "clean"),
     "Backdoored": model_eval(P, "poisoned"),
@@ -134,7 +134,7 @@ PAPER_T3 = {  # paper Table 3 (ResNet-18, MoCo-v2, 1% poison): clean acc, clean 
 students = {}
 for share in kd.TABLE3_TRUSTED:
     p = kd.with_trusted(P, share)
-    students[f"KD, {share:.0%} trusted"] = assess.evaluate_model_stage("eval_kd", p, lambda p=p: kd.kd_stage(p))[1]
+    students[f"KD, {share:.0%} trusted"] = evaluate.evaluate_model_stage("eval_kd", p, lambda p=p: kd.kd_stage(p))[1]
 rows3 = {**{k: reference[k] for k in ("Clean", "Backdoored")}, **students, "PatchSearch": reference["PatchSearch"]}
 rows3["PoisonCAM"] = reference["PoisonCAM"]
 trusted = {"Clean": "100%", "Backdoored": "0%", "PatchSearch": "0%", "PoisonCAM": "0%"}
@@ -241,7 +241,7 @@ for fill in mixing.FILLS:
     for loss in mixing.LOSSES:
         if (fill, loss) not in mixes:
             p = mixing.with_mix(P, fill, loss)
-            mixes[fill, loss] = assess.evaluate_model_stage("eval_mix", p, lambda p=p: mixing.mix_stage(p))[1]
+            mixes[fill, loss] = evaluate.evaluate_model_stage("eval_mix", p, lambda p=p: mixing.mix_stage(p))[1]
 table8 = pd.DataFrame(
     [
         row({"none": "no i-CutMix", "crop": "crop of another image"}.get(fill, f"{fill} box"), probe, f, loss=loss)
@@ -258,7 +258,7 @@ table8 = pd.DataFrame(
     ]
 )
 plotting.save_table(table8, P.profile, NB, "table8_icutmix")
-t8 = {key: assess.mean_row(probe, TOP)["ASR (%)"] for key, probe in mixes.items()}
+t8 = {key: evaluate.mean_row(probe, TOP)["ASR (%)"] for key, probe in mixes.items()}
 crop_best = all(t8["crop", loss] < t8[other, loss] for loss in mixing.LOSSES for other in ("black", "noise"))
 at_clean = [key for key, value in t8.items() if value <= CLEAN_LEVEL]
 notebook.show_markdown(
@@ -358,13 +358,13 @@ if "repeated" in P.variants:
     repeated = {
         "Clean": model_eval(R, "clean"),
         "Backdoored": model_eval(R, "poisoned"),
-        "PatchSearch": model_eval(defense.with_method(R, "patchsearch"), "filtered"),
-        "PoisonCAM": model_eval(defense.with_method(R, "poisoncam"), "filtered"),
+        "PatchSearch": model_eval(search.with_method(R, "patchsearch"), "filtered"),
+        "PoisonCAM": model_eval(search.with_method(R, "poisoncam"), "filtered"),
     }
     poison = RA.poison_mask(n)
     detection = {}
     for method in ("patchsearch", "poisoncam"):
-        removed = np.load(defense.classifier_stage(defense.with_method(R, method), "poisoned") / "classifier.npz")[
+        removed = np.load(classify.classifier_stage(search.with_method(R, method), "poisoned") / "classifier.npz")[
             "removed"
         ]
         # recall beside chance: a random pick of as many images finds that share of the poisons
@@ -408,9 +408,9 @@ PAPER_T10 = {"Clean, no defense": (70.5, 18.5, 64.6, 27.2), "Clean, PatchSearch"
 defended_clean = {"Clean, no defense": reference["Clean"]}
 kept = {}
 for name, method in (("Clean, PatchSearch", "patchsearch"), ("Clean, PoisonCAM", "poisoncam")):
-    p = defense.with_method(P, method)
+    p = search.with_method(P, method)
     kept[name] = len(retrain.clean_kept(p))
-    defended_clean[name] = assess.evaluate_model_stage(
+    defended_clean[name] = evaluate.evaluate_model_stage(
         "eval_clean_filtered", p, lambda p=p: retrain.retrain_clean_stage(p)
     )[1]
 training_images = {name: {"training images": kept.get(name, n)} for name in defended_clean}
@@ -430,7 +430,7 @@ table10
 # ## Exercises
 # 1. **How much trusted data?** Before rerunning, predict the KD student's accuracy and ASR with 50%
 #    trusted data: `overrides={"kd": {"trusted": 0.5}}`, then `kd.kd_stage(P)` and
-#    `assess.evaluate_model_stage("eval_kd", P, lambda: kd.kd_stage(P))` (about 30 minutes on one core).
+#    `evaluate.evaluate_model_stage("eval_kd", P, lambda: kd.kd_stage(P))` (about 30 minutes on one core).
 # 2. **Finetune harder.** The paper notes that a large learning rate forgets the poison and the
 #    pretraining. Try `{"finetune": {"lr": 0.05}}` on the backdoored model: which falls faster, ASR or
 #    accuracy?

@@ -1,4 +1,4 @@
-"""Run by tests/test_train.py under torchrun: a tiny DDP training on CPU (gloo), then a digest of the
+"""Run by tests/test_ssl_loop.py under torchrun: a tiny DDP training on CPU (gloo), then a digest of the
 weights per rank so the test can check that the ranks stayed in sync."""
 
 import dataclasses
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from helpers.params import SSLParams
-from helpers.train import train_ssl
+from helpers.ssl import train_ssl
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

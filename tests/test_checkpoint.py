@@ -8,7 +8,7 @@ import torch
 
 from helpers import io
 from helpers.params import SSLParams
-from helpers.train import load_backbone, train_ssl
+from helpers.ssl import load_backbone, train_ssl
 
 
 class Payload:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import cache, checkpoints, io, paths
+from helpers import cache, io, paths
 from helpers.io import CheckpointError
 from helpers.params import load, with_resolved_root
+from helpers.runners import checkpoints
 
 SHARED_CIFAR10 = paths.DEFAULT_DATA_ROOTS["cifar10"][0]
 
@@ -25,7 +26,7 @@ def tiny_params(tiny_params):
 
 def make_stage(params, stage="ssl_poisoned"):
     """A cached stage like a trained model's: weights, a file list naming data and artifacts, left-out features."""
-    from helpers.train import backbone_for
+    from helpers.models import backbone_for
 
     weights = backbone_for(params.ssl, 32).state_dict()
 

@@ -1,10 +1,10 @@
-"""The renewal's proof (helpers.codelock): what it compares and what it reruns."""
+"""The renewal's proof (helpers.runners.codelock): what it compares and what it reruns."""
 
 import json
 
 import numpy as np
 
-from helpers import codelock
+from helpers.runners import codelock
 
 
 def _stage(root, name, value, seconds=1.0):

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from helpers import compute, params
-from helpers.cam import ClusterClassifier, Normaliser, grad_cam
-from helpers.evaluate import extract_features
-from helpers.models import ResNet
+from helpers.localize import ClusterClassifier, grad_cam
+from helpers.models import Normaliser, ResNet, extract_features
 from helpers.params import SSLParams
-from helpers.train import build_model
+from helpers.ssl import build_model
 
 
 def test_auto_resolves_to_a_concrete_precision_and_bad_names_are_errors():

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from helpers import data
-from helpers.data import DataError
+from helpers.paths import DataError
 from tests.conftest import make_image_folder
 
 

@@ -43,7 +43,7 @@ def test_knn_and_linear_probe_on_separable_features():
 
 
 def test_a_diverging_probe_or_a_nan_backbone_is_refused_with_its_cause():
-    from helpers.train import TrainingDiverged
+    from helpers.compute import TrainingDiverged
 
     x, y = separable()
     with pytest.raises(TrainingDiverged, match=r"linear probe seed 0: the loss is nan.*eval\.probe_lr = inf"):
@@ -57,10 +57,10 @@ def test_a_diverging_finetune_names_its_keys():
     import torch
 
     from helpers.augment import AugmentConfig, BatchAugment
+    from helpers.compute import TrainingDiverged
     from helpers.finetune import finetune
     from helpers.models import ResNet
     from helpers.params import FinetuneParams
-    from helpers.train import TrainingDiverged
 
     backbone = ResNet((1, 1, 1, 1), width=4)
     pixels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)

@@ -38,15 +38,15 @@ def test_code_that_moved_is_caught_and_only_a_bump_changes_keys(tiny_params, pac
     first = cache.cached_stage("ssl_clean", tiny_params, compute)
     data_key = params.stage_hash(tiny_params, "data")
     # docstrings, comments and layout: the same code, nothing moved, a hit
-    edit(package_copy / "train.py", '"""Train ``p.method``', '"""Train (reworded) ``p.method``')
-    edit(package_copy / "train.py", "    rank, world = dist_info()\n", "    rank, world = dist_info()  # a comment\n\n")
+    edit(package_copy / "ssl.py", '"""Train ``p.method``', '"""Train (reworded) ``p.method``')
+    edit(package_copy / "ssl.py", "    rank, world = dist_info()\n", "    rank, world = dist_info()  # a comment\n\n")
     assert fingerprint.moved_modules() == {}
     assert cache.cached_stage("ssl_clean", tiny_params, compute).hit
     # the algorithm: the lock test names the module until it is recorded; a bump is a miss for the stages
     # that run it, a hit for the others
-    edit(package_copy / "train.py", "torch.manual_seed(p.seed)", "torch.manual_seed(p.seed + 1)")
-    assert fingerprint.moved_modules() == {"train": "its code changed since the lock"}
-    fingerprint.write_lock(["train"], new_identity=True)
+    edit(package_copy / "ssl.py", "torch.manual_seed(p.seed)", "torch.manual_seed(p.seed + 1)")
+    assert fingerprint.moved_modules() == {"ssl": "its code changed since the lock"}
+    fingerprint.write_lock(["ssl"], new_identity=True)
     assert fingerprint.moved_modules() == {}
     second = cache.cached_stage("ssl_clean", tiny_params, compute)
     assert not second.hit and second.key != first.key and len(calls) == 2
@@ -66,19 +66,49 @@ def test_code_that_moved_is_caught_and_only_a_bump_changes_keys(tiny_params, pac
     assert after["attack"] != before["attack"] and after["ssl_poisoned"] != before["ssl_poisoned"]
 
 
+def test_a_renamed_module_keeps_every_key(tiny_params, package_copy, monkeypatch):
+    """A module renamed (its file and every stage that names it): its identity enters keys under its old name,
+    so every key stays; its code must still be renewed, as for any other move."""
+    before = {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS}
+    (package_copy / "kernels.py").rename(package_copy / "paste.py")
+    renamed = {
+        stage: tuple("paste" if m == "kernels" else m for m in code) for stage, code in fingerprint.STAGE_CODE.items()
+    }
+    monkeypatch.setattr(fingerprint, "STAGE_CODE", renamed)
+    with pytest.raises(KeyError, match="paste.py is not in"):
+        fingerprint.code_fingerprint("attack")
+    fingerprint.rename_in_lock("kernels", "paste")
+    entry = fingerprint.read_lock()["modules"]["paste"]
+    assert entry["key_name"] == "kernels" and "kernels" not in fingerprint.read_lock()["modules"]
+    assert {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS} == before
+    assert fingerprint.moved_modules() == {}  # the same code under another name: nothing to renew
+    edit(package_copy / "paste.py", "def ", "def unused():\n    return 1\n\n\ndef ")
+    assert fingerprint.moved_modules() == {"paste": "its code changed since the lock"}
+    fingerprint.write_lock(["paste"], new_identity=False, proof="a test")
+    assert {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS} == before
+    fingerprint.write_lock(["paste"], new_identity=True)  # a bump: a new identity, under the new name
+    assert "key_name" not in fingerprint.read_lock()["modules"]["paste"]
+    assert (
+        params.stage_hash(tiny_params, "attack") != before["attack"]
+        and params.stage_hash(tiny_params, "data") == before["data"]
+    )
+
+
 def test_a_module_missing_from_the_lock_is_named_with_the_command(package_copy):
     lock = fingerprint.read_lock()
     del lock["modules"]["cluster"]
     fingerprint.lock_path().write_text(json.dumps(lock))
     assert fingerprint.moved_modules() == {"cluster": "not in the lock"}
-    with pytest.raises(KeyError, match=r"helpers/cluster\.py is not in .*python -m helpers\.codelock bump cluster"):
+    with pytest.raises(
+        KeyError, match=r"helpers/cluster\.py is not in .*python -m helpers\.runners\.codelock bump cluster"
+    ):
         fingerprint.code_fingerprint("search_poisoned")
     assert fingerprint.code_fingerprint("ssl_clean")  # stages that do not run it keep their keys
 
 
 def test_the_committed_lock_matches_the_code():
     """Every module a stage runs is recorded with its current code. If this fails, you changed result code:
-    `python -m helpers.codelock bump <module>` if its results change, else `... renew <module>` (proves it)."""
+    `python -m helpers.runners.codelock bump <module>` if its results change, else `... renew <module>` (proves it)."""
     assert fingerprint.moved_modules() == {}
 
 
@@ -112,7 +142,7 @@ def test_the_code_fingerprint_is_the_same_on_other_pythons(version):
 def test_notebooks_plotting_and_docs_keep_every_hit(tiny_params, package_copy):
     keys = {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS}
     edit(package_copy / "plotting.py", "def ", "def unused_helper():\n    return 1\n\n\ndef ")
-    edit(package_copy / "reproduce.py", "KERNEL_NAME = ", "UNUSED = 1\nKERNEL_NAME = ")
+    edit(package_copy / "runners" / "reproduce.py", "KERNEL_NAME = ", "UNUSED = 1\nKERNEL_NAME = ")
     assert {stage: params.stage_hash(tiny_params, stage) for stage in params.STAGE_INPUTS} == keys
 
 

@@ -1,4 +1,4 @@
-"""The GPU queue (helpers.gpu) end to end on this CPU, on a tiny version of params/cifar10-gpu.yaml: every job
+"""The GPU queue (helpers.runners.gpu) end to end on this CPU, on a tiny version of params/cifar10-gpu.yaml: every job
 prepared, run and installed through the same functions as on a GPU; the parts, the hashes, the fp16
 backbones; and the torch k-means that serves where faiss is missing."""
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import checkpoints, cluster, gpu, paths
+from helpers import cluster, paths
 from helpers import params as params_mod
+from helpers.runners import checkpoints, gpu
 
 # The profile at a size this CPU runs in seconds: the same sections and rules, fewer and smaller everything
 TINY = {

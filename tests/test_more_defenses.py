@@ -9,9 +9,8 @@ from torch import nn
 
 from helpers.kd import Distiller, trusted_indices
 from helpers.mixing import Mixer, mix_batch, mixed_model, trigger_coverage, trigger_masks
-from helpers.ssl import icutmix
-from helpers.train import train_ssl
-from tests.test_train import PIXELS, tiny
+from helpers.ssl import icutmix, train_ssl
+from tests.test_ssl_loop import PIXELS, tiny
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
 
@@ -153,7 +152,7 @@ def test_held_out_images_lie_outside_the_training_subset_and_the_test_split(tiny
     import dataclasses
 
     from helpers.data import load_data
-    from helpers.heldout import heldout_images
+    from helpers.studies.heldout import heldout_images
 
     p = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, train_per_class=4))
     pixels, labels = heldout_images(p, per_class=2, seed=0)

@@ -6,7 +6,8 @@ import jupytext
 import pandas as pd
 import pytest
 
-from helpers import notebook, params, paths, reproduce
+from helpers import notebook, params, paths
+from helpers.runners import reproduce
 
 
 def cells(notebook):
@@ -91,7 +92,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert record["profile"] == "smoke" and record["params_file"] == "params/smoke.yaml"
     assert set(record["notebook_seconds"]) == set(executed)
     # the pipeline computed every stage before the notebooks: each task's and each stage's time is recorded
-    from helpers import pipeline
+    from helpers.runners import pipeline
 
     variants, names = pipeline.notebook_tasks(smoke.variants)
     assert variants == ("byol", "repeated")

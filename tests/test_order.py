@@ -11,9 +11,9 @@ top-10 accuracy swings from 20% to 80% with the order of the classes.
 import numpy as np
 import pytest
 
-from helpers.cluster import content_ids, kmeans, l2_normalise
-from helpers.poison_classifier import proxy_validation, training_pool
-from helpers.search import flip_set, iterative_search, top_k_accuracy
+from helpers.classify import proxy_validation, training_pool
+from helpers.cluster import content_ids, flip_set, kmeans, l2_normalise
+from helpers.search import iterative_search, top_k_accuracy
 
 N_CLASSES, PER_CLASS, TARGET = 6, 40, 5
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import paths, pipeline
+from helpers import paths
+from helpers.runners import pipeline
 
 
 def test_every_task_needs_only_known_tasks_and_prepare_comes_first():
@@ -55,7 +56,7 @@ def test_a_variant_adds_its_models_and_both_defenses_and_runs_with_its_params(ti
 
     p = dataclasses.replace(tiny_params, variants={"byol": {"ssl": {"method": "byol", "lr": 0.003}}})
     seen = []
-    monkeypatch.setattr("helpers.train.train_stage", lambda params, variant, icutmix, progress: seen.append(params))
+    monkeypatch.setattr("helpers.ssl.train_stage", lambda params, variant, icutmix, progress: seen.append(params))
     pipeline.run_task(p, "byol:ssl_poisoned_icutmix")
     (q,) = seen
     assert (q.ssl.method, q.ssl.lr, q.ssl.icutmix, q.variants) == ("byol", 0.003, False, {})
@@ -130,7 +131,17 @@ def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
     p = dataclasses.replace(tiny_params, ssl=dataclasses.replace(tiny_params.ssl, **ssl))
     path = tmp_path / "slow-tiny.yaml"
     path.write_text(params.dump(p))
-    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(path), "--only", "ssl_clean", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "helpers.runners.pipeline",
+        "--params",
+        str(path),
+        "--only",
+        "ssl_clean",
+        "--workers",
+        "1",
+    ]
     run = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in run.stderr:
         if "started ssl_clean" in line:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import cam, cluster, paths, poison_classifier, search
-from helpers.models import ResNet
+from helpers import classify, cluster, localize, paths, search
+from helpers.models import Normaliser, ResNet
 
 
 def readable(stem: str) -> dict:
@@ -27,11 +27,11 @@ def readable(stem: str) -> dict:
 def tiny_classifier(seed=0, k=4):
     torch.manual_seed(seed)
     backbone = ResNet((1, 1, 1, 1), width=8, stem="cifar", stem_stride=1).eval()
-    norm = cam.Normaliser((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    norm = Normaliser((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     pixels = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         feats = backbone(norm(pixels))
-    model = cam.ClusterClassifier(backbone, feats[:k] + 0.05 * torch.randn(k, feats.shape[1]), "layer2").eval()
+    model = localize.ClusterClassifier(backbone, feats[:k] + 0.05 * torch.randn(k, feats.shape[1]), "layer2").eval()
     return model, norm, pixels
 
 
@@ -44,8 +44,8 @@ def test_kmeans_and_the_cluster_classifier_of_notebook_03():
     faiss = cluster.kmeans(x, 3, seed=0).assignment
     pairs = {(int(a), int(b)) for a, b in zip(mine, faiss, strict=True)}
     assert len(pairs) == 3 and len(set(mine)) == 3  # the same partition, up to the clusters' names
-    model = cam.ClusterClassifier(torch.nn.Identity(), torch.as_tensor(centres, dtype=torch.float32))
-    kernel = cam.assign(model, torch.as_tensor(x)).numpy()
+    model = localize.ClusterClassifier(torch.nn.Identity(), torch.as_tensor(centres, dtype=torch.float32))
+    kernel = localize.assign(model, torch.as_tensor(x)).numpy()
     assert (nb["assign_readable"](x, centres) == kernel).all()
 
 
@@ -54,13 +54,13 @@ def test_grad_cam_and_poisoncam_of_notebook_04():
     model, norm, pixels = tiny_classifier()
     x = norm(pixels[:3])
     targets = model(x).argmax(1)
-    kernel = cam.grad_cam(model, x, targets)
+    kernel = localize.grad_cam(model, x, targets)
     for i in range(3):
         mine = nb["grad_cam_readable"](model, x[i], int(targets[i]))
         assert torch.allclose(mine, kernel[i], atol=1e-4)  # float rounding: a batch of one differs as much
-    masks = cam.make_masks("full", 16, 32, 4, 0.5, seed=0)
+    masks = localize.make_masks("full", 16, 32, 4, 0.5, seed=0)
     stats = np.array([[0.3, 0.1], [0.2, 0.05], [0.4, 0.2], [0.1, 0.1]], dtype=np.float32)
-    kernel = cam.poisoncam_heatmaps(model, x, targets, masks, stats)
+    kernel = localize.poisoncam_heatmaps(model, x, targets, masks, stats)
     for i in range(3):
         c = int(targets[i])
         mine = nb["poisoncam_readable"](model, x[i], c, masks, torch.tensor(stats[c, 0]), torch.tensor(stats[c, 1]))
@@ -106,7 +106,7 @@ def test_pasting_of_notebook_06():
     patches = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8, generator=rng)
     for scale in ((2 / 3, 4 / 3), (1 / 3, 4 / 3), (1.5, 3.0)):  # the last reaches past the edges
         mine, mine_labels = nb["paste_readable"](images, patches, 0.5, 12, torch.Generator().manual_seed(4), scale)
-        kernel, labels = poison_classifier.paste_random_patches(
+        kernel, labels = classify.paste_random_patches(
             images.clone(), patches, 0.5, 12, torch.Generator().manual_seed(4), scale
         )
         assert torch.equal(mine_labels, labels) and 0 < int(labels.sum()) < 16

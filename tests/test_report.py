@@ -6,7 +6,8 @@ import shutil
 import nbformat
 import pytest
 
-from helpers import paths, report
+from helpers import paths
+from helpers.runners import report
 
 
 def test_blank_notebooks_are_refused(tmp_path, monkeypatch):

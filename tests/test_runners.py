@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from helpers import generality, params, removal_study, study
+from helpers import params
 from helpers.attack import sample_boxes
-from helpers.cam import localization_baselines
+from helpers.localize import localization_baselines
+from helpers.studies import generality, removal, strength
 
 
 def test_generality_configurations_change_only_the_attack():
@@ -57,32 +58,32 @@ def test_profile_spreads_its_triggers():
 
 
 def test_study_pairs_share_the_setting_and_differ_in_the_pair():
-    runs = [study.pair_run("spread12x2-bf16-e50", t, s) for t, s in study.PAIRS]
-    assert len(set(runs)) == len(study.PAIRS) >= 3
-    attacks = [study.RUNS[r]["attack"] for r in runs]
-    assert {(a["target_class"], a["trigger_seed"]) for a in attacks} == set(study.PAIRS)
-    assert all(study.RUNS[r]["ssl"] == study.SETTINGS["spread12x2-bf16-e50"]["ssl"] for r in runs)
+    runs = [strength.pair_run("spread12x2-bf16-e50", t, s) for t, s in strength.PAIRS]
+    assert len(set(runs)) == len(strength.PAIRS) >= 3
+    attacks = [strength.RUNS[r]["attack"] for r in runs]
+    assert {(a["target_class"], a["trigger_seed"]) for a in attacks} == set(strength.PAIRS)
+    assert all(strength.RUNS[r]["ssl"] == strength.SETTINGS["spread12x2-bf16-e50"]["ssl"] for r in runs)
 
 
 def test_removal_study_variants_touch_only_the_classifier():
     p = params.load(params.paths.PARAMS_DIR / "cifar10.yaml")
-    v = removal_study.variant_params(p, "paper")
+    v = removal.variant_params(p, "paper")
     assert v.classifier.paste_scale == [0.3333, 1.3333] and v.search == p.search and v.attack == p.attack
-    assert removal_study.variant_params(p, "paste-2/3") == p  # the profile's own
+    assert removal.variant_params(p, "paste-2/3") == p  # the profile's own
 
 
 def test_ensemble_rules_mean_and_unanimous():
     # three members, four images: margins (logit 1 - logit 0) per member
     margins = np.array([[3.0, 1.0, -1.0, -2.0], [3.0, -2.0, 2.0, -2.0], [3.0, 2.0, -2.0, 1.0]])
     logits = np.stack([np.zeros_like(margins), margins], -1)
-    assert removal_study.ensemble_removed(logits, "mean").tolist() == [True, True, False, False]
-    assert removal_study.ensemble_removed(logits, "unanimous").tolist() == [True, False, False, False]
+    assert removal.ensemble_removed(logits, "mean").tolist() == [True, True, False, False]
+    assert removal.ensemble_removed(logits, "unanimous").tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="majority"):
-        removal_study.ensemble_removed(logits, "majority")
+        removal.ensemble_removed(logits, "majority")
 
 
 def test_study_goal_checks_name_each_part():
-    met = study.goal_checks(0.30, 0.05, 0.40, 0.42, 0.8)
+    met = strength.goal_checks(0.30, 0.05, 0.40, 0.42, 0.8)
     assert all(met.values())
-    missed = study.goal_checks(0.37, 0.091, 0.391, 0.375, 0.877)  # the study's AdamW run: 4.1x, not 5x
+    missed = strength.goal_checks(0.37, 0.091, 0.391, 0.375, 0.877)  # the study's AdamW run: 4.1x, not 5x
     assert [k for k, ok in missed.items() if not ok] == ["ASR >= 5x the clean model's"]

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.cam import ClusterClassifier, Normaliser, best_windows, cut_patches
-from helpers.models import ResNet
+from helpers.cluster import flip_set
+from helpers.localize import ClusterClassifier, best_windows, cut_patches
+from helpers.models import Normaliser, ResNet
 from helpers.search import (
     choose_window,
     destination_agreement,
     flip_destinations,
-    flip_set,
     flip_test,
     flip_test_loop,
     iterative_search,

@@ -4,10 +4,12 @@ import ast
 import importlib
 import inspect
 import json
+import re
 
 import pytest
 
-from helpers import checkpoints, codelock, fingerprint, params, pipeline, stages
+from helpers import fingerprint, params, paths, stages
+from helpers.runners import checkpoints, codelock, pipeline
 
 
 def _names_in(module: str) -> tuple[set[str], set[str]]:
@@ -68,6 +70,8 @@ def test_what_names_stages_is_derived_from_the_registry():
     assert set(params.STAGE_INPUTS["search_clean"]) == {"data", "ssl", "cluster", "search"}  # never the attack
     assert "attack" in params.STAGE_INPUTS["search_poisoned"]
     assert {"loop", "kd"} <= set(fingerprint.STAGE_CODE["eval_kd"]) and "kd" not in fingerprint.STAGE_CODE["eval_mix"]
+    assert {"ssl", "train"} <= set(fingerprint.STAGE_CODE["ssl_clean"])  # train.py merged into ssl.py: kept
+    assert "defense" in fingerprint.STAGE_CODE["search_clean"] and "defense" not in fingerprint.STAGE_CODE["eval_clean"]
     assert "cluster_poisoned" not in checkpoints.SHIPPED_STAGES and "ssl_poisoned" in checkpoints.SHIPPED_STAGES
     assert params.PRETRAINING_STAGES == {"ssl_clean", "ssl_poisoned", "ssl_mix"}
 
@@ -127,8 +131,25 @@ def test_no_helpers_module_imports_itself_back():
 
 
 def test_the_filtered_model_needs_the_defense_list(tiny_params):
-    from helpers import cache, train
+    from helpers import cache, ssl
 
-    with pytest.raises(ValueError, match="defense.filtered_model_stage"):
-        train.train_stage(tiny_params, "filtered", progress=False)
+    with pytest.raises(ValueError, match="classify.filtered_model_stage"):
+        ssl.train_stage(tiny_params, "filtered", progress=False)
     assert cache.cached_result("ssl_filtered", tiny_params) is None  # nothing cached
+
+
+def test_stage_modules_never_import_runners_or_studies_and_notebooks_no_study():
+    """The package a student reads: stage modules and their plumbing at the top of ``helpers``; the runners
+    and the side studies in sub-packages that may import stages, never the other way. Only the notebooks'
+    setup (``notebook``) reaches a runner: it installs the shipped checkpoints. Notebooks import stages and
+    plumbing, never a study."""
+    top = {p.stem for p in fingerprint.PACKAGE_DIR.glob("*.py")}
+    for name in sorted(top - {"notebook"}):
+        reached = fingerprint.helpers_imports(name) & set(fingerprint.SUBPACKAGES)
+        assert not reached, f"helpers/{name}.py imports helpers.{sorted(reached)[0]}"
+    for notebook in sorted((paths.REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        imports = re.findall(r"^\s*(?:from|import) (helpers\S*)(?: import ([^\n]+))?", notebook.read_text(), re.M)
+        assert imports, notebook.name
+        for module, names in imports:
+            assert not module.startswith("helpers.studies") and "studies" not in names, (notebook.name, module)
+    assert set(fingerprint.SUBPACKAGES) == {p.parent.name for p in fingerprint.PACKAGE_DIR.glob("*/__init__.py")}

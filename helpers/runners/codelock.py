@@ -1,8 +1,9 @@
 """The code lock's command line and the proof behind a renewal.
 
-    python -m helpers.codelock status              the modules whose code moved from helpers/code.lock.json
-    python -m helpers.codelock bump <module>       their results change: a new identity (recompute)
-    python -m helpers.codelock renew <module> [--against COMMIT]   keep the identity, after the proof below
+    python -m helpers.runners.codelock status              the modules whose code moved from helpers/code.lock.json
+    python -m helpers.runners.codelock bump <module>       their results change: a new identity (recompute)
+    python -m helpers.runners.codelock renew <module> [--against COMMIT]   keep the identity, after the proof below
+    python -m helpers.runners.codelock rename <old> <new>   a module renamed: its identity stays (then renew it)
 
 A renewal keeps a module's identity, so every cached and shipped result of the stages that run it stays
 valid. That is only true if the new code computes the same results. ``prove_unchanged`` checks it:
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fingerprint, paths, stages
+from .. import fingerprint, paths, stages
 
 SMOKE = "params/smoke.yaml"
-# The smoke pipeline task that computes each stage (``helpers.pipeline``'s task names; ``helpers.stages``).
+# The smoke pipeline task that computes each stage (``helpers.runners.pipeline``'s task names; ``helpers.stages``).
 STAGE_TASK = {s.name: stages.smoke_task(s.name) for s in stages.STAGES}
 TIMING = ("seconds", "per_s", "_unix", "img_s", "minutes")  # names of measured times: never compared
 
@@ -117,7 +118,10 @@ def _run_pipeline(tree: Path, artifacts: Path, tasks: list[str], data_root: str,
         "PATCHSEARCH_DATA_ROOT": data_root,
         "TQDM_DISABLE": "1",
     }
-    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", SMOKE, "--only", *tasks]
+    # the runner's module where that tree has it (commits before the runners sub-package: helpers/pipeline.py)
+    moved = (tree / "helpers" / "runners" / "pipeline.py").is_file()
+    runner = "helpers.runners.pipeline" if moved else "helpers.pipeline"
+    cmd = [sys.executable, "-m", runner, "--params", SMOKE, "--only", *tasks]
     with open(log, "w") as out:
         result = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -128,7 +132,7 @@ def prove_unchanged(modules: list[str], keep: Path | None = None, against: str =
     """Run the smoke tasks of ``modules`` with the committed code (``against``: ``HEAD``, or an older commit
     whose code held the modules' identities) and with the working tree; return the tasks run and what
     differs (empty: the results are unchanged)."""
-    from .params import load, resolve_data_root
+    from ..params import load, resolve_data_root
 
     tasks = tasks_for(modules)
     data_root = str(resolve_data_root(load(paths.REPO_ROOT / SMOKE)))
@@ -162,11 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     renew.add_argument("modules", nargs="+")
     renew.add_argument("--keep", default=None, help="keep both runs' artifacts in this folder")
     renew.add_argument("--against", default="HEAD", help="the commit whose results yours must equal (default HEAD)")
+    rename = sub.add_parser("rename", help="a module renamed: move its lock entry, keys unchanged (then renew it)")
+    rename.add_argument("old")
+    rename.add_argument("new")
     args = parser.parse_args(argv)
     if args.action == "status":
         moved = fingerprint.moved_modules()
         print("\n".join(f"{name}: {why}" for name, why in moved.items()) or "every module matches the lock")
         raise SystemExit(1 if moved else 0)
+    if args.action == "rename":
+        fingerprint.rename_in_lock(args.old, args.new)
+        print(f"{args.old} is {args.new} in the lock, under its old name in keys: renew {args.new} to prove its code")
+        return
     if args.action == "bump":
         fingerprint.write_lock(args.modules, new_identity=True)
         print(f"bumped {', '.join(args.modules)}: every stage that runs them will be computed again")

@@ -1,7 +1,7 @@
 """The CPU-scale study of issue 3: which settings make the backdoor take on this machine?
 
-    python -m helpers.study --run NAME [--run NAME ...]        # train (cached) and evaluate
-    python -m helpers.study --list
+    python -m helpers.studies.strength --run NAME [--run NAME ...]        # train (cached) and evaluate
+    python -m helpers.studies.strength --list
 
 Every run is the base profile (``params/cifar10.yaml``) with the overrides in ``RUNS``. Each trains a
 clean and a poisoned model (the clean one is shared by runs that differ only in the attack: the cache
@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cluster, evaluate, io, paths
-from . import params as params_mod
-from .attack import patched_val_pixels, poisoned_train_pixels, run_attack
-from .cache import stage_dir
-from .data import load_data
-from .train import augment_config, train_stage
+from .. import cluster, evaluate, io, paths
+from .. import params as params_mod
+from ..attack import patched_val_pixels, poisoned_train_pixels, run_attack
+from ..cache import stage_dir
+from ..data import load_data
+from ..evaluate import goal_checks
+from ..ssl import augment_config, train_stage
 
 # Every run spells out the knobs it studies, so the runs stay the same when the base profile changes.
 SGD = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 0.0005}
@@ -230,7 +231,7 @@ def run_study(names: list[str], base: Path, every: int, variants: list[str]) -> 
 def evaluate_final(names: list[str], base: Path, variants: tuple[str, ...] = ("clean", "poisoned")) -> None:
     """Evaluate the finished (cached) models of these runs once more, with the current evaluator (for a
     pair's clean model: against that pair's trigger)."""
-    from .train import load_backbone
+    from ..ssl import load_backbone
 
     out = paths.artifacts_dir() / "study"
     for name in names:
@@ -248,22 +249,10 @@ def evaluate_final(names: list[str], base: Path, variants: tuple[str, ...] = ("c
             evaluator(params.ssl.epochs, model, history)
 
 
-def goal_checks(asr: float, clean_asr: float, acc: float, clean_acc: float, rich_share: float) -> dict[str, bool]:
-    """The study's goal for one run, part by part (fractions, not %): the 10%-label probe's ASR at least 20%
-    and at least 5x the clean model's, clean accuracy within 3 points of the clean model's, and at least
-    half of the poisons in clusters at least half poisoned."""
-    return {
-        "ASR >= 20%": asr >= 0.2,
-        "ASR >= 5x the clean model's": asr >= 5 * clean_asr,
-        "accuracy within 3 points of the clean model's": clean_acc - acc <= 0.03,
-        ">= 50% of the poisons in rich clusters": rich_share >= 0.5,
-    }
-
-
 def publish(profile: str) -> pd.DataFrame:
     """Copy the study's rows to ``figures/<profile>/02_study_curves.csv`` and summarise each run's last
     evaluation against its clean model and the goals in ``02_study_runs.csv`` (+ Markdown)."""
-    from .plotting import save_table
+    from ..plotting import save_table
 
     curves = pd.read_csv(paths.artifacts_dir() / "study" / "curves.csv")
     # Rows written before the evaluator was fixed fitted kNN and probe on the poisoned training images
@@ -318,7 +307,7 @@ def publish_pairs(profile: str) -> pd.DataFrame:
     the epoch, one line per pair)."""
     import matplotlib.pyplot as plt
 
-    from .plotting import save_table, savefig
+    from ..plotting import save_table, savefig
 
     curves = pd.read_csv(paths.artifacts_dir() / "study" / "curves.csv")
     curves = curves[curves["labelled_set"] == "clean"]

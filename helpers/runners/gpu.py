@@ -4,9 +4,9 @@ GPU, shipped into ``figures/cifar10-gpu/checkpoints/`` so that every CPU reader 
 A lent GPU comes by chance, for 15 minutes in all, one command of at most 10 minutes, a working tree of at most
 64 MiB travelling there and at most 8 files of 16 MiB coming back. So each job is one prepared command:
 
-    python -m helpers.gpu prepare              # here: the next job, and what it needs, into .gpu/
-    # on the GPU (the device tool, carrying .gpu):  python3 -m helpers.gpu run --out "$OUT"
-    python -m helpers.gpu install <files back> # here: parts joined, every sha256 checked, stages shipped
+    python -m helpers.runners.gpu prepare              # here: the next job, and what it needs, into .gpu/
+    # on the GPU (the device tool, carrying .gpu):  python3 -m helpers.runners.gpu run --out "$OUT"
+    python -m helpers.runners.gpu install <files back> # here: parts joined, every sha256 checked, stages shipped
 
 ``prepare`` picks the first job of ``JOBS`` not yet done (the shipped ``MANIFEST.json`` records each job),
 packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB to 20 MB, and the files come
@@ -15,7 +15,7 @@ jobs' results the job reads (``Job.needs``), and takes the shipped checkpoints o
 call (they would not fit in 64 MiB; ``install`` or ``restore`` puts them back). ``run`` unpacks, installs
 the carried results into the cache, times a warm-up of as many SSL trainings at once as the job trains,
 sets the epochs from it (the first job: as many as fit, at most the profile's; later jobs: refuse to
-start a training that would not end in time), runs the job's pipeline tasks (``helpers.pipeline``: the
+start a training that would not end in time), runs the job's pipeline tasks (``helpers.runners.pipeline``: the
 same code as on a CPU), rounds new backbones to fp16 in place, so that every later stage, there and here,
 reads the weights that are shipped, and writes everything it computed, with the params, cache key, commit
 and sha256 of each file, as one archive split into parts. ``install`` checks the parts, the archive and
@@ -41,10 +41,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io, paths
-from .cache import stages_used
+from .. import io, paths
+from ..cache import stages_used
+from ..fingerprint import file_fingerprint
 from .checkpoints import SHIPPED_STAGES, ship_stage
-from .fingerprint import file_fingerprint
 
 PARAMS = paths.PARAMS_DIR / "cifar10-gpu.yaml"
 STAGING = paths.REPO_ROOT / ".gpu"
@@ -60,7 +60,7 @@ DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; noteb
 class Job:
     name: str
     about: str
-    phases: tuple[tuple[str, ...], ...]  # pipeline tasks (``helpers.pipeline``), phase after phase
+    phases: tuple[tuple[str, ...], ...]  # pipeline tasks (``helpers.runners.pipeline``), phase after phase
     needs: tuple[str, ...] = ()  # earlier results it reads: "[<variant>:]<stage>[@<search method>]"
     trains: int = 0  # SSL models trained side by side (the warm-up times as many at once)
     sets_epochs: bool = False  # its warm-up chooses ssl.epochs for every later job
@@ -143,7 +143,7 @@ PACK_NAME = "cifar10.pack"
 def pack_data(root: Path, dest: Path) -> dict:
     """Every file of ``root/train`` and ``root/test`` in one zlib stream with an index of relative paths and
     sizes, and the data manifest they hash to (``fingerprint.data_manifest``)."""
-    from .fingerprint import data_manifest
+    from ..fingerprint import data_manifest
 
     root = Path(root)
     files = sorted(p for split in ("train", "test") for p in (root / split).rglob("*") if p.is_file())
@@ -167,7 +167,7 @@ def pack_data(root: Path, dest: Path) -> dict:
 
 def unpack_data(pack: Path, dest: Path) -> Path:
     """The files of ``pack_data`` under ``dest``; refused unless they hash to the manifest packed with them."""
-    from .fingerprint import data_manifest
+    from ..fingerprint import data_manifest
 
     raw = Path(pack).read_bytes()
     size = int.from_bytes(raw[:8], "little")
@@ -227,7 +227,7 @@ def shipped_dir(profile: str) -> Path:
 def read_manifest(profile: str) -> dict:
     path = shipped_dir(profile) / "MANIFEST.json"
     if not path.is_file():
-        return {"profile": profile, "made_by": "python -m helpers.gpu install", "stages": [], "jobs": {}}
+        return {"profile": profile, "made_by": "python -m helpers.runners.gpu install", "stages": [], "jobs": {}}
     return json.loads(path.read_text())
 
 
@@ -242,8 +242,8 @@ def next_job(manifest: dict) -> Job | None:
 
 def need_params(params, need: str):
     """``(params, stage)`` of a ``Job.needs`` entry: ``[<variant>:]<stage>[@<search method>]``."""
-    from .defense import with_method
-    from .params import with_variant
+    from ..params import with_variant
+    from ..search import with_method
 
     variant, _, rest = need.rpartition(":")
     stage, _, method = rest.partition("@")
@@ -257,7 +257,7 @@ def need_params(params, need: str):
 def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str | None = None) -> dict:
     """Fill ``staging`` with what the next job (or ``job_name``) needs on the GPU: the job, the data pack and
     the shipped results it reads (see the module's docstring). Returns the job's description."""
-    from .params import load, stage_hash, with_resolved_root
+    from ..params import load, stage_hash, with_resolved_root
 
     params = with_resolved_root(load(params_path))
     manifest = read_manifest(params.profile)
@@ -277,7 +277,7 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
         if entry is None:
             raise QueueError(
                 f"job {job.name} needs {stage}/{key}, which is not shipped in {shipped_dir(params.profile)}: "
-                "run the jobs before it first (python -m helpers.gpu status)"
+                "run the jobs before it first (python -m helpers.runners.gpu status)"
             )
         shutil.copytree(shipped_dir(params.profile) / stage / key, staging / "stages" / stage / key)
         carried.append(entry)
@@ -307,8 +307,8 @@ def warmup_rate(params_path: Path, steps: int | None = None) -> float:
     training loop on random pixels, the first step left out)."""
     import torch
 
-    from .bench import ssl_rate
-    from .params import load, with_resolved_root
+    from ..params import load, with_resolved_root
+    from ..studies.bench import ssl_rate
 
     params = with_resolved_root(load(params_path))
     steps = steps or (40 if torch.cuda.is_available() else 2)
@@ -317,7 +317,7 @@ def warmup_rate(params_path: Path, steps: int | None = None) -> float:
 
 def measure_side_by_side(params_path: Path, n: int, steps: int | None = None) -> list[float]:
     """``warmup_rate`` in ``n`` processes at once: what each of ``n`` trainings side by side gets."""
-    cmd = [sys.executable, "-m", "helpers.gpu", "warmup", "--params", str(params_path)]
+    cmd = [sys.executable, "-m", "helpers.runners.gpu", "warmup", "--params", str(params_path)]
     cmd += ["--steps", str(steps)] if steps else []
     procs = [subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.PIPE, text=True) for _ in range(n)]
     rates = []
@@ -345,9 +345,9 @@ def _with_epochs(path: Path, epochs: int, note: str) -> str:
 
 
 def _run_phase(params_path: Path, tasks: tuple[str, ...], workers: int, env: dict, deadline: float, log: Path) -> bool:
-    """Run ``tasks`` with ``helpers.pipeline``; stop them all at ``deadline``. True when every one finished."""
+    """Run ``tasks`` with ``helpers.runners.pipeline``; stop them all at ``deadline``. True when every one finished."""
     threads = max(1, (os.cpu_count() or 2) // workers)
-    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--only", *tasks]
+    cmd = [sys.executable, "-m", "helpers.runners.pipeline", "--params", str(params_path), "--only", *tasks]
     cmd += ["--workers", str(workers), "--threads", str(threads)]
     with open(log, "a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
@@ -401,9 +401,9 @@ def run(out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Pa
 
 
 def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
+    from ..data import select_split
+    from ..params import load, with_resolved_root
     from .checkpoints import _install_stage
-    from .data import select_split
-    from .params import load, with_resolved_root
 
     start = time.time()
     deadline = start + budget_s
@@ -451,7 +451,7 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
                 raise QueueError(f"one epoch of {n_images} images at {rate:.0f} img/s does not fit in {train_s:.0f} s")
             note = (
                 f"set by GPU job {job.name}'s warm-up: {job.trains} trainings side by side at {rate:,.0f} img/s each "
-                f"on {record['device']['gpu'] or 'a CPU'}, {train_s:.0f} s of its budget (helpers.gpu)"
+                f"on {record['device']['gpu'] or 'a CPU'}, {train_s:.0f} s of its budget (helpers.runners.gpu)"
             )
             run_params_path.write_text(_with_epochs(params_path, epochs, note))
             record["epochs"] = {"chosen": epochs, "aim": params.ssl.epochs, "note": note}
@@ -514,8 +514,8 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
 
 
 def _bench(params, dest: Path) -> bool:
-    """The GPU benchmark of the profile's network (``helpers.bench.profile_bench``), as Markdown."""
-    from .bench import profile_bench
+    """The GPU benchmark of the profile's network (``helpers.studies.bench.profile_bench``), as Markdown."""
+    from ..studies.bench import profile_bench
 
     try:
         dest.write_text(profile_bench(params))
@@ -531,8 +531,8 @@ def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) 
     ``figures/<profile>/checkpoints/``; write the epochs a warm-up chose into the params file."""
     import tempfile
 
+    from ..params import load
     from .checkpoints import verify_files
-    from .params import load
 
     folder = Path(folder)
     record = json.loads((folder / "job.json").read_text())
@@ -571,7 +571,7 @@ def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) 
 
 
 # ------------------------------------------------------------------- the tree that travels (git index only)
-EXCLUDE_MARK = "# helpers.gpu: shipped checkpoints out of the tree for a GPU call"
+EXCLUDE_MARK = "# helpers.runners.gpu: shipped checkpoints out of the tree for a GPU call"
 
 
 def untrack_checkpoints() -> list[str]:
@@ -604,11 +604,11 @@ def travelling_bytes() -> int:
     return total + sum(p.stat().st_size for p in STAGING.rglob("*") if p.is_file())
 
 
-DEVICE_COMMAND = 'PYTHONUNBUFFERED=1 python3 -m helpers.gpu run --out "$OUT"'
+DEVICE_COMMAND = 'PYTHONUNBUFFERED=1 python3 -m helpers.runners.gpu run --out "$OUT"'
 
 
 def status(params_path: Path = PARAMS) -> str:
-    from .params import load
+    from ..params import load
 
     manifest = read_manifest(load(params_path).profile)
     lines = []
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", required=True)
     p.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
-    from .params import load
+    from ..params import load
 
     try:
         if args.action == "status":
@@ -652,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
             carried = ", ".join(description["carried"]) or "nothing"
             print(f"carried: {carried}; data pack {description['data']['packed_bytes'] / 2**20:.1f} MiB")
             print(
-                f"out of git's index until `python -m helpers.gpu install` (or restore): {', '.join(folders) or 'none'}"
+                "out of git's index until `python -m helpers.runners.gpu install` (or restore): "
+                f"{', '.join(folders) or 'none'}"
             )
             print(f"the tree that travels: {size / 2**20:.1f} MiB of 64")
             print(f"device run: command {DEVICE_COMMAND!r}, carry ['.gpu'], timeout_s 600")
@@ -671,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             restore()
     except QueueError as e:
-        raise SystemExit(f"helpers.gpu {args.action}: {e}") from None
+        raise SystemExit(f"helpers.runners.gpu {args.action}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.cam import (
+from helpers.cluster import cluster_outlier_stats
+from helpers.localize import (
     ClusterClassifier,
     best_windows,
-    cluster_outlier_stats,
     cut_patches,
     grad_cam,
     grad_cam_library,

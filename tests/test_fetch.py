@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import data, fetch_data
+from helpers import data
+from helpers.runners import fetch
 
 
 def write_fake_batches(folder, per_batch=6, seed=0):
@@ -15,7 +16,7 @@ def write_fake_batches(folder, per_batch=6, seed=0):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": classes}, f)
     originals = {}
-    for name in fetch_data.TRAIN_BATCHES + fetch_data.TEST_BATCHES:
+    for name in fetch.TRAIN_BATCHES + fetch.TEST_BATCHES:
         # smooth images, so JPEG keeps them close
         base = rng.integers(0, 256, size=(per_batch, 3, 1, 1))
         images = np.broadcast_to(base, (per_batch, 3, 32, 32)).astype(np.uint8)
@@ -28,11 +29,11 @@ def write_fake_batches(folder, per_batch=6, seed=0):
 
 def test_conversion_writes_the_image_folder_layout(tmp_path):
     classes, originals = write_fake_batches(tmp_path / "cifar-10-batches-py")
-    counts = fetch_data.convert_cifar_batches(tmp_path / "cifar-10-batches-py", tmp_path / "out", progress=False)
+    counts = fetch.convert_cifar_batches(tmp_path / "cifar-10-batches-py", tmp_path / "out", progress=False)
     assert counts == {"train": 30, "test": 6}
     train = data.scan_image_folder(tmp_path / "out" / "train")
     assert train.classes == sorted(classes) == classes
-    expected = np.bincount(sum((originals[b][1] for b in fetch_data.TRAIN_BATCHES), []), minlength=3)
+    expected = np.bincount(sum((originals[b][1] for b in fetch.TRAIN_BATCHES), []), minlength=3)
     assert np.bincount(train.labels, minlength=3).tolist() == expected.tolist()
     # the first image of the first batch is <its class>/0000.jpg, pixels within JPEG error
     images, labels = originals["data_batch_1"]
@@ -46,7 +47,7 @@ def test_missing_batch_is_named(tmp_path):
     write_fake_batches(tmp_path / "b")
     (tmp_path / "b" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        fetch_data.convert_cifar_batches(tmp_path / "b", tmp_path / "out", progress=False)
+        fetch.convert_cifar_batches(tmp_path / "b", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -72,7 +73,7 @@ def test_the_archive_is_extracted_and_checked_against_its_manifest(tmp_path):
 
     source, archive = make_archive(tmp_path)
     expected = data_manifest(source, ("train", "test"))
-    counts = fetch_data.extract_archive(archive, tmp_path / "out", expected)
+    counts = fetch.extract_archive(archive, tmp_path / "out", expected)
     assert counts == {"train": 7, "test": 3}
     assert data_manifest(tmp_path / "out", ("train", "test")) == expected
     assert not (tmp_path / "out" / "README.md").exists() and not (tmp_path / "out.tmp").exists()
@@ -80,14 +81,15 @@ def test_the_archive_is_extracted_and_checked_against_its_manifest(tmp_path):
 
 def test_an_archive_with_other_files_is_refused_and_nothing_written(tmp_path):
     _, archive = make_archive(tmp_path)
-    with pytest.raises(fetch_data.FetchError, match="not the expected 0000000000000000"):
-        fetch_data.extract_archive(archive, tmp_path / "out", "0000000000000000")
+    with pytest.raises(fetch.FetchError, match="not the expected 0000000000000000"):
+        fetch.extract_archive(archive, tmp_path / "out", "0000000000000000")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 def test_reproduce_downloads_cifar10_when_none_is_found(tmp_path, monkeypatch):
-    from helpers import paths, reproduce
-    from helpers.data import DataError
+    from helpers import paths
+    from helpers.paths import DataError
+    from helpers.runners import reproduce
 
     target = tmp_path / "data" / "cifar10"
     monkeypatch.setitem(paths.DEFAULT_DATA_ROOTS, "cifar10", [tmp_path / "shared" / "cifar10", target])
@@ -100,15 +102,15 @@ def test_reproduce_downloads_cifar10_when_none_is_found(tmp_path, monkeypatch):
         make_image_folder(out / "train", seed=6)
         make_image_folder(out / "test", seed=7)
 
-    monkeypatch.setattr(fetch_data, "fetch", fake_fetch)
+    monkeypatch.setattr(fetch, "fetch", fake_fetch)
     p = reproduce.effective_params(paths.PARAMS_DIR / "smoke.yaml", None)
     assert calls == [target] and p.data.root == str(target.resolve())
 
     def no_network(out):
-        raise fetch_data.FetchError("could not download https://example: no network")
+        raise fetch.FetchError("could not download https://example: no network")
 
     shutil.rmtree(target)
-    monkeypatch.setattr(fetch_data, "fetch", no_network)
+    monkeypatch.setattr(fetch, "fetch", no_network)
     with pytest.raises(
         DataError, match="no data root for dataset 'cifar10'.*downloading it failed: could not download"
     ):

@@ -26,13 +26,13 @@ and the stage is copied into the cache, atomically. If it differs, the shipped r
 run asks for: it is refused, the reason is reported (which params, which code or which data differ) and
 the stage is computed as usual. Stages already in your cache are left alone.
 
-**Retrain everything**: ``make reproduce RETRAIN=1`` (``helpers.reproduce --retrain``) installs nothing
+**Retrain everything**: ``make reproduce RETRAIN=1`` (``helpers.runners.reproduce --retrain``) installs nothing
 and recomputes every stage of the run, cached or not (``cache.RECOMPUTE_ENV``).
 
 **Ship** (maintainers, after a published ``make reproduce`` whose record lists the stages it used):
 
-    python -m helpers.checkpoints ship      # figures/cifar10/record.json -> figures/cifar10/checkpoints/
-    python -m helpers.checkpoints verify    # hashes and keys against this checkout, as install does
+    python -m helpers.runners.checkpoints ship      # figures/cifar10/record.json -> figures/cifar10/checkpoints/
+    python -m helpers.runners.checkpoints verify    # hashes and keys against this checkout, as install does
 
 ``tests/test_checkpoints.py`` checks that the shipped keys are the ones the committed code computes, so
 that a change which alters a stage's results cannot land without shipping its new results.
@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import io, paths, stages
-from .fingerprint import data_differences, data_digests, file_fingerprint
-from .io import CheckpointError
-from .params import ADDED_LATER, ONE_METHOD, Params, from_dict, key_of, stage_key_material, with_overrides
+from .. import io, paths, stages
+from ..fingerprint import data_differences, data_digests, file_fingerprint
+from ..io import CheckpointError
+from ..params import ADDED_LATER, ONE_METHOD, Params, from_dict, key_of, stage_key_material, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def unexpected_tensors(path: Path, params: Params) -> str | None:
     but the position embedding's, whose length follows the native image size): what differs, or None."""
     from safetensors import safe_open
 
-    from .models import backbone_for
+    from ..models import backbone_for
 
     network = backbone_for(params.ssl, params.data.image_size or 32)
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
@@ -467,7 +467,7 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
             )
         manifest = {
             "profile": profile,
-            "made_by": "python -m helpers.checkpoints ship",
+            "made_by": "python -m helpers.runners.checkpoints ship",
             "record_commit": record["commit"],
             "record_finished_utc": record["finished_utc"],
             "stages": entries,
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="ship: keep backbones in fp32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from .params import load, with_resolved_root
+    from ..params import load, with_resolved_root
 
     params = with_resolved_root(load(args.params))
     if args.action == "ship":

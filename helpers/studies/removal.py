@@ -1,7 +1,7 @@
 """Why does the poison classifier remove so many clean images? Variants of it, side by side.
 
-    python -m helpers.removal_study --params P.yaml --run [--variant NAME ...] [--data poisoned clean]
-    python -m helpers.removal_study --params P.yaml --publish PROFILE
+    python -m helpers.studies.removal --params P.yaml --run [--variant NAME ...] [--data poisoned clean]
+    python -m helpers.studies.removal --params P.yaml --publish PROFILE
 
 Every variant is the profile's classifier with the overrides in ``VARIANTS`` (``paper``: the paper's
 range of pasted sides); the search it learns from is the same cached stage for all. Per variant
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io, paths
-from . import params as params_mod
+from .. import io, paths
+from .. import params as params_mod
+from ..classify import ENSEMBLES, ensemble_removed
 
 VARIANTS: dict[str, dict] = {
     "paper": {"paste_scale": [0.3333, 1.3333]},  # [w/3, 4w/3): the paper's 20-80 px for w = 60
@@ -31,29 +32,13 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-# How the ensemble's five members decide together. "mean" is the paper's and the official code's (average the
-# members' logits, take the argmax); "unanimous" removes an image only where every member calls it poison. The
-# members differ only in their seed: an image that some of them call clean is one whose "poison" verdict rests
-# on the training draw, and on the poisoned set those are mostly clean images (06_false_removals.md).
-ENSEMBLES = ("mean", "unanimous")
-
-
-def ensemble_removed(logits: np.ndarray, rule: str) -> np.ndarray:
-    """Which images an ensemble removes, from its members' ``M x N x 2`` logits (``classifier.npz``)."""
-    margins = logits[..., 1] - logits[..., 0]  # > 0: that member calls the image poison
-    if rule == "mean":
-        return margins.mean(0) > 0
-    if rule == "unanimous":
-        return (margins > 0).all(0)
-    raise ValueError(f"unknown ensemble rule {rule!r} (known: {', '.join(ENSEMBLES)})")
-
-
 def variant_params(params: params_mod.Params, name: str) -> params_mod.Params:
     return dataclasses.replace(params, classifier=dataclasses.replace(params.classifier, **VARIANTS[name]))
 
 
 def run(params: params_mod.Params, variants: list[str], datasets: list[str], methods: list[str]) -> None:
-    from .defense import classifier_stage, with_method
+    from ..classify import classifier_stage
+    from ..search import with_method
 
     for method in methods:
         for variant in variants:
@@ -63,10 +48,10 @@ def run(params: params_mod.Params, variants: list[str], datasets: list[str], met
 
 
 def rows(params: params_mod.Params, variants: list[str], methods: list[str]) -> pd.DataFrame:
-    from .attack import run_attack
-    from .cache import stage_dir
-    from .data import load_data
-    from .defense import with_method
+    from ..attack import run_attack
+    from ..cache import stage_dir
+    from ..data import load_data
+    from ..search import with_method
 
     data = load_data(params, progress=False)
     attack = run_attack(params, data, progress=False)
@@ -123,17 +108,17 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     params = params_mod.with_resolved_root(params_mod.load(Path(args.params)))
-    from .cache import stage_dir
-    from .defense import with_method
+    from ..cache import stage_dir
+    from ..search import with_method
 
     if args.run:
         run(params, args.variant, args.data, args.method)
     table = rows(params, args.variant, args.method).round(2)
     if args.publish:
-        from .plotting import save_table
+        from ..plotting import save_table
 
         save_table(table, args.publish, "06", "false_removals", published=True)
-        from .reproduce import git_commit
+        from ..runners.reproduce import git_commit
 
         def key(method: str, variant: str, stage: str) -> str:
             return stage_dir(variant_params(with_method(params, method), variant), stage).name
@@ -147,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         record = [
             "# Poison-classifier variants: record",
             "",
-            f"- published at commit `{git_commit()}` by `python -m helpers.removal_study --publish {args.publish}"
+            f"- published at commit `{git_commit()}` by `python -m helpers.studies.removal --publish {args.publish}"
             + f" --variant {' '.join(args.variant)} --method {' '.join(args.method)}`",
             "- every row is read from a cached classifier stage (its `stage.json` holds params and code fingerprint):",
             *(f"  - {s}" for s in stages),

@@ -1,6 +1,6 @@
 """Compute a profile's expensive stages side by side before the notebooks read them from the cache.
 
-    python -m helpers.pipeline --params params/cifar10.yaml [--workers 2]
+    python -m helpers.runners.pipeline --params params/cifar10.yaml [--workers 2]
 
 The tasks below form a graph (SSL models, then the defenses on them, then the models retrained on the
 defenses' filtered lists). On a CPU they run one per core, one thread each (``make bench``: two SSL
@@ -30,10 +30,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import paths
-from .params import Params
+from .. import paths
+from ..params import Params
 
-log = logging.getLogger("helpers.pipeline")
+log = logging.getLogger("helpers.runners.pipeline")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ FINETUNED = ("clean", "poisoned", "filtered_patchsearch", "filtered_patchsearch_
 
 def _more_tasks() -> list[Task]:
     """Notebook 08's stages (the rest of the paper), each task its training and the evaluation of it."""
-    from .kd import TABLE3_TRUSTED
+    from ..kd import TABLE3_TRUSTED
 
     kd, mix, retrain = ("kd_student", "eval_kd"), ("ssl_mix", "eval_mix"), ("ssl_clean_filtered", "eval_clean_filtered")
     out = [Task(f"kd_{round(100 * s)}", ("ssl_poisoned",), 16 * s / 0.25, kd) for s in TABLE3_TRUSTED]
@@ -141,27 +141,27 @@ def _more_tasks() -> list[Task]:
 
 def run_more_task(params: Params, name: str, progress: bool = False) -> bool:
     """Run one of ``_more_tasks``; False when ``name`` is not one of them."""
-    from .assess import evaluate_model_stage
-    from .defense import with_method
+    from ..evaluate import evaluate_model_stage
+    from ..search import with_method
 
     kind, _, rest = name.partition("_")
     if kind == "kd":
-        from .kd import kd_stage, with_trusted
+        from ..kd import kd_stage, with_trusted
 
         params = with_trusted(params, int(rest) / 100)
         evaluate_model_stage("eval_kd", params, lambda: kd_stage(params, progress), progress)
     elif kind == "mix":
-        from .mixing import mix_stage, with_mix
+        from ..mixing import mix_stage, with_mix
 
         params = with_mix(params, *rest.split("_"))
         evaluate_model_stage("eval_mix", params, lambda: mix_stage(params, progress), progress)
     elif kind == "retrain":
-        from .retrain import retrain_clean_stage
+        from ..retrain import retrain_clean_stage
 
         params = with_method(params, rest.removeprefix("clean_"))
         evaluate_model_stage("eval_clean_filtered", params, lambda: retrain_clean_stage(params, progress), progress)
     elif kind == "finetune":
-        from .finetune import finetune_stage
+        from ..finetune import finetune_stage
 
         icutmix, rest = rest.endswith("_icutmix"), rest.removesuffix("_icutmix")
         if rest.startswith("filtered_"):
@@ -174,12 +174,13 @@ def run_more_task(params: Params, name: str, progress: bool = False) -> bool:
 
 def run_task(params: Params, name: str, progress: bool = False) -> None:
     """Compute one task's stages (in this process)."""
-    from .attack import run_attack
-    from .data import load_data
-    from .defense import classifier_stage, filtered_model_stage, with_method
-    from .evaluate import evaluate_stage
-    from .potency import potency_stage
-    from .train import train_stage
+    from ..attack import run_attack
+    from ..classify import classifier_stage, filtered_model_stage
+    from ..data import load_data
+    from ..evaluate import evaluate_stage
+    from ..potency import potency_stage
+    from ..search import with_method
+    from ..ssl import train_stage
 
     params, name, base, icutmix = _parse(params, name)
     if name == "prepare":
@@ -254,7 +255,7 @@ def _parse(params: Params, name: str) -> tuple[Params, str, str, bool]:
     """A task name's parts: the params it runs with (its variant's, if it names one), the name without the
     variant, that name without ``_icutmix``, and whether it trains or evaluates with i-CutMix."""
     if ":" in name:  # a profile variant's task
-        from .params import with_variant
+        from ..params import with_variant
 
         variant, name = name.split(":", 1)
         params = with_variant(params, variant)
@@ -265,8 +266,8 @@ def finished_evaluations(params: Params, names: list[str]) -> frozenset[str]:
     """The evaluation tasks (``[variant:]eval_*``) among ``names`` whose stage is in the cache: a finished
     evaluation needs no model (``evaluate_stage`` trains one only on a miss), so a fresh clone given the
     shipped evaluation of a model that is not shipped trains nothing."""
-    from .cache import cached_result
-    from .defense import with_method
+    from ..cache import cached_result
+    from ..search import with_method
 
     out = set()
     for full in names:
@@ -292,15 +293,15 @@ def run_all(
     variants: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Run the tasks of ``tasks()`` (those of ``only`` and what they need), each a process of
-    ``python -m helpers.pipeline --task``; ``precision`` overrides ``compute.precision``. Returns each task's
+    ``python -m helpers.runners.pipeline --task``; ``precision`` overrides ``compute.precision``. Returns each task's
     wall seconds and exit code. A failed task stops the scheduling and raises, naming its log."""
     default_procs, default_threads = default_workers()
     workers, threads = workers or default_procs, threads or default_threads
     variants = tuple(dict.fromkeys([*variants, *(n.split(":", 1)[0] for n in only or [] if ":" in n)]))
-    from .params import load, with_resolved_root
+    from ..params import load, with_resolved_root
 
     params = with_compute(with_resolved_root(load(params_path)), precision)
-    from .cache import clean_abandoned
+    from ..cache import clean_abandoned
 
     for line in clean_abandoned():
         log.info("removed the temporary folder of a run that stopped: %s", line)
@@ -323,7 +324,15 @@ def run_all(
                     task = ready.pop(0)
                     del pending[task.name]
                     out = open(log_dir / f"{task.name}.log", "w")  # noqa: SIM115 (closed when the task ends)
-                    cmd = [sys.executable, "-m", "helpers.pipeline", "--params", str(params_path), "--task", task.name]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "helpers.runners.pipeline",
+                        "--params",
+                        str(params_path),
+                        "--task",
+                        task.name,
+                    ]
                     cmd += ["--threads", str(threads)] + (["--precision", precision] if precision else [])
                     proc = subprocess.Popen(  # a process group of its own: stopping the run stops all it started
                         cmd, cwd=paths.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -411,7 +420,7 @@ def stop_on_sigterm():
 def with_compute(params: Params, precision: str | None = None, threads: int | None = None) -> Params:
     """``params`` with ``compute.precision`` and ``compute.ssl_precision`` (resolved) and ``compute.threads``
     replaced where given."""
-    from .compute import resolve_precision
+    from ..compute import resolve_precision
 
     compute = params.compute
     if precision:  # every network pass, SSL pre-training included
@@ -437,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
         import torch.distributed as dist
 
-        from .notebook import setup
+        from ..notebook import setup
 
         if args.threads:
             torch.set_num_threads(args.threads)

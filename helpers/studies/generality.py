@@ -1,14 +1,14 @@
 """Does the defense hold beyond one attack? Run the whole pipeline over a list of attack configurations.
 
-    python -m helpers.generality --run NAME [--run NAME ...] [--retrain]   # compute (cached stages)
-    python -m helpers.generality --publish cifar10 [--run NAME ...]         # one table in figures/cifar10/
-    python -m helpers.generality --list
+    python -m helpers.studies.generality --run NAME [--run NAME ...] [--retrain]   # compute (cached stages)
+    python -m helpers.studies.generality --publish cifar10 [--run NAME ...]         # one table in figures/cifar10/
+    python -m helpers.studies.generality --list
 
 Every configuration is the base profile (``--base``, default ``params/cifar10.yaml``) with the attack
 overrides in ``CONFIGS``: other target classes, trigger seeds, a trigger image that is not an HTBA colour
 grid, other trigger sizes, repeated patches. The defenses run exactly as the profile says: nothing in
 them reads the attack, so a configuration changes what they are given, never how they are set. Each
-configuration is computed by the pipeline's own tasks (``helpers.pipeline``: SSL models, evaluation, both
+configuration is computed by the pipeline's own tasks (``helpers.runners.pipeline``: SSL models, evaluation, both
 defenses on the poisoned and the clean set, and with ``--retrain`` the models retrained on the filtered
 lists), its params written beside the table.
 
@@ -19,7 +19,7 @@ The published row of a configuration, all measured on its own run:
 - per defense: the blind window w, top-20 accuracy (chance: the poison rate), recall, clean images
   removed (% of the clean training images), how often the candidate window hits the trigger beside a
   centre window and a random window of the same side, clean images removed from the clean set (paper
-  Table 10), the same removals where the ensemble must be unanimous (``helpers.removal_study.ENSEMBLES``;
+  Table 10), the same removals where the ensemble must be unanimous (``helpers.studies.removal.ENSEMBLES``;
   the pipeline's filtered list follows the paper's mean), and with ``--retrain`` the ASR of the model
   retrained on the filtered list.
 """
@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io, paths
-from . import params as params_mod
-from .removal_study import ensemble_removed
+from .. import io, paths
+from .. import params as params_mod
+from ..classify import ensemble_removed
 
 # name -> overrides of the base profile's attack section. "default" is the profile itself. None of these is
 # a configuration the defaults were chosen on except "default" (the study chose the setting on the pairs
-# of ``helpers.study.PAIRS``, which are the first three rows).
+# of ``helpers.studies.strength.PAIRS``, which are the first three rows).
 CONFIGS: dict[str, dict] = {
     "default": {},
     "automobile-21": {"target_class": "automobile", "trigger_seed": 21},
@@ -52,7 +52,7 @@ CONFIGS: dict[str, dict] = {
 }
 
 # name -> overrides of other sections: the same attack, another SSL training. Made after the pooled window
-# rule was fixed (issue 22): they judge it blind (``python -m helpers.generality --table generality_seeds``).
+# rule was fixed (issue 22): they judge it blind (``python -m helpers.studies.generality --table generality_seeds``).
 TRAINING_CONFIGS: dict[str, dict] = {
     "ssl-seed1": {"ssl": {"seed": 1}},
     "ssl-seed2": {"ssl": {"seed": 2}},
@@ -96,7 +96,7 @@ def run(
     methods: list[str],
     clean_defense: bool = True,
 ) -> None:
-    from .pipeline import run_all
+    from ..runners.pipeline import run_all
 
     for name in names:
         path = params_path(name)
@@ -114,7 +114,7 @@ def _other_method(task: str, methods: list[str]) -> bool:
 
 
 def _cached(params: params_mod.Params, stage: str) -> Path | None:
-    from .cache import MARKER, stage_dir
+    from ..cache import MARKER, stage_dir
 
     folder = stage_dir(params, stage)
     return folder if (folder / MARKER).is_file() else None
@@ -123,8 +123,8 @@ def _cached(params: params_mod.Params, stage: str) -> Path | None:
 @functools.lru_cache(maxsize=16)
 def _ground_truth(name: str, base: Path) -> tuple[params_mod.Params, object, np.ndarray, int]:
     """A configuration's params, attack, poison mask and image size, loaded once for all its tables."""
-    from .attack import run_attack
-    from .data import load_data
+    from ..attack import run_attack
+    from ..data import load_data
 
     params = params_mod.with_resolved_root(config_params(base, name))
     data = load_data(params, progress=False)
@@ -134,8 +134,9 @@ def _ground_truth(name: str, base: Path) -> tuple[params_mod.Params, object, np.
 
 def config_row(name: str, base: Path) -> dict:
     """The published row of one configuration (every stage must be cached: ``--run`` it first)."""
-    from .defense import detection_metrics, load_search, with_method
-    from .evaluate import evaluate_stage
+    from ..classify import detection_metrics
+    from ..evaluate import evaluate_stage
+    from ..search import load_search, with_method
 
     params, attack, poison, size = _ground_truth(name, base)
 
@@ -207,8 +208,8 @@ CHOSEN_ON = {
 def window_sweep_rows(name: str, base: Path) -> list[dict]:
     """Every window side of one configuration's searches: every blind rule's statistic and pick, and the
     top-20 accuracy each side reaches (ground truth), to hold the blind pick against the best side."""
-    from .defense import defense_ids, load_search, training_set, with_method
-    from .search import WINDOW_RULES, SearchResult, top_k_accuracy
+    from ..cluster import defense_ids, training_set
+    from ..search import WINDOW_RULES, SearchResult, load_search, top_k_accuracy, with_method
 
     params, attack, poison, _ = _ground_truth(name, base)
     ids = defense_ids(params, training_set(params, "poisoned")[0])  # the search's tie order
@@ -237,8 +238,8 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
 
 
 def publish(profile: str, names: list[str], base: Path, table_name: str = "generality") -> pd.DataFrame:
-    from .plotting import save_table
-    from .search import WINDOW_RULES
+    from ..plotting import save_table
+    from ..search import WINDOW_RULES
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
     save_table(table, profile, "07", table_name, published=True)
@@ -263,12 +264,12 @@ def publish(profile: str, names: list[str], base: Path, table_name: str = "gener
     for name in names:  # the params of every configuration, beside the table
         target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
         io.write_text(target, params_path(name).read_text())
-    from .reproduce import git_commit
+    from ..runners.reproduce import git_commit
 
     record = [
         "# Generality tables: record",
         "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.generality --publish {profile}"
+        f"- published at commit `{git_commit()}` by `python -m helpers.studies.generality --publish {profile}"
         + (f" --table {table_name}" if table_name != "generality" else "")
         + "".join(f" --run {name}" for name in names)
         + "`",

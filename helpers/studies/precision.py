@@ -1,12 +1,12 @@
 """Does bf16 change anything that matters? The profile's clean and backdoored models and both defenses,
 computed in fp32 and in bf16 autocast, side by side.
 
-    python -m helpers.precision_study --params params/cifar10.yaml --run      # compute what is missing
-    python -m helpers.precision_study --params params/cifar10.yaml --publish  # write the table
-    python -m helpers.precision_study --params params/cifar10.yaml --publish --seeds 0 1  # and over seeds
+    python -m helpers.studies.precision --params params/cifar10.yaml --run      # compute what is missing
+    python -m helpers.studies.precision --params params/cifar10.yaml --publish  # write the table
+    python -m helpers.studies.precision --params params/cifar10.yaml --publish --seeds 0 1  # and over seeds
 
 ``--run`` computes, for each precision, the pipeline tasks the table needs (both SSL models, their
-evaluation, both defenses on the poisoned set) side by side through ``helpers.pipeline``; everything is a
+evaluation, both defenses on the poisoned set) side by side through ``helpers.runners.pipeline``; everything is a
 cached stage, so what ``make reproduce`` already computed in the profile's precision is a cache hit.
 ``--publish`` writes ``figures/<profile>/02_precision_fp32_vs_bf16.{csv,md}``: per quantity the fp32 and the
 bf16 value, their difference and, where the quantity has one, the spread over the probe's seeds (the
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import paths, pipeline
-from .params import Params
+from .. import paths
+from ..params import Params
+from ..runners import pipeline
 
 PRECISIONS = ("fp32", "bf16")
 TASKS = ["eval_clean", "eval_poisoned", "defense_patchsearch_poisoned", "defense_poisoncam_poisoned"]
@@ -44,12 +45,13 @@ def _stage_minutes(stage_path: Path) -> float:
 
 def measure(params: Params) -> list[dict]:
     """One row per quantity: its value in each precision (everything read from the cache)."""
-    from .attack import run_attack
-    from .cluster import poison_concentration
-    from .data import load_data
-    from .defense import classifier_stage, cluster_stage, detection_metrics, load_search, search_stage, with_method
-    from .evaluate import evaluate_stage
-    from .train import train_stage
+    from ..attack import run_attack
+    from ..classify import classifier_stage, detection_metrics
+    from ..cluster import cluster_stage, poison_concentration
+    from ..data import load_data
+    from ..evaluate import evaluate_stage
+    from ..search import load_search, search_stage, with_method
+    from ..ssl import train_stage
 
     data = load_data(params, progress=False)
     attack = run_attack(params, data, progress=False)
@@ -112,7 +114,7 @@ def measure(params: Params) -> list[dict]:
 def training_seed_rows(params: Params, seeds: list[int]) -> list[dict]:
     """The backdoored model of each (precision, SSL training seed): probe and kNN metrics (trains what is
     missing; the spread over training seeds is what a precision's effect is weighed against)."""
-    from .evaluate import evaluate_stage
+    from ..evaluate import evaluate_stage
 
     rows = []
     for precision in PRECISIONS:
@@ -138,7 +140,7 @@ def training_seed_rows(params: Params, seeds: list[int]) -> list[dict]:
 
 def publish(params: Params, seeds: list[int] | None = None) -> list[Path]:
     """Write the fp32-vs-bf16 table and, with ``seeds``, the table over SSL training seeds."""
-    from .plotting import save_table
+    from ..plotting import save_table
 
     table = pd.DataFrame(measure(params))
     written = [save_table(table, params.profile, "02_precision", "fp32_vs_bf16", published=True)]
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "--seeds", type=int, nargs="*", default=None, help="with --publish: also the table over these SSL seeds"
     )
     args = parser.parse_args(argv)
-    from .notebook import setup
+    from ..notebook import setup
 
     params = setup(args.params)
     if args.run:

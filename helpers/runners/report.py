@@ -1,6 +1,6 @@
 """The HTML book: the executed notebooks and a landing page, built with Sphinx and myst-nb.
 
-    python -m helpers.report [--profile cifar10] [--out build/report]      # make report
+    python -m helpers.runners.report [--profile cifar10] [--out build/report]      # make report
 
 Why Sphinx + myst-nb (with the book theme): it is what Jupyter Book 1 is built on, without the extra layer;
 it is pure Python, so the project's pip pins hold it (Jupyter Book 2 runs on the Node.js MyST engine,
@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import io, paths
+from .. import io, paths
 
 LANDING = paths.NOTEBOOKS_DIR / "index.md"
-CONF = """# Written by helpers.report: the book's Sphinx configuration.
+CONF = """# Written by helpers.runners.report: the book's Sphinx configuration.
 project = "PatchSearch and PoisonCAM, step by step"
 author = "the project's authors"
 extensions = ["myst_nb"]

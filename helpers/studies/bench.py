@@ -1,7 +1,7 @@
 """``make bench``: speed ratios of this project's kernels against the obvious implementation, measured
 in one run on this machine (each pair on the same inputs, outputs checked equal).
 
-    python -m helpers.bench [--data-root PATH] [--images N]
+    python -m helpers.studies.bench [--data-root PATH] [--images N]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, params
-from .kernels import paste_patches
+from .. import data, params
+from ..kernels import paste_patches
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -75,7 +75,7 @@ def bench_augment(n: int = 512, side: int = 32) -> None:
     import torchvision.transforms.v2 as T2
     from PIL import Image
 
-    from .augment import CIFAR_MEAN, CIFAR_STD, AugmentConfig, BatchAugment
+    from ..augment import CIFAR_MEAN, CIFAR_STD, AugmentConfig, BatchAugment
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
@@ -127,7 +127,7 @@ def ssl_rate(p, precision: str = "fp32", compile: bool = False, batch: int = 128
     """Images per second of ``train_ssl`` (two views each) after ``warmup`` steps, on random pixels."""
     import tempfile
 
-    from .train import train_ssl
+    from ..ssl import train_ssl
 
     warmup = 2 if compile else 1  # compilation happens in the first steps
     pixels = torch.randint(0, 256, (batch * (steps + warmup + 1), 3, 32, 32), dtype=torch.uint8)
@@ -148,7 +148,7 @@ def ssl_rate(p, precision: str = "fp32", compile: bool = False, batch: int = 128
 
 def profile_ssl():
     """The SSL setting of the cifar10 profile (MoCo-v2, ResNet-18/2, stride-2 stem, AdamW)."""
-    from .params import SSLParams
+    from ..params import SSLParams
 
     return dataclasses.replace(
         SSLParams(), width=32, stem_stride=2, optimizer="adamw", lr=1e-3, weight_decay=1e-4, crop_min_scale=0.4
@@ -157,10 +157,10 @@ def profile_ssl():
 
 def bench_precision() -> None:
     """bf16 autocast against fp32 on this machine: the SSL step, feature extraction and the flip test."""
-    from .cam import assign
-    from .compute import resolve_precision
-    from .evaluate import extract_features
-    from .search import flip_test, paste_locations
+    from ..compute import resolve_precision
+    from ..localize import assign
+    from ..models import extract_features
+    from ..search import flip_test, paste_locations
 
     if resolve_precision("auto") != "bf16":
         print("precision: this machine has no native bf16 (auto = fp32); bf16 ratios skipped")
@@ -216,8 +216,8 @@ def bench_precision() -> None:
 
 def bench_compile() -> None:
     """torch.compile of the SSL step (its networks) and of feature extraction, against eager mode."""
-    from .compute import resolve_precision
-    from .evaluate import extract_features
+    from ..compute import resolve_precision
+    from ..models import extract_features
 
     precision = resolve_precision("auto")
     eager = ssl_rate(profile_ssl(), precision, batch=256, steps=4)
@@ -248,7 +248,7 @@ def bench_side_by_side() -> None:
     """Two trainings at once, one thread each, against one training on every thread (the pipeline's choice)."""
     import multiprocessing as mp
 
-    from .compute import resolve_precision
+    from ..compute import resolve_precision
 
     cpus = torch.get_num_threads()
     if cpus < 2:
@@ -276,8 +276,8 @@ def bench_side_by_side() -> None:
 def bench_training(batch: int = 128, steps: int = 3) -> None:
     """SSL training throughput (images per second, two views each) per method and backbone, in the
     precision ``auto`` resolves to."""
-    from .compute import resolve_precision
-    from .params import SSLParams
+    from ..compute import resolve_precision
+    from ..params import SSLParams
 
     precision = resolve_precision("auto")
     for method, arch, width, stride in TRAINING_CASES:
@@ -300,8 +300,8 @@ def bench_training(batch: int = 128, steps: int = 3) -> None:
 def _cluster_model(width: int = 32, stride: int = 2, k: int = 100, seed: int = 0):
     """A randomly initialised ResNet-18 of the cifar10 profile's shape with k cluster centres taken from
     its own features (no trained model needed: speed does not depend on the weights)."""
-    from .cam import ClusterClassifier, Normaliser
-    from .models import ResNet
+    from ..localize import ClusterClassifier
+    from ..models import Normaliser, ResNet
 
     torch.manual_seed(seed)
     backbone = ResNet((2, 2, 2, 2), width, "cifar", stride).eval().to(memory_format=torch.channels_last)
@@ -315,8 +315,8 @@ def _cluster_model(width: int = 32, stride: int = 2, k: int = 100, seed: int = 0
 def bench_flip_test(n_candidates: int = 64, n_flip: int = 100, window: int = 12) -> None:
     """The batched flip test (candidates x flip images in large batches) against the official code's
     order: one candidate at a time, its flip images pasted one by one and forwarded as one batch."""
-    from .cam import assign
-    from .search import flip_test, flip_test_loop, paste_locations
+    from ..localize import assign
+    from ..search import flip_test, flip_test_loop, paste_locations
 
     model, norm, pixels = _cluster_model(k=n_flip)
     flips = pixels[:n_flip]
@@ -342,7 +342,7 @@ def bench_flip_test(n_candidates: int = 64, n_flip: int = 100, window: int = 12)
 
 def bench_grad_cam(n: int = 256) -> None:
     """Our batched Grad-CAM against the pytorch-grad-cam library on the same model and images."""
-    from .cam import grad_cam, grad_cam_library
+    from ..localize import grad_cam, grad_cam_library
 
     model, norm, pixels = _cluster_model()
     model.cam_layer_name = "layer2"
@@ -360,7 +360,7 @@ def bench_grad_cam(n: int = 256) -> None:
 
 def matmul_rate(n: int, dtype: torch.dtype = torch.bfloat16, repeat: int = 10) -> float:
     """FLOP/s of an ``n x n x n`` matrix product on the run's device (the peak the SSL step is held against)."""
-    from .compute import device_for_run
+    from ..compute import device_for_run
 
     device = device_for_run()
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -381,9 +381,9 @@ def ssl_flops_per_image(p, size: int = 32, batch: int = 8) -> float:
     counted by ``torch.utils.flop_counter`` on the run's device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .augment import BatchAugment
-    from .compute import device_for_run
-    from .train import augment_config, build_model
+    from ..augment import BatchAugment
+    from ..compute import device_for_run
+    from ..ssl import augment_config, build_model
 
     device = device_for_run()
     model = build_model(p, size).to(device)
@@ -399,12 +399,11 @@ def ssl_flops_per_image(p, size: int = 32, batch: int = 8) -> float:
 def profile_bench(prm) -> str:
     """A profile's network on this machine, as a Markdown table: the SSL step in fp32 and bf16 and the share of
     the measured bf16 matrix rate it reaches, feature extraction, the flip test batched and per candidate,
-    Grad-CAM and PoisonCAM's masked passes (``helpers.gpu``'s job J2 brings it back from the GPU)."""
-    from .cam import ClusterClassifier, Normaliser, assign, grad_cam_batched, make_masks, poisoncam_heatmaps
-    from .compute import device_for_run
-    from .evaluate import extract_features
-    from .models import backbone_for
-    from .search import flip_test, flip_test_loop, paste_locations
+    Grad-CAM and PoisonCAM's masked passes (``helpers.runners.gpu``'s job J2 brings it back from the GPU)."""
+    from ..compute import device_for_run
+    from ..localize import ClusterClassifier, assign, grad_cam_batched, make_masks, poisoncam_heatmaps
+    from ..models import Normaliser, backbone_for, extract_features
+    from ..search import flip_test, flip_test_loop, paste_locations
 
     gpu = torch.cuda.is_available()
     device = device_for_run()

@@ -1,9 +1,9 @@
 """Runner: compute the expensive stages side by side, then execute every notebook in order with papermill
 and regenerate ``figures/<profile>/``.
 
-    python -m helpers.reproduce --params params/cifar10.yaml [--data-root PATH] [--only 01_attack]
+    python -m helpers.runners.reproduce --params params/cifar10.yaml [--data-root PATH] [--only 01_attack]
 
-First ``helpers.pipeline`` computes the SSL models and the defenses, several stages at once (one per core
+First ``helpers.runners.pipeline`` computes the SSL models and the defenses, several stages at once (one per core
 on a CPU); the notebooks then find them in the cache (``--no-pipeline`` lets the notebooks compute them
 one after another instead). The percent-format ``.py`` notebooks are the source; each executed copy goes
 to ``runs/<profile>/<UTC time>/`` with the effective params beside it, and the figures and tables to
@@ -16,10 +16,10 @@ their outputs, over the ``.ipynb`` pairs in ``notebooks/`` (``publish_notebook``
 GitHub sees every figure without running anything. Any other run leaves both untouched.
 
 Before anything runs, the profile's shipped checkpoints (``figures/<profile>/checkpoints/``, see
-``helpers.checkpoints``) that match the params, code and data are verified and copied into the cache, so
+``helpers.runners.checkpoints``) that match the params, code and data are verified and copied into the cache, so
 that a fresh clone trains nothing. ``--retrain`` (``make reproduce RETRAIN=1``) installs none and computes
 every stage again from nothing. If no data root exists and the dataset is CIFAR-10, it is downloaded first
-(``helpers.fetch_data``: the same files as the shared copy, checked by their manifest).
+(``helpers.runners.fetch``: the same files as the shared copy, checked by their manifest).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import io, paths
-from . import params as params_mod
+from .. import io, paths
+from .. import params as params_mod
 
 KERNEL_NAME = "python3"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"  # tqdm's bars in a notebook kernel
-log = logging.getLogger("helpers.reproduce")
+log = logging.getLogger("helpers.runners.reproduce")
 
 
 def git_commit() -> str:
@@ -59,7 +59,7 @@ def git_commit() -> str:
 def effective_params(params_path: Path, data_root: str | None, fetch: bool = True) -> params_mod.Params:
     """The params with the data root resolved. Where no root is named and none is found, CIFAR-10 is
     downloaded to ``data/cifar10`` (``fetch``); otherwise a missing root fails early, saying how to get it."""
-    from .data import DataError
+    from ..paths import DataError
 
     p = params_mod.load(params_path)
     if data_root:
@@ -69,7 +69,7 @@ def effective_params(params_path: Path, data_root: str | None, fetch: bool = Tru
     except DataError as missing:
         if not (fetch and p.data.dataset == "cifar10" and not p.data.root and not os.environ.get(paths.DATA_ROOT_ENV)):
             raise
-        from . import fetch_data
+        from . import fetch as fetch_data
 
         target = paths.DEFAULT_DATA_ROOTS["cifar10"][-1]
         log.info("no CIFAR-10 found (%s): downloading it to %s", missing, target)
@@ -103,7 +103,8 @@ def run(
     os.environ.setdefault("TQDM_MININTERVAL", "3")
     run_dir = paths.new_run_dir(paths.runs_dir() / params.profile)
     output = run_dir / "figures"  # a published run too: its files replace figures/<profile>/'s only at the end
-    from . import cache, checkpoints
+    from .. import cache
+    from . import checkpoints
 
     # What the pipeline's processes and the notebooks' kernels inherit: where to write, the stage log, and
     # for a retrain the time before which every cached result counts as a miss.
@@ -160,12 +161,12 @@ def run(
 def _execute(
     params: params_mod.Params, run_dir: Path, notebooks: list[Path], pipeline: bool, progress: bool
 ) -> tuple[dict[str, float], dict[str, dict]]:
-    """Compute the stages (``helpers.pipeline``), then execute ``notebooks`` into ``run_dir``."""
+    """Compute the stages (``helpers.runners.pipeline``), then execute ``notebooks`` into ``run_dir``."""
     import jupytext
     import papermill
 
+    from ..cache import STAGE_LOG_ENV
     from . import pipeline as pipeline_mod
-    from .cache import STAGE_LOG_ENV
 
     effective = io.write_text(run_dir / "params.yaml", params_mod.dump(params))
     (run_dir / "stages").mkdir(exist_ok=True)  # which stages each part of the run looked up
@@ -257,7 +258,7 @@ def write_record(
     import torch
 
     tasks, stages, used = tasks or {}, stages or [], used or {}
-    figures = paths.figures_dir(params.profile)  # the run's output folder (helpers.reproduce sets it)
+    figures = paths.figures_dir(params.profile)  # the run's output folder (helpers.runners.reproduce sets it)
     record = {
         "profile": params.profile,
         "params_file": str(Path(params_path).resolve().relative_to(paths.REPO_ROOT))
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 "and training them on this CPU takes days: run the GPU queue first (make gpu-status), or pass "
                 "RETRAIN=1 to train everything here anyway"
             )
-    from .data import DataError
-    from .io import CheckpointError
+    from ..io import CheckpointError
+    from ..paths import DataError
     from .pipeline import PipelineError, stop_on_sigterm
 
     try:

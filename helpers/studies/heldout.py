@@ -1,6 +1,6 @@
 """Choosing a variant's SSL settings without the test split: kNN accuracy on held-out *training* images.
 
-    python -m helpers.heldout --params params/cifar10.yaml --name byol-default '{"ssl": {"method": "byol"}}' \
+    python -m helpers.studies.heldout --params params/cifar10.yaml --name byol-default '{"ssl": {"method": "byol"}}' \
         --name byol-m0996 '{"ssl": {"method": "byol", "momentum": 0.996}}' ...
 
 Each candidate (the profile with its overrides) trains its backdoored model (the cached ``ssl_poisoned``
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plotting
-from .data import decode_images, load_data, scan_image_folder
-from .evaluate import extract_features, knn_predict
-from .params import Params
-from .train import augment_config, load_backbone, train_stage
+from .. import plotting
+from ..data import decode_images, load_data, scan_image_folder
+from ..evaluate import knn_predict
+from ..models import extract_features
+from ..params import Params
+from ..ssl import augment_config, load_backbone, train_stage
 
 
 def heldout_images(params: Params, per_class: int = 500, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +62,7 @@ def heldout_knn(params: Params, pixels: np.ndarray, labels: np.ndarray, progress
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .notebook import setup
+    from ..notebook import setup
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params/cifar10.yaml")

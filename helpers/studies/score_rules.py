@@ -1,7 +1,7 @@
 """Which flip-test count tells poisons from clean candidates? Every count on one sample, per window side.
 
-    python -m helpers.score_study --run NAME [--run NAME ...] [--method poisoncam]   # compute
-    python -m helpers.score_study --publish cifar10 [--run NAME ...]                 # one table in figures/
+    python -m helpers.studies.score_rules --run NAME [--run NAME ...] [--method poisoncam]   # compute
+    python -m helpers.studies.score_rules --publish cifar10 [--run NAME ...]                 # one table in figures/
 
 The search scores the images it visits, and what it visits depends on the scores, so two counts are not
 compared by their searches alone. Here every count scores the same images: the first ``PER_CLUSTER``
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io, paths
-from . import params as params_mod
+from .. import io, paths
+from .. import params as params_mod
 
 PER_CLUSTER = 4  # sampled images per cluster: 400 of the cifar10 profile's 10,000 (about 10% poisons)
 SEEN = ("default",)  # in view when the cifar10-gpu profile's poisoncam_score (into_vs_flat) was chosen
@@ -42,8 +42,8 @@ def configuration(base: params_mod.Params, name: str) -> params_mod.Params:
 
 
 def result_path(params: params_mod.Params, name: str, method: str) -> Path:
-    from .cache import stage_dir
-    from .defense import with_method
+    from ..cache import stage_dir
+    from ..search import with_method
 
     cluster_key = stage_dir(with_method(params, method), "cluster_poisoned").name
     return paths.artifacts_dir() / "studies" / "score_rules" / f"{method}_{name}_{cluster_key}.npz"
@@ -53,11 +53,18 @@ def run(params: params_mod.Params, name: str, method: str) -> Path:
     """Destinations of the flip images under each sampled candidate and its two controls, every side."""
     import torch
 
-    from .attack import run_attack
-    from .cam import best_windows, cut_patches
-    from .data import load_data
-    from .defense import defense_context, heatmaps, search_masks, with_method
-    from .search import flat_patches, flip_destinations, paste_locations
+    from ..attack import run_attack
+    from ..data import load_data
+    from ..localize import best_windows, cut_patches
+    from ..search import (
+        defense_context,
+        flat_patches,
+        flip_destinations,
+        heatmaps,
+        paste_locations,
+        search_masks,
+        with_method,
+    )
 
     p = with_method(params, method)
     out = result_path(params, name, method)
@@ -90,7 +97,7 @@ def counts(z, w: int) -> dict[str, np.ndarray]:
     ``changed_vs_grey`` is ``changed_vs_flat`` with the grey square as the control."""
     import torch
 
-    from .search import SCORE_RULES, _flip_hits
+    from ..search import SCORE_RULES, _flip_hits
 
     after, flat, grey = (torch.from_numpy(z[f"{label}_w{w}"]) for label in ("after", "flat", "grey"))
     before, own = torch.from_numpy(z["before"])[None], torch.from_numpy(z["cluster"])[:, None]
@@ -129,13 +136,15 @@ def rows(z, name: str, method: str, sweep: list[int]) -> list[dict]:
 
 
 def publish(base: params_mod.Params, names: list[str], method: str) -> pd.DataFrame:
-    from .plotting import save_table
+    from ..plotting import save_table
 
     found = []
     for name in names:
         path = result_path(configuration(base, name), name, method)
         if not path.is_file():
-            raise SystemExit(f"{path}: no result for {name}; run `python -m helpers.score_study --run {name}` first")
+            raise SystemExit(
+                f"{path}: no result for {name}; run `python -m helpers.studies.score_rules --run {name}` first"
+            )
         with np.load(path) as z:
             found += rows(z, name, method, base.search.window_sweep)
     table = pd.DataFrame(found)
@@ -143,12 +152,12 @@ def publish(base: params_mod.Params, names: list[str], method: str) -> pd.DataFr
     save_table(table, base.profile, "05_search", "score_rules_long", published=True)
     wide = wide[["configuration", "seen", "window", *COUNTS]]
     save_table(wide, base.profile, "05_search", "score_rules", published=True)
-    from .reproduce import git_commit
+    from ..runners.reproduce import git_commit
 
     record = [
         "# Flip-test counts on one sample: record",
         "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.score_study {' '.join(sys.argv[1:])}`",
+        f"- published at commit `{git_commit()}` by `python -m helpers.studies.score_rules {' '.join(sys.argv[1:])}`",
         f"- {method}'s heatmaps; {PER_CLUSTER} images per cluster; configurations seen while choosing a count: "
         f"{', '.join(SEEN)}",
     ]

@@ -1,15 +1,11 @@
-"""Poison classifier: early stopping, proxy validation and pool, patch pasting."""
+"""Poison classifier: early stopping, proxy validation and pool, patch pasting; the filtered list's wiring."""
 
 import numpy as np
+import pytest
 import torch
 
-from helpers.poison_classifier import (
-    EarlyStopping,
-    f1_score,
-    paste_random_patches,
-    proxy_validation,
-    training_pool,
-)
+from helpers import classify, params
+from helpers.classify import EarlyStopping, f1_score, paste_random_patches, proxy_validation, training_pool
 
 
 def test_early_stopping_on_a_synthetic_f1_sequence():
@@ -60,10 +56,10 @@ def test_a_diverging_classifier_stops_and_names_its_keys():
 
     import pytest
 
-    from helpers.cam import Normaliser
+    from helpers.classify import train_classifier
+    from helpers.compute import TrainingDiverged
+    from helpers.models import Normaliser
     from helpers.params import ClassifierParams
-    from helpers.poison_classifier import train_classifier
-    from helpers.train import TrainingDiverged
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -82,3 +78,17 @@ def test_a_diverging_classifier_stops_and_names_its_keys():
         train(float("inf"))
     _, history = train(0.01)
     assert [h["iteration"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_the_filtered_icutmix_model_uses_the_plain_defense(monkeypatch):
+    """'PatchSearch + i-CutMix' retrains with i-CutMix on the list filtered with the plain model's defense."""
+    seen = []
+    monkeypatch.setattr(classify, "classifier_stage", lambda p, variant, progress: seen.append(p) or _raise())
+    base = params.from_dict({"profile": "x", "ssl": {"icutmix": True}})
+    with pytest.raises(KeyError):
+        classify.kept_indices(base)
+    assert seen[0].ssl.icutmix is False and seen[0].search == base.search
+
+
+def _raise():
+    raise KeyError("stop")

@@ -8,7 +8,7 @@ import torch
 
 from helpers import io, paths
 from helpers.params import SSLParams
-from helpers.train import lr_at, train_ssl
+from helpers.ssl import lr_at, train_ssl
 
 PIXELS = torch.randint(0, 256, (48, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 
@@ -86,7 +86,8 @@ def test_ddp_with_two_cpu_processes(tmp_path):
 
 def test_a_diverging_training_stops_names_its_keys_and_is_not_cached(tiny_params):
     from helpers.cache import stage_dir
-    from helpers.train import TrainingDiverged, train_stage
+    from helpers.compute import TrainingDiverged
+    from helpers.ssl import train_stage
 
     p = dataclasses.replace(tiny_params, ssl=tiny(epochs=2, batch_size=4, lr=1e30))
     with pytest.raises(

@@ -15,21 +15,44 @@ As in the paper and its code (``patch_search_poison_classifier.py``):
 - an ensemble of ``n_models`` classifiers (seeds ``seed + m``) whose logits are averaged; images it
   calls poisonous are removed. (The official code can append a model twice when an epoch ends before the
   iteration budget; here every model is trained and kept exactly once.)
+
+Notebook 06's stage ``classifier_stage`` writes the filtered training list; ``ENSEMBLES`` and
+``ensemble_removed`` say what another ensemble rule would remove from the same members' logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import io
 from .augment import AugmentConfig, BatchAugment
-from .compute import autocast, check_finite, fp32_region
+from .cache import cached_stage
+from .cluster import check_variant, defense_ids, training_set
+from .compute import autocast, check_finite, device_for_run, fp32_region
+from .data import write_file_list
 from .kernels import paste_patches
-from .models import ResNet
-from .params import ClassifierParams
+from .localize import (
+    cut_patches,
+    localization_baselines,
+    window_hits_any,
+)
+from .models import Normaliser, ResNet
+from .params import ClassifierParams, Params
+from .search import (
+    load_search,
+    search_stage,
+    top_k_accuracy,
+)
+from .ssl import augment_config, train_stage
 
 
 class PoisonNet(nn.Module):
@@ -186,3 +209,131 @@ def training_pool(
     drop = set(ranking[: int(round(exclude_top * n))].tolist()) | set(np.asarray(val_idx).tolist())
     pool = np.array(sorted(set(range(n)) - drop), dtype=np.int64)
     return pool if ids is None else pool[np.argsort(ids[pool], kind="stable")]
+
+
+def classifier_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
+    """The poison classifier ensemble over the search's top-k patches; writes the filtered and the removed
+    training lists (``filtered.txt``, ``removed.txt``) and every image's scores (``scores.csv``)."""
+    check_variant(variant)
+    c = params.classifier
+    search_dir = search_stage(params, variant, progress)
+
+    def compute(out: Path, final: Path) -> None:
+        start = time.perf_counter()
+        found = load_search(search_dir)
+        pixels, images = training_set(params, variant, progress)
+        w, ranking = found["window"], found["ranking"]
+        top = ranking[: c.top_k]
+        corners = torch.as_tensor(found["corners"][top])
+        patches = cut_patches(pixels[torch.as_tensor(top)], corners[:, 0], corners[:, 1], w)
+        val_idx, val_labels = proxy_validation(ranking[found["scored"][ranking]], c.top_k)  # among scored images
+        pool = training_pool(ranking, c.exclude_top, val_idx, defense_ids(params, pixels))
+        cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
+        normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
+        logits, histories = [], []
+        for m in range(c.n_models):
+            model, history = train_classifier(
+                pixels,
+                pool,
+                patches,
+                w,
+                val_idx,
+                val_labels,
+                c,
+                cfg_ssl.mean,
+                cfg_ssl.std,
+                c.seed + m,
+                normalise,
+                progress,
+                params.compute.precision,
+            )
+            histories += [{"model": m, **h} for h in history]
+            logits.append(predict_logits(model, normalise, pixels, precision=params.compute.precision).numpy())
+        logits = np.stack(logits)
+        mean_logits = logits.mean(0)
+        removed = mean_logits.argmax(1) == 1
+        io.save_npz(out / "classifier.npz", logits=logits, removed=removed)
+        write_file_list(out / "filtered.txt", images.subset(np.flatnonzero(~removed)))
+        write_file_list(out / "removed.txt", images.subset(np.flatnonzero(removed)))
+        table = pd.DataFrame(
+            {
+                "index": np.arange(len(pixels)),
+                "path": images.paths,
+                "poison_score": found["scores"],
+                "scored": found["scored"],
+                "classifier_logit": mean_logits[:, 1] - mean_logits[:, 0],
+                "removed": removed,
+            }
+        )
+        io.write_text(out / "scores.csv", table.to_csv(index=False))
+        io.write_text(out / "history.csv", pd.DataFrame(histories).to_csv(index=False))
+        io.write_json(
+            out / "summary.json",
+            {
+                "removed": int(removed.sum()),
+                "n": len(removed),
+                "pool": len(pool),
+                "seconds": time.perf_counter() - start,
+            },
+        )
+
+    return cached_stage(f"classifier_{variant}", params, compute).path
+
+
+def filtered_model_stage(params: Params, icutmix: bool | None = None, progress: bool = True) -> Path:
+    """The cached ``ssl_filtered`` stage: the SSL model retrained on the poisoned set minus what the defense
+    of ``params.search.method`` removed (with ``icutmix``: the paper's "PatchSearch + i-CutMix")."""
+    return train_stage(params, "filtered", icutmix, progress, keep=lambda: kept_indices(params, progress))
+
+
+def kept_indices(params: Params, progress: bool = False) -> np.ndarray:
+    """Indices of the poisoned training set the defense of ``params.search.method`` keeps. The defense
+    always inspects the model trained without i-CutMix (``ssl.icutmix`` only changes how the final model
+    is retrained on the filtered set: the paper's "PatchSearch + i-CutMix")."""
+    params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=False))
+    z = np.load(classifier_stage(params, "poisoned", progress) / "classifier.npz")
+    return np.flatnonzero(~z["removed"])
+
+
+def detection_metrics(
+    found: dict, removed: np.ndarray, poison: np.ndarray, boxes: np.ndarray, image_size: int, k: int = 20
+) -> dict:
+    """A row of the paper's Table 1 (ground truth: for evaluation only): top-k accuracy of the search's
+    ranking, recall, precision and total of the classifier's removals, and how often the candidate window
+    of a scored poisoned image hits its trigger, beside how often a window of the same side at the image
+    centre, or at a random place, would (``localize.localization_baselines``). ``boxes``: ``N x >=3`` or
+    ``N x copies x >=3`` (an image with several triggers is hit when any of them is): the true boxes of the
+    scored poisons (``np.flatnonzero(found["scored"] & poison)``, in that order)."""
+    scored_poisons = np.flatnonzero(found["scored"] & poison)
+    corners = found["corners"][scored_poisons]
+    w = found["window"]
+    hits = window_hits_any(corners[:, 0], corners[:, 1], w, boxes)
+    baselines = localization_baselines(boxes, w, image_size)
+    return {
+        "poisons": int(poison.sum()),
+        "w": found["window"],
+        f"top-{k} acc (%)": 100 * top_k_accuracy(found["ranking"], poison, k),
+        "recall (%)": 100 * (removed & poison).sum() / poison.sum(),
+        "precision (%)": 100 * (removed & poison).sum() / max(removed.sum(), 1),
+        "total removed": int(removed.sum()),
+        "clean removed (%)": 100 * (removed & ~poison).sum() / max((~poison).sum(), 1),
+        "trigger hit, scored poisons (%)": 100 * hits.mean() if len(hits) else float("nan"),
+        **{f"{name} window hit (%)": 100 * rate for name, rate in baselines.items()},
+    }
+
+
+# How the ensemble's five members decide together. "mean" is the paper's and the official code's (average the
+# members' logits, take the argmax); "unanimous" removes an image only where every member calls it poison. The
+# members differ only in their seed: an image that some of them call clean is one whose "poison" verdict rests
+# on the training draw, and on the poisoned set those are mostly clean images (06_false_removals.md).
+ENSEMBLES = ("mean", "unanimous")
+
+
+def ensemble_removed(logits: np.ndarray, rule: str) -> np.ndarray:
+    """Which images an ensemble removes, from its members' ``M x N x 2`` logits (``classifier.npz``)."""
+    margins = logits[..., 1] - logits[..., 0]  # > 0: that member calls the image poison
+    if rule == "mean":
+        return margins.mean(0) > 0
+    if rule == "unanimous":
+        return (margins > 0).all(0)
+    raise ValueError(f"unknown ensemble rule {rule!r} (known: {', '.join(ENSEMBLES)})")

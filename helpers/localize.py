@@ -8,7 +8,7 @@ cosine between the image's feature and centre k), so an image's "class" is its c
   batched over images in one forward and one backward pass. ResNets use ``layer4``; ViTs the last
   block's ``norm1`` with the prefix (CLS) tokens dropped and the patch tokens laid out on their grid, and
   the target is the cluster for both families (the official ViT path targets the largest CLS-feature
-  dimension instead, a defect not copied here). ``tests/test_cam.py`` checks the heatmaps against the
+  dimension instead, a defect not copied here). ``tests/test_localize.py`` checks the heatmaps against the
   ``pytorch-grad-cam`` library (``grad_cam_library``).
 - PoisonCAM: cluster activation masking (``poisoncam_heatmaps``). The paper leaves these choices open;
   ours, each a parameter or stated here:
@@ -45,7 +45,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compute import autocast, fp32_region
-from .models import Normaliser  # noqa: F401 (read from here too)
 
 
 class ClusterClassifier(nn.Module):
@@ -185,22 +184,6 @@ def make_masks(strategy: str, n_masks: int, size: int, grid: int, keep: float = 
         ranks = torch.rand(grid * grid, n_masks, generator=g).argsort(dim=1).argsort(dim=1)
         cells = (ranks >= n_hidden).float().T.reshape(n_masks, 1, grid, grid)
     return F.interpolate(cells, size=(size, size), mode="nearest")
-
-
-@torch.no_grad()
-def cluster_outlier_stats(features: np.ndarray, assignment: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Per cluster, the mean and std of its members' cosine distance to its centre (``k x 2``)."""
-    f = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
-    c = F.normalize(torch.as_tensor(centroids, dtype=torch.float32), dim=1)
-    a = torch.as_tensor(assignment, dtype=torch.long)
-    d = 1 - (f * c[a]).sum(1)
-    k = len(c)
-    count = torch.bincount(a, minlength=k).clamp_min(1).double()
-    mean = torch.zeros(k, dtype=torch.float64).index_add_(0, a, d.double()) / count
-    var = torch.zeros(k, dtype=torch.float64).index_add_(0, a, (d.double() - mean[a]) ** 2) / count
-    std = var.sqrt()
-    std[std == 0] = float(std[std > 0].mean()) if (std > 0).any() else 1.0
-    return torch.stack([mean, std], 1).float().numpy()
 
 
 @torch.no_grad()
