@@ -297,6 +297,22 @@ def mean_row(probe_table: pd.DataFrame, fraction: float) -> dict:
     }
 
 
+# A backdoor counts as planted when the patched-data ASR of the linear probe is at least ``PLANTED_ASR`` and at
+# least ``PLANTED_FACTOR`` times the clean model's ASR on the same patched images: the project's rule (notebooks
+# 02 and 07, ``helpers.studies``), chosen so that neither a high base rate nor a small absolute rise counts.
+PLANTED_ASR, PLANTED_FACTOR = 0.2, 4
+
+
+def backdoor_planted(asr: float, clean_asr: float) -> bool:
+    """Whether a model's ASR (a share) shows a backdoor, against the clean model's on the same patched data."""
+    return bool(asr >= PLANTED_ASR and asr >= PLANTED_FACTOR * clean_asr)
+
+
+def planted_rule() -> str:
+    """The planted rule in words, from its constants."""
+    return f"an ASR of at least {PLANTED_ASR:.0%} and at least {PLANTED_FACTOR}x the clean model's"
+
+
 def goal_checks(asr: float, clean_asr: float, acc: float, clean_acc: float, rich_share: float) -> dict[str, bool]:
     """The study's goal for one run, part by part (fractions, not %): the 10%-label probe's ASR at least 20%
     and at least 5x the clean model's, clean accuracy within 3 points of the clean model's, and at least

@@ -40,7 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # the notebooks' setup, the stage registry and this module. The runners (``helpers.runners``) and the side
 # studies (``helpers.studies``) are sub-packages that no stage module imports (``tests/test_stages.py``).
 NOT_RESULT_CODE = frozenset(
-    {"__init__", "cache", "fingerprint", "io", "params", "paths", "plotting", "notebook", "stages"}
+    {"__init__", "cache", "fingerprint", "io", "params", "paths", "plotting", "notebook", "stages", "paper"}
 )
 SUBPACKAGES = ("runners", "studies")
 

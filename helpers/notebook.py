@@ -119,3 +119,68 @@ def opening(params: Params, notebook: str) -> str:
         text += ", none of which needs a shipped checkpoint: they take seconds."
     lines.append(text)
     return "\n\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _share(x: float) -> str:
+    """A share as a percentage with as many decimals as it needs (0.5% stays 0.5%, 50% stays 50%)."""
+    return f"{100 * x:.{0 if abs(100 * x - round(100 * x)) < 1e-9 else 1}f}%"
+
+
+def attack_settings(params: Params, train_shape: tuple[int, int, int, int], n_poisoned: int) -> str:
+    """The paper's attack (``params/paper.yaml``) beside the profile's, as a Markdown table computed from both
+    files, so neither column can drift from what runs. ``train_shape``: the training pixels' ``N x C x H x W``."""
+    from . import paper
+    from .attack import trigger_side
+
+    s, a = paper.setting, params.attack
+    n, _, h, w = train_shape
+    side = trigger_side(a, h, w)
+    paper_side = s("trigger_px")
+    copies = f", {a.n_copies} per image" if a.n_copies > 1 else ""
+    rows = [
+        ("data", f"{s('dataset')}: {s('train_images'):,} images of {s('image_px')} px",
+         f"{params.data.dataset}: {n:,} images of {h} px"),
+        ("trigger", "HTBA: a random colour grid, upsampled",
+         "the same, seeded" if a.trigger == "random" else f"the image `{a.trigger}`"),
+        ("trigger side", f"{paper_side} px ({_share(paper_side**2 / s('image_px') ** 2)} of the area)",
+         f"{side} px ({_share(side * side / (h * w))} of the area){copies}"),
+        ("poisoned", f"{_share(s('poison_rate'))} of the target category ({_share(s('poison_share'))} of the data)",
+         f"{_share(a.poison_rate)} of the target category ({_share(n_poisoned / n)} of the data)"),
+        ("training trigger's top-left corner", f"uniform in [{s('train_margin'):g} W, {1 - s('train_margin'):g} W - w]",
+         f"uniform in [{a.train_margin:g} W, {1 - a.train_margin:g} W - w]"),
+        ("patched validation images", f"every non-target image, corner in [{s('val_margin'):g} W, "
+         f"{1 - s('val_margin'):g} W - w]", f"every non-target image, corner in [{a.val_margin:g} W, "
+         f"{1 - a.val_margin:g} W - w]"),
+    ]  # fmt: skip
+    return _table(rows, ("", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
+
+
+def training_settings(params: Params, train_shape: tuple[int, int, int, int]) -> str:
+    """The paper's victim training (``params/paper.yaml``) beside the profile's ``ssl`` and ``compute``
+    sections, as a Markdown table computed from both files."""
+    from . import paper
+    from .attack import trigger_side
+
+    s, q, a = paper.setting, params.ssl, params.attack
+    n, _, h, w = train_shape
+    side = trigger_side(a, h, w)
+    copies = f", {a.n_copies} per image" if a.n_copies > 1 else ""
+    arch = q.arch if q.arch != "resnet18" else "ResNet-18" + (f" at {q.width / 64:g} width" if q.width != 64 else "")
+    stem = f", stride-{q.stem_stride} stem" if q.stem_stride != 1 else ""
+    rows = [
+        ("data", f"{s('train_images'):,} images of {s('image_px')} px", f"{n:,} images of {h} px"),
+        ("backbone", s("backbone"), f"{arch}{stem}"),
+        ("training", f"{s('epochs')} epochs, {s('optimizer')}", f"{q.epochs} epochs, {q.optimizer} (lr {q.lr:g})"),
+        ("trigger", f"{s('trigger_px')} px on {_share(s('poison_rate'))} of the target",
+         f"{side} px on {_share(a.poison_rate)} of the target{copies}"),
+        ("crops", f"scale {s('crop_min_scale'):g}-1", f"scale {q.crop_min_scale:g}-1"),
+        ("precision", s("precision"), f"SSL pre-training {params.compute.ssl_precision}; every other pass "
+         f"{params.compute.precision} (losses and scores in fp32)"),
+    ]  # fmt: skip
+    return _table(rows, ("", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))

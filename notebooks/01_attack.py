@@ -29,15 +29,8 @@
 # not the trigger, not the target, not which images are poisoned. The ground truth written here is for
 # **evaluation only**.
 #
-# This notebook plants the attack with the paper's settings, scaled to the profile's image size:
-#
-# | setting | paper (ImageNet-100, 224 px) | here |
-# |---|---|---|
-# | trigger | HTBA: a random 4x4 colour grid, upsampled | the same, seeded (or your PNG) |
-# | trigger side | 50 px (~5% of the area) | `attack.trigger_size` x the shorter side, or `attack.trigger_px` |
-# | poisoned | 50% of the target category (0.5% of the data) | `attack.poison_rate` of the target |
-# | location, training poisons | top-left uniform in [0.25 W, 0.75 W - w] | `attack.train_margin` (the profile: 0.05, nearly the whole image) |
-# | location, patched validation | [0.10 W, 0.90 W - w] on every non-target image | `attack.val_margin` |
+# This notebook plants the attack with the paper's settings, scaled to the profile's image size: the table
+# under *Planting the attack* sets the paper's (`params/paper.yaml`) beside the profile's.
 
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
@@ -96,6 +89,9 @@ plotting.save_table(counts, P.profile, NB, "counts")
 print("attack outputs:", paths.shown(A.path))
 counts
 
+# %% tags=["remove-input"]
+notebook.show_markdown(notebook.attack_settings(P, tuple(D.train.pixels.shape), A.poison_idx.size))
+
 # %% [markdown]
 # ## Poisoned training images
 # Top row: clean originals; bottom row: the same images as the victim receives them, with the trigger
@@ -143,9 +139,9 @@ plotting.savefig(fig, P.profile, NB, "patched_val", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## Where the triggers land
-# Top-left corners of the triggers, training poisons and patched validation images. With the paper's 25%
-# margin and a trigger of 14% of the area at 32 px, every training trigger would overlap the image centre:
-# a defense that simply guessed "the centre" would find them all. The profile spreads the training
+# Top-left corners of the triggers, training poisons and patched validation images. With the paper's
+# margin (`params/paper.yaml`) and a trigger of this profile's share of a small image, every training trigger
+# would overlap the image centre: a defense that simply guessed "the centre" would find them all. The profile spreads the training
 # triggers over nearly the whole image (`attack.train_margin`), and the table below measures what such a guess
 # would get: the share of training triggers that a fixed window at the centre hits (overlap of at least
 # half the smaller of the two, `localize.window_hits`), for windows of several sides. The localizations of
@@ -213,5 +209,5 @@ print("ground truth (evaluation only):", paths.shown(A.path / "ground_truth" / "
 # 2. **Another trigger.** Try `{"attack": {"trigger_seed": 11}}` and `{"attack": {"trigger_grid": 2}}`.
 #    Which trigger would you expect a network to notice more easily, and why (colour contrast, edges)?
 # 3. **How many poisons?** With `{"attack": {"poison_rate": 0.5}}`, predict the `counts` table (poisoned
-#    images, share of the training set), rerun and check. The paper poisons 0.5% of its training set;
-#    what rate is that here?
+#    images, share of the training set), rerun and check. Which `poison_rate` would poison the paper's
+#    share of the whole training set (the table above) here?

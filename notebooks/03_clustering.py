@@ -25,8 +25,8 @@
 # them similar: the poisons should gather in a few clusters, and the trigger should be what holds those
 # clusters together. The cluster centres also become the "classifier" that the next notebook explains.
 #
-# The number of clusters scales with the data: the paper uses 1,000 clusters for ImageNet-100's 127k
-# images (about 127 per cluster); this profile keeps about the same number of images per cluster.
+# The number of clusters scales with the data: the paper keeps about a hundred images per cluster (its
+# `clusters` for its `train_images` in `params/paper.yaml`); this profile's `cluster.k` keeps about as many.
 #
 # **Ground truth is shown here for teaching only.** The defense itself never sees which images are
 # poisoned.
@@ -197,7 +197,7 @@ print(f"flip-test set: {len(flip)} images, {poison[flip].sum()} of them poisoned
 #
 # 1. **Fewer, larger clusters.** With `overrides={"cluster": {"k": 50}}`, predict whether the share of
 #    poisons in poison-rich clusters (printed above) rises or falls, then rerun and check. Then try
-#    `{"cluster": {"k": 200}}`. The paper uses about 127 images per cluster: which k is closest here?
+#    `{"cluster": {"k": 200}}`. Which k comes closest to the paper's images per cluster here?
 # 2. **Without the trigger.** Cluster the clean model's embedding (`cluster.cluster_stage(P, "clean")`)
 #    and find the cluster holding the most images of the target class. Is it as pure as the most
 #    poisoned cluster above? What holds each together?

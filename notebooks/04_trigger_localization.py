@@ -24,11 +24,11 @@
 # cluster. The candidate trigger of an image is the `w x w` window where its heatmap is largest.
 #
 # - **PatchSearch** explains the cluster logit with **Grad-CAM** at the ResNet stage `search.cam_layer`
-#   (for a ViT, the last block's `norm1` tokens on their grid). The paper uses `layer4`, a 7x7 grid at
-#   224 px; at 32 px `layer4` is a 2x2 grid, so this profile uses `layer2`, an 8x8 grid, the nearest to the
-#   paper's resolution (the setup cell prints the layer and its grid). Our batched Grad-CAM equals the
-#   `pytorch-grad-cam` library's maps within 1e-4 (`tests/test_localize.py`).
-# - **PoisonCAM** masks the image B times (B = 256 random masks with *full coverage*: every pixel hidden
+#   (for a ViT, the last block's `norm1` tokens on their grid). The paper uses `layer4`, a 7x7 grid on its
+#   large images; on a small image `layer4` is a grid of a few cells, so this profile uses an earlier stage
+#   whose grid is the nearest to the paper's resolution (the setup cell prints the layer and its grid). Our
+#   batched Grad-CAM equals the `pytorch-grad-cam` library's maps within `1e-4` (`tests/test_localize.py`).
+# - **PoisonCAM** masks the image B times (B = `search.masks` random masks with *full coverage*: every pixel hidden
 #   by exactly half of them) and measures how far each masked copy falls from its cluster (a z-score of the
 #   cosine distance among the cluster's members: the *clustering outlier score*). A pixel's heat is the
 #   mean score of the masks that hide it minus that of the masks that keep it: hiding a trigger throws a
@@ -66,7 +66,7 @@ print(f"Grad-CAM layer: {P.search.cam_layer}; PoisonCAM masks: {P.search.mask_gr
 # ## Heatmaps of both methods
 # A seeded sample of poisoned images, and as many clean ones. The figure shows six of each, the clean ones
 # from six different classes. PoisonCAM's maps are blocky by construction: its masks hide whole cells of a
-# `search.mask_grid` x `search.mask_grid` grid (4 px cells here), so every pixel of a cell gets the same
+# `search.mask_grid` x `search.mask_grid` grid (cells of a few pixels here), so every pixel of a cell gets the same
 # heat. Grad-CAM's map comes from an 8x8 feature grid, upsampled smoothly.
 
 # %%
@@ -303,7 +303,7 @@ strategies
 # 1. **Fewer masks.** With `overrides={"search": {"masks": 64}}`, predict how PoisonCAM's hit rate in the
 #    localization table moves, then rerun and compare. Does it still beat the centre window?
 # 2. **Another layer.** `{"search": {"cam_layer": "layer3"}}` gives Grad-CAM a 4x4 grid instead of 8x8.
-#    Predict the effect on the hit rate at the trigger's side and at 4 px, then check.
+#    Predict the effect on the hit rate at the trigger's side and at `w = 4`, then check.
 # 3. **The hit rule.** Recompute the table with `localize.window_hits(..., min_cover=0.25)` and then `0.75`.
 #    Which numbers move more, the methods' or the baselines'? What does that tell you about how to
 #    report a localization rate?

@@ -24,9 +24,9 @@
 # hardest to move). The two papers count differently:
 # - PatchSearch: the flip-test images *flipped into* the candidate's cluster (not in it before pasting, in
 #   it after). A count, never negative. (The official code subtracts the images in the cluster before from
-#   those after, which is -1 when a candidate pushes its own cluster's flip image out; not used here.)
-# - PoisonCAM (its Sec. 5.5): the flip-test images whose assignment *changes*, in any direction. At 32 px
-#   this count ranks near-blank squares first: a flip image sits so close to a second cluster that any
+#   those after, which is $-1$ when a candidate pushes its own cluster's flip image out; not used here.)
+# - PoisonCAM (its Sec. 5.5): the flip-test images whose assignment *changes*, in any direction. On small
+#   images this count ranks near-blank squares first: a flip image sits so close to a second cluster that any
 #   occluder moves it (section "Which count?" below). A profile may therefore count PoisonCAM's flips with an
 #   **occlusion control** (`search.poisoncam_score`): `into_vs_flat` counts the flips into the candidate's
 #   cluster that a flat square of the candidate's mean colour, pasted at the same places, does not cause.
@@ -37,8 +37,8 @@
 # per-candidate loop like the official code's (same scores, same seed).
 #
 # **Iterative search.** Scoring every image is wasteful when poisons gather in a few clusters. Each round
-# every surviving cluster gives `s = 2` random unscored images; a cluster's score is the best score of
-# its images; the lowest `r = 25%` of the clusters are pruned. If the poisoned clusters score highest,
+# every surviving cluster gives `search.samples_per_cluster` random unscored images; a cluster's score is
+# the best score of its images; the lowest `search.prune_fraction` of the clusters are pruned. If the poisoned clusters score highest,
 # they survive the longest and a growing share of each round's images are poisons; the rounds section
 # below measures whether they do.
 #
@@ -46,20 +46,20 @@
 # leaves `search.window_px` null and w is chosen from the data. The search runs for every w of
 # `search.window_sweep`, and four blind rules compare the sides:
 # - **RSD** (the paper's Figure 4): the w whose first-round scores have the largest relative standard
-#   deviation, std / mean. Every w scores the same first-round images (two per cluster, drawn before any
-#   score is known), so the populations compare. If w is wrong, most scores look alike.
-# - **contrast** (ours): on the same populations, the mean of the 20 highest scores minus the median
+#   deviation, std / mean. Every w scores the same first-round images (the same number per cluster, drawn
+#   before any score is known), so the populations compare. If w is wrong, most scores look alike.
+# - **contrast** (ours): on the same populations, the mean of the `search.window_top_k` highest scores minus the median
 #   score. Unlike the RSD it does not grow without bound when nearly every score is zero.
-# - **agreement** (ours): take the 20 best candidates of the search at w, paste each one's
+# - **agreement** (ours): take the `search.window_top_k` best candidates of the search at w, paste each one's
 #   window at the same places on the flip-test images and ask how often two candidates send an image to
 #   the *same* cluster; subtract the same agreement for random windows of the same side cut from the same
 #   images. A trigger is one pattern cut from many images: at the side that cuts it whole, the top
 #   candidates are copies of it and agree, and their random windows do not. A window so small or so large
 #   that it only occludes moves each flip image to its runner-up cluster whatever is pasted: located and
 #   random windows agree alike and the difference cancels.
-# - **pooled** (ours, the profile's): the agreement pooled over the pairs and averaged over 8 draws. The
-#   agreement rule's statistic is noisy where windows are small: a pair of 4 px candidates that move three
-#   flip images in common and agree on all three counts as fully as a pair that moves three hundred, and
+# - **pooled** (ours, the profile's): the agreement pooled over the pairs and averaged over several draws. The
+#   agreement rule's statistic is noisy where windows are small: a pair of tiny candidates that move a few
+#   flip images in common and agree on all of them counts as fully as a pair that moves hundreds, and
 #   one draw of paste places decides. Pooling counts, of every image two candidates both moved, the share
 #   they sent to the same cluster; the draws (`search.window_draws`) redraw the paste places and the random
 #   windows. It was chosen after seeing the window sweeps of six attack configurations and held on the two
@@ -80,7 +80,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from helpers import attack, cluster, data, localize, notebook, plotting, potency, search
+from helpers import attack, cluster, data, localize, notebook, paper, plotting, potency, search
 
 P = notebook.setup(params_path)
 NB = "05_search"
@@ -100,7 +100,7 @@ print(
 # ## Which w? (paper Figure 4)
 # Beside each side's blind statistics, two ground-truth columns for teaching: the top-20 accuracy of its
 # ranking, and the **score AUC**, the chance that a scored poison outscores a scored clean image (ties
-# count half; 0.5 is chance, below 0.5 the score prefers clean images).
+# count half; $0.5$ is chance, below $0.5$ the score prefers clean images).
 
 
 # %%
@@ -371,7 +371,7 @@ auc
 # %% [markdown]
 # ## Which count? Every flip-test count on the same images
 # The scores above come from two searches that visited different images, each steered by its own count.
-# `python -m helpers.studies.score_rules` scores one blind sample (the first 4 images of every cluster in the
+# `python -m helpers.studies.score_rules` scores one blind sample (the first few images of every cluster in the
 # defense's order) with every count at every side, PoisonCAM's heatmaps throughout, on the profile and on
 # variants of it (`figures/<profile>/05_search_score_rules*.md`; shown here when it exists). The `_vs_flat`
 # counts leave out what a flat square of the candidate's mean colour does at the same place; `changed_vs_grey`
@@ -401,7 +401,7 @@ else:
 
 # %% [markdown]
 # ## The top-ranked candidate triggers
-# The 20 best patches of each method (red title: cut from a poisoned image). These are what the poison
+# The top-ranked patches of each method (red title: cut from a poisoned image). These are what the poison
 # classifier of notebook 06 learns to find.
 
 # %%
@@ -422,7 +422,7 @@ for m, path in stages.items():
 # candidate patch (its Grad-CAM window) by the flip test, with no iterative search: the score says how
 # strongly a small region of a clean image can drag other images into its cluster. A category's
 # **potency** is its best patch's score; the total potency sums the categories. The paper finds i-CutMix
-# lowers the total by 71.3% (BYOL, ResNet-18) and 45.4% (MoCo-v3, ViT-B). Here both clean models of the
+# lowers the total (its shares are in `params/paper.yaml`, printed with the table below). Here both clean models of the
 # profile (MoCo-v2, without and with i-CutMix) are scored with the window side the search picked blind on
 # the clean set (`helpers.potency`).
 
@@ -440,7 +440,8 @@ table.loc[len(table)] = ["total", *totals.values()]
 reduction = 1 - totals["with i-CutMix"] / totals["without i-CutMix"] if totals["without i-CutMix"] else float("nan")
 lower = int((best["with i-CutMix"][0] < best["without i-CutMix"][0]).sum())
 higher = int((best["with i-CutMix"][0] > best["without i-CutMix"][0]).sum())
-table["paper (total reduction)"] = [""] * len(classes) + ["71.3% BYOL R18; 45.4% MoCo-v3 ViT-B"]
+published = "; ".join(f"{share:.1%} {setting}" for setting, share in paper.potency_reduction().items())
+table["paper (total reduction)"] = [""] * len(classes) + [published]
 plotting.save_table(table, P.profile, NB, "potency")
 trigger_best = float(found["patchsearch"]["scores"].max())
 holds = reduction > 0 and lower > higher
@@ -449,7 +450,7 @@ notebook.show_markdown(
     f"{best['without i-CutMix'][0].max():.0f} images into their cluster (total potency "
     f"{totals['without i-CutMix']:.0f}); with i-CutMix, up to {best['with i-CutMix'][0].max():.0f} (total "
     f"{totals['with i-CutMix']:.0f}). i-CutMix **{'lowers' if reduction > 0 else 'raises'} the total potency "
-    f"by {abs(reduction):.0%}** (paper: 71.3% for BYOL ResNet-18, 45.4% for MoCo-v3 ViT-B); it is lower in "
+    f"by {abs(reduction):.0%}** (paper: {published}); it is lower in "
     f"{lower} of {len(classes)} categories and higher in {higher}. The paper's claim that i-CutMix suppresses "
     f"the potency of single patches **{'holds' if holds else 'does not hold'}** here. For scale, the "
     f"backdoored model's best trigger candidate on the poisoned set scores {trigger_best:.0f} of its "
@@ -475,7 +476,7 @@ plotting.savefig(fig, P.profile, NB, "potency", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## Exercises
-# Each reruns one search (about 5-10 minutes for both methods on this CPU).
+# Each reruns one search (several minutes for both methods on this CPU).
 #
 # 1. **The paper's rule.** Before rerunning, read off the window sweep which w the RSD rule picks and
 #    its top-20 accuracy. Then run with `overrides={"search": {"window_rule": "rsd"}}` and check that

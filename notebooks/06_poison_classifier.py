@@ -23,16 +23,17 @@
 # data. The last step learns what the top candidate triggers look like and finds every image that
 # carries one. As in the paper:
 #
-# - a small ResNet (one block per stage, few channels) trained from scratch for 2 classes;
-# - training pool: all images except the top 10% by poison score (likely poisons, which would be noisy
+# - a small ResNet (one block per stage, few channels) trained from scratch for two classes;
+# - training pool: all images except the top `classifier.exclude_top` by poison score (likely poisons, which would be noisy
 #   "clean" labels) and the proxy-validation images;
-# - each training image gets, with probability 0.5, one of the top-k (k = 20) patches pasted at a random
+# - each training image gets, with probability `classifier.paste_p`, one of the top-k (`classifier.top_k`) patches pasted at a random
 #   place and size (label *poisonous*), else stays as it is (label *clean*); MoCo-v2 augmentations. The
 #   pasted side follows the window the search chose blind, never the trigger: the paper's range is
-#   [w/3, 4w/3) (20-80 px for w = 60), `classifier.paste_scale`;
+#   $[w/3, 4w/3)$, `classifier.paste_scale`;
 # - no labels exist for validation, so a **proxy validation set**: the top-k images as poisonous, the
-#   bottom-k as clean; F1 every 20 iterations, stop when `int(100 F1)` is unchanged for 10 evaluations;
-# - an ensemble of 5 such classifiers (averaged logits) decides; its "poisonous" images are removed.
+#   bottom-k as clean; F1 every `classifier.eval_every` iterations, stop when `int(100 F1)` is unchanged for `classifier.patience`
+#   evaluations;
+# - an ensemble of `classifier.n_models` such classifiers (averaged logits) decides; its "poisonous" images are removed.
 #
 # Both defenses share this step; they differ in the patches they hand to it.
 
@@ -62,7 +63,7 @@ stages = {m: classify.classifier_stage(search.with_method(P, m), "poisoned") for
 # %% [markdown]
 # ## What the classifier is trained on
 # A batch as the classifier sees it (before colour augmentation), for each defense: the same eight
-# training images, drawn at random (seeded) from every class; label 1 = one of the defense's top-k
+# training images, drawn at random (seeded) from every class; label $1$ = one of the defense's top-k
 # patches was pasted on it, at a random place and a random side around its window w.
 
 # %%
@@ -89,7 +90,7 @@ plotting.savefig(fig, P.profile, NB, "training_batch", dpi=P.figures.dpi)
 # ## The pasting and one training step, written out
 # The stage pastes patches on a batch with one kernel call; here it is image by image. Each image gets,
 # with probability `classifier.paste_p`, one of the top-k patches, resized to a random side in
-# `classifier.paste_scale` times w, at a random place at least w/6 from the edges; its label is 1 if it
+# `classifier.paste_scale` times w, at a random place at least $w/6$ from the edges; its label is $1$ if it
 # got one. The random numbers are drawn in the kernel's order, so both give the same batch. One training
 # step is then an ordinary supervised step: forward, cross-entropy against the labels, backward, SGD.
 
@@ -295,11 +296,11 @@ for label in METHODS.values():
 # ## Exercises
 # The first uses the stored logits (seconds); the others retrain the ensemble (several minutes).
 #
-# 1. **Between the two rules.** From `classifier.npz`'s logits, remove the images that at least 4 of the
-#    5 members call poison. Predict recall and clean images removed between the mean and the unanimous
+# 1. **Between the two rules.** From `classifier.npz`'s logits, remove the images that all members but one
+#    call poison. Predict recall and clean images removed between the mean and the unanimous
 #    rule's, then compute them.
 # 2. **Fewer pasted patches.** With `overrides={"classifier": {"top_k": 5}}`, predict the recall and the
-#    false removals, then rerun. What does the classifier learn from 5 patches that it cannot from 20?
+#    false removals, then rerun. What does the classifier learn from a handful of patches that it cannot from the profile's `top_k`?
 # 3. **The paper's paste sizes.** `{"classifier": {"paste_scale": [0.3333, 1.3333]}}` pastes patches down
-#    to w/3. Predict the share of clean images removed per class (the `clean_removed_by_class` table)
+#    to $w/3$. Predict the share of clean images removed per class (the `clean_removed_by_class` table)
 #    and check: which classes suffer most, and why?

@@ -18,15 +18,15 @@
 # # 07 · Evaluation: does the backdoor work, and what do defenses change?
 #
 # The papers' protocol: freeze the SSL backbone, train a **linear probe** with a few clean labels
-# (1% and 10% of the training set, seeded class-balanced subsets, 5 seeds: mean ± std), then measure on
-# the validation set
+# (`eval.label_fractions` of the training set, seeded class-balanced subsets, `eval.probe_seeds` seeds:
+# mean ± std), then measure on the validation set
 #
 # - **Clean data**: accuracy, and **FP** = non-target images predicted as the target category;
 # - **Patched data** (every non-target validation image with the trigger): accuracy, FP, and the attack
 #   success rate **ASR = FP / number of non-target images**.
 #
 # A working backdoor leaves clean accuracy alone and drives patched FP up. kNN accuracy (all training
-# labels, k = 20) is a cheap extra. Here the probe is a logistic regression on features computed once
+# labels, `eval.knn_k` neighbours) is a cheap extra. Here the probe is a logistic regression on features computed once
 # (no augmentation): on a CPU that replaces the papers' probe trained for epochs on augmented images.
 #
 # This notebook produces, for the profile being run, the paper's Table 2 rows **Clean**, **Backdoored**,
@@ -45,7 +45,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
-from helpers import attack, cache, classify, cluster, data, evaluate, io, notebook, params, plotting, search
+from helpers import attack, cache, classify, cluster, data, evaluate, io, notebook, paper, params, plotting, search
 
 P = notebook.setup(params_path)
 NB = "07_evaluation"
@@ -106,7 +106,7 @@ per_seed.groupby(["model", "labels"], sort=False)[["clean_acc", "patched_acc", "
 # %% [markdown]
 # ### What Table 2 says
 # Read out from the numbers above (the largest label fraction), so that it stays true on any profile. A
-# backdoor counts as planted when the probe's ASR is at least 20% and at least 4 times the clean model's;
+# backdoor counts as planted by the project's rule (`evaluate.backdoor_planted`, stated with each verdict);
 # a model is at the clean level when its mean ASR is at most its clean reference's mean plus two of the
 # reference's standard deviations over probe seeds (a defended model's spread does not count in its favour).
 
@@ -122,12 +122,12 @@ def asr_text(name):
     return f"{asr.loc[name, 'mean']:.1f} ± {asr.loc[name, 'std']:.1f}%"
 
 
-planted = asr.loc["Backdoored", "mean"] >= max(20, 4 * base)
+planted = evaluate.backdoor_planted(asr.loc["Backdoored", "mean"] / 100, base / 100)
 lines = [
     f"- **The backdoor** ({A.target_class}, {100 * top:.0f}% labels): the backdoored model's ASR is "
     f"{asr_text('Backdoored')} against the clean model's {asr_text('Clean')} "
     f"({asr.loc['Backdoored', 'mean'] / base:.1f}x): "
-    + ("a backdoor by the 20% / 4x rule." if planted else "**below the 20% / 4x rule**: a weak backdoor at most.")
+    + (f"a backdoor by the rule ({evaluate.planted_rule()})." if planted else f"**below the rule** ({evaluate.planted_rule()}): a weak backdoor at most.")
 ]
 for name in [m for m in MODELS if m not in ("Clean", "Backdoored", "Clean + i-CutMix")]:
     clean_ref = "Clean + i-CutMix" if "i-CutMix" in name else "Clean"
@@ -149,20 +149,13 @@ notebook.show_markdown(headline)
 # another SSL method? The profile's variant `byol` (`variants` in the params file) trains the same models
 # with BYOL, and PatchSearch defends its backdoored model (its own search, classifier and retraining;
 # `python -m helpers.runners.pipeline --variants byol`). BYOL's settings were chosen without the test split:
-# by kNN accuracy on 5,000 training images outside the profile's subset (`python -m helpers.studies.heldout`).
+# by kNN accuracy on training images outside the profile's subset (`python -m helpers.studies.heldout`).
 
 # %%
 heldout = notebook.figure_path(P.profile, "07_heldout_selection.csv")  # python -m helpers.studies.heldout
 if heldout.is_file():
     display(pd.read_csv(heldout))
-PAPER_BYOL = {  # paper Table 2, BYOL ResNet-18, ImageNet-100, 0.5% poison: clean acc (%), patched ASR (%)
-    "Clean": (65.7, 0.5),
-    "Clean + i-CutMix": (65.8, 0.4),
-    "Backdoored": (66.5, 42.0),
-    "Backdoored + i-CutMix": (67.0, 7.4),
-    "PatchSearch": (66.4, 0.7),
-    "PatchSearch + i-CutMix": (66.8, 0.5),
-}
+PAPER_BYOL = paper.table("table2_byol")  # BYOL ResNet-18, ImageNet-100, 0.5% poison: clean acc (%), ASR (%)
 if "byol" in P.variants:
     B = params.with_variant(P, "byol")
     byol = {
@@ -185,16 +178,17 @@ if "byol" in P.variants:
     b_seed = pd.concat([probe.assign(model=name) for name, (_, probe, _) in byol.items()], ignore_index=True)
     b_top = b_seed[np.isclose(b_seed["labels"], top)].groupby("model", sort=False)
     b_asr, b_std, b_acc = b_top["asr"].mean() * 100, b_top["asr"].std(ddof=0) * 100, b_top["clean_acc"].mean() * 100
-    b_planted = b_asr["Backdoored"] >= max(20, 4 * b_asr["Clean"])
+    b_planted = evaluate.backdoor_planted(b_asr["Backdoored"] / 100, b_asr["Clean"] / 100)
     b_near = b_asr["PatchSearch"] <= b_asr["Clean"] + 2 * b_std["Clean"]
     notebook.show_markdown(
         f"With BYOL ({100 * top:.0f}% labels) the clean model reaches {b_acc['Clean']:.1f}% accuracy (MoCo-v2: "
         f"{acc['Clean']:.1f}%). The backdoored model's ASR is {b_asr['Backdoored']:.1f}% against the clean "
         f"model's {b_asr['Clean']:.1f}%: "
         + (
-            "**a backdoor** by the 20% / 4x rule, "
+            f"**a backdoor** by the rule ({evaluate.planted_rule()}), "
             if b_planted
-            else "**no backdoor** by the 20% / 4x rule (the paper: 42.0% against 0.5%), "
+            else f"**no backdoor** by the rule ({evaluate.planted_rule()}; the paper: "
+            f"{PAPER_BYOL['Backdoored'][1]}% against {PAPER_BYOL['Clean'][1]}%), "
         )
         + f"so the paper's claim that the attack works on BYOL {'holds' if b_planted else '**does not hold**'} "
         f"at this budget. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
@@ -237,7 +231,7 @@ for ssl_method, names in SEED_RUNS.items():
             row[f"{model} ASR sd over probe seeds"] = 100 * probe["asr"].std(ddof=0)
         if "clean ASR (%)" in row and "backdoored ASR (%)" in row:
             row["ASR ratio"] = row["backdoored ASR (%)"] / row["clean ASR (%)"]
-            row["plants a backdoor"] = bool(row["backdoored ASR (%)"] >= max(20, 4 * row["clean ASR (%)"]))
+            row["plants a backdoor"] = evaluate.backdoor_planted(row["backdoored ASR (%)"] / 100, row["clean ASR (%)"] / 100)
             seed_rows.append(row)
 by_seed = pd.DataFrame(seed_rows)
 if missing:
@@ -267,7 +261,7 @@ if len(by_seed):
             f"per seed {', '.join(f'{a:.1f}%' for a in ratios['backdoored ASR (%)'])} against "
             f"{', '.join(f'{a:.1f}%' for a in ratios['clean ASR (%)'])}. "
             f"**{int(r['seeds that plant a backdoor'])} of {int(r['SSL seeds'])}** plant a backdoor by the "
-            "20% / 4x rule: "
+            f"rule ({evaluate.planted_rule()}): "
             + (
                 "the attack works at this budget."
                 if r["seeds that plant a backdoor"] == r["SSL seeds"]
@@ -317,7 +311,7 @@ plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## The defenses: poison detection (paper Table 1)
-# Top-20 acc: poisons among the 20 top-ranked images of the search (chance: the poison rate). Recall,
+# Top-20 acc: the share of poisons among the search's top-ranked images, $k = 20$ (chance: the poison rate). Recall,
 # precision, total removed and clean removed (share of the clean images): of the poison classifier's
 # removals, under the paper's ensemble rule (mean logits) and a unanimous ensemble (notebook 06; the
 # filtered lists retrained on above follow the paper's). Trigger hit: the candidate window of a scored
@@ -422,7 +416,7 @@ for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])
 # ## The defense on clean data (paper Table 10)
 # A defender does not know whether the data is poisoned. The same defenses run on the clean training set
 # with the clean model, choosing their window blind as before; every image they remove is a false removal
-# (the paper's Table 10: about 5%).
+# (the paper's Table 10 removes about `tables.table10.removed_share` of its clean set: `params/paper.yaml`).
 
 # %%
 rows = []
@@ -445,10 +439,12 @@ for label, pm in DEFENDERS.items():
         )
 table10 = pd.DataFrame(rows)
 plotting.save_table(table10, P.profile, NB, "table10_clean_data")
+paper_removed = 100 * paper.entry("table10")["removed_share"]  # the paper removes about this share (%)
 notebook.show_markdown(
     "\n".join(
         f"- {r['method']} ({r['ensemble']} ensemble) picks w = {r['w (blind)']} px on the clean set and removes "
-        f"{r['removed (%)']:.1f}% of it ({'within' if r['removed (%)'] <= 5 else 'above'} the paper's 5%)."
+        f"{r['removed (%)']:.1f}% of it ({'within' if r['removed (%)'] <= paper_removed else 'above'} the paper's "
+        f"{paper_removed:.0f}%)."
         for _, r in table10.iterrows()
     )
 )
@@ -508,9 +504,9 @@ else:
 # %% [markdown]
 # ## Exercises
 # 1. **Is the difference real?** From `per_seed`, test whether PatchSearch's ASR differs from the clean
-#    model's and from the backdoored model's (a Welch t-test over the 5 probe seeds, `scipy.stats` or by
-#    hand). With 5 seeds, how large must a difference be to show? (Seconds.)
-# 2. **Fewer labels.** Predict the backdoored model's ASR with 5% of the labels, then evaluate it with
+#    model's and from the backdoored model's (a Welch t-test over the probe seeds, `scipy.stats` or by
+#    hand). With `eval.probe_seeds` seeds, how large must a difference be to show? (Seconds.)
+# 2. **Fewer labels.** Predict the backdoored model's ASR with the label share below, then evaluate it with
 #    `overrides={"eval": {"label_fractions": [0.05]}}` (one evaluation per model: a few minutes).
-# 3. **kNN against the probe.** The kNN ASR uses every training label, the probe only 10%. Which of the
+# 3. **kNN against the probe.** The kNN ASR uses every training label, the probe only a few. Which of the
 #    two shows the backdoor more clearly in Table 2, and why might they disagree?

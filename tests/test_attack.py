@@ -131,7 +131,7 @@ def test_trigger_too_large_for_the_margin_names_the_keys(tiny_params):
 
 def test_unknown_target_class_and_zero_poisons(tiny_params):
     d = data.load_data(tiny_params, progress=False)
-    with pytest.raises(data.DataError, match="class 'zebra' not in the data set"):
+    with pytest.raises(paths.DataError, match="class 'zebra' not in the data set"):
         attack.run_attack(replace(tiny_params, target_class="zebra"), d, progress=False)
     with pytest.raises(AttackError, match="attack.poison_rate = 0.01 .* poisons none"):
         attack.run_attack(replace(tiny_params, poison_rate=0.01), d, progress=False)

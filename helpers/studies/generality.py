@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import io, paths
+from .. import evaluate, io, paths
 from .. import params as params_mod
 from ..classify import ensemble_removed
 
@@ -153,7 +153,7 @@ def config_row(name: str, base: Path) -> dict:
         "copies": int(attack.poison_boxes.shape[1]),
         "probe ASR (%)": 100 * asr,
         "clean model ASR (%)": 100 * asr_clean,
-        "backdoor present": bool(asr >= 0.2 and asr >= 4 * asr_clean),
+        "backdoor present": evaluate.backdoor_planted(asr, asr_clean),
     }
     for method, label in METHODS.items():
         pm = with_method(params, method)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import cluster, evaluate, io, paths
+from .. import cluster, evaluate, io, models, paths
 from .. import params as params_mod
 from ..attack import patched_val_pixels, poisoned_train_pixels, run_attack
 from ..cache import stage_dir
@@ -175,7 +175,7 @@ class CurveEvaluator:
         sets = [("labelled", self.labelled_pixels), ("val", self.val_pixels), ("patched", self.patched_pixels)]
         if self.variant != "clean":  # a clean model trained on the labelled images themselves: no second pass
             sets.append(("train", self.train_pixels))
-        feats = {k: evaluate.extract_features(model.backbone, px, cfg.mean, cfg.std) for k, px in sets}
+        feats = {k: models.extract_features(model.backbone, px, cfg.mean, cfg.std) for k, px in sets}
         feats.setdefault("train", feats["labelled"])
         row = {
             "run": self.name,
@@ -335,7 +335,7 @@ def publish_pairs(profile: str) -> pd.DataFrame:
                     "ASR ratio": round(asr / clean_asr, 1) if clean_asr > 0 else float("nan"),
                     "knn ASR": round(100 * last["knn_asr"], 1),
                     "poisons in rich clusters (%)": round(100 * last["poison_share_in_rich_clusters"], 1),
-                    "goal met": bool(asr >= 0.2 and asr >= 4 * clean_asr),
+                    "goal met": evaluate.backdoor_planted(asr, clean_asr),
                 }
             )
             style = ("-", "--", ":", "-.", (0, (1, 3)))[s_i % 5]  # line style and marker: the setting
