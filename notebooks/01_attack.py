@@ -32,6 +32,16 @@
 # This notebook plants the attack with the paper's settings, scaled to the profile's image size: the table
 # under *Planting the attack* sets the paper's (`params/paper.yaml`) beside the profile's.
 
+# %% [markdown]
+# ## In equations
+# The attack of [Saha et al.](https://arxiv.org/abs/2105.10123), which [PatchSearch](https://arxiv.org/abs/2304.01482) and [PoisonCAM](https://arxiv.org/abs/2312.07955) defend against. For a target category $t$ and a trigger $p$ of
+# side $w$, each chosen training image $x$ of category $t$ becomes $x \oplus_{(u,v)} p$: the trigger pasted,
+# fully opaque, with its top-left corner at $(u, v)$, drawn uniformly with the margin $m$ (`attack.train_margin`):
+#
+# $$u, v \sim \mathcal{U}\{\lfloor m W \rfloor, \dots, \lfloor (1 - m) W \rfloor - w\}.$$
+#
+# The patched validation set pastes the same trigger on every validation image of the other categories.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 

@@ -27,6 +27,20 @@
 # This notebook trains a clean and a backdoored model with the profile's settings (cached under
 # `artifacts/ssl_*/`), then looks at what the backdoored model learned.
 
+# %% [markdown]
+# ## In equations
+# **MoCo-v2** ([PatchSearch](https://arxiv.org/abs/2304.01482) Sec. 4 trains it; Chen et al. 2020). Two augmented views of an image give a query
+# $q = g_\theta(f_\theta(x_1))$ and a key $k^+ = g_\xi(f_\xi(x_2))$ from a momentum copy of the network, both
+# L2-normalised. With a queue $\{k_j\}_{j=1}^{K}$ of earlier keys as negatives and a temperature $\tau$
+# (`ssl.queue_size`, `ssl.temperature`), the InfoNCE loss is
+#
+# $$\mathcal{L}(q, k^+) = -\log \frac{\exp(q \cdot k^+ / \tau)}{\exp(q \cdot k^+ / \tau) + \sum_{j=1}^{K} \exp(q \cdot k_j / \tau)},$$
+#
+# averaged over the batch and, with `ssl.symmetric`, over both orders of the views. After each step the key
+# network follows the query network, $\xi \leftarrow \mu\,\xi + (1 - \mu)\,\theta$ (`ssl.momentum`), and the
+# batch's keys replace the oldest in the queue. The backbone $f_\theta$ is what the defense and the probe use.
+# **i-CutMix** (the option `ssl.icutmix`) is written out in notebook 08.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 
@@ -113,6 +127,44 @@ pd.DataFrame(
         for v, h in histories.items()
     }
 )
+
+# %% [markdown]
+# ### One MoCo-v2 step, written out
+# The loss of the equations above, image by image, and the momentum update, parameter by parameter. The
+# stage computes the loss for the whole batch at once (`ssl.MoCoV2`); the cell after compares the two on a
+# random batch of unit vectors and on a small network (`tests/test_readable.py` checks them too).
+
+# %% tags=["readable"]
+def info_nce_readable(q, k, queue, temperature):
+    """MoCo-v2's loss: each query's own key against every key of the queue, averaged over the batch."""
+    losses = []
+    for q_i, k_i in zip(q, k, strict=True):
+        positive = torch.exp(q_i @ k_i / temperature)
+        negatives = torch.exp(queue @ q_i / temperature).sum()
+        losses.append(-torch.log(positive / (positive + negatives)))
+    return torch.stack(losses).mean()
+
+
+def momentum_update_readable(key_net, query_net, m):
+    """The key network follows the query network: xi <- m xi + (1 - m) theta, parameter by parameter."""
+    with torch.no_grad():
+        for xi, theta in zip(key_net.parameters(), query_net.parameters(), strict=True):
+            xi.copy_(m * xi + (1 - m) * theta)
+
+
+# %%
+g = torch.Generator().manual_seed(0)
+q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1) for n in (8, 8, 64))
+tiny = torch.nn.Linear(4, 4)
+tiny.feature_dim = 4  # a stand-in backbone: the loss reads only the embeddings
+moco = ssl.MoCoV2(tiny, dim=16, queue_size=64, temperature=P.ssl.temperature)
+loss_gap = abs(float(info_nce_readable(q, k, queue, P.ssl.temperature) - moco._loss(q, k, queue)))
+query, key = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+pairs = zip(key.parameters(), query.parameters(), strict=True)
+expected = [P.ssl.momentum * xi.detach() + (1 - P.ssl.momentum) * th.detach() for xi, th in pairs]
+momentum_update_readable(key, query, P.ssl.momentum)
+step_gap = max(float((xi.detach() - e).abs().max()) for xi, e in zip(key.parameters(), expected, strict=True))
+print(f"readable against the stage's loss: {loss_gap:.1e}; the momentum update: {step_gap:.1e}")
 
 # %% [markdown]
 # ## Where the poisons land in the backdoored model's feature space

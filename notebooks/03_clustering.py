@@ -31,6 +31,16 @@
 # **Ground truth is shown here for teaching only.** The defense itself never sees which images are
 # poisoned.
 
+# %% [markdown]
+# ## In equations
+# With the backbone $f$ and $z_i = f(x_i) / \lVert f(x_i) \rVert$, k-means with $k$ clusters (`cluster.k`)
+# finds centres $\mu_1, \dots, \mu_k$ that minimise $\sum_i \lVert z_i - \mu_{c(i)} \rVert^2$. Both defenses
+# then read the normalised centres $\hat\mu_c$ as a cosine classifier: an image's "class" is
+#
+# $$c(x) = \arg\max_c \; \hat\mu_c \cdot z(x).$$
+#
+# The **flip-test set** $F$ holds, for every cluster, the member nearest its centre (notebook 05 uses it).
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 

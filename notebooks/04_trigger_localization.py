@@ -37,6 +37,25 @@
 #
 # The true trigger boxes are drawn for teaching; the defenses never see them.
 
+# %% [markdown]
+# ## In equations
+# **Grad-CAM** ([PatchSearch](https://arxiv.org/abs/2304.01482) Sec. 3). For the logit $y_c(x) = \hat\mu_c \cdot z(x)$ of the image's own cluster $c$ and
+# the activations $A^{k}$ of channel $k$ at the layer `search.cam_layer` ($H' \times W'$ cells),
+#
+# $$\alpha_k = \frac{1}{H' W'} \sum_{i,j} \frac{\partial y_c}{\partial A^{k}_{ij}}, \qquad
+# L = \mathrm{ReLU}\Big(\sum_k \alpha_k A^{k}\Big),$$
+#
+# upsampled to the image and scaled to $[0, 1]$.
+# **Cluster activation masking** ([PoisonCAM](https://arxiv.org/abs/2312.07955) Sec. 5). Masks $M_1, \dots, M_B$ hide parts of the image; the outlier
+# score of a masked copy is its distance from its cluster's centre as a z-score among the cluster's members,
+#
+# $$s_b = \frac{d_b - \bar d_c}{\sigma_c}, \qquad d_b = 1 - \hat\mu_c \cdot z(x \odot M_b),$$
+#
+# and the heat of a pixel $\mathbf{p}$ is the mean score of the masks that hide it minus the mean score of
+# those that keep it, $H(\mathbf{p}) = \overline{s}_{b: M_b(\mathbf{p}) = 0} - \overline{s}_{b: M_b(\mathbf{p}) = 1}$
+# (weighted by how much each soft mask hides or keeps). For both, the candidate trigger is the $w \times w$
+# window with the most heat, $\arg\max_{(u,v)} \sum_{(i,j) \in W_{uv}} L_{ij}$.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 

@@ -68,6 +68,22 @@
 # `search.window_rule` names the rule the profile uses; the table shows every rule's pick beside the top-20
 # accuracy every w reaches (ground truth, for teaching only).
 
+# %% [markdown]
+# ## In equations
+# For a candidate patch $p$ cut from an image of cluster $y$, pasted at a random place on every flip-test
+# image $x \in F$ ($x \oplus p$), the counts are
+#
+# $$S_{\text{into}}(p) = \big|\{x \in F : c(x) \ne y,\; c(x \oplus p) = y\}\big| \quad \text{(PatchSearch, Sec. 3)},$$
+#
+# $$S_{\text{changed}}(p) = \big|\{x \in F : c(x \oplus p) \ne c(x)\}\big| \quad \text{(PoisonCAM, Sec. 5.5)},$$
+#
+# and, with $\bar p$ a flat square of $p$'s mean colour pasted at the same places,
+# $S_{\text{into\_vs\_flat}}(p) = \big|\{x \in F : c(x) \ne y,\; c(x \oplus p) = y,\; c(x \oplus \bar p) \ne y\}\big|$.
+# **Iterative search.** Each round every surviving cluster gives $s$ unscored images; a cluster scores the best
+# score of its images so far; the $\lceil r \, n_{\text{alive}} \rceil$ lowest-scored clusters are pruned
+# ($s$, $r$: `search.samples_per_cluster`, `search.prune_fraction`). **The paper's window rule** picks the $w$
+# whose first-round scores have the largest relative standard deviation, $\sigma(S) / \overline{S}$.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 

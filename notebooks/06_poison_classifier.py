@@ -37,6 +37,17 @@
 #
 # Both defenses share this step; they differ in the patches they hand to it.
 
+# %% [markdown]
+# ## In equations
+# ([PatchSearch](https://arxiv.org/abs/2304.01482) Sec. 3.) With probability $\pi$ (`classifier.paste_p`) a training image $x$ gets a patch $p$ drawn from
+# the top-$k$ candidates, resized to a side $a \sim \mathcal{U}[\,w/3,\, 4w/3\,)$ and pasted at a random place:
+# $(x \oplus p,\ 1)$; otherwise $(x,\ 0)$. Each of $M$ classifiers (`classifier.n_models`) minimises the
+# cross-entropy of these labels; an image is removed when the members' mean logit margin is positive,
+#
+# $$\frac{1}{M} \sum_{m=1}^{M} \big(\ell_{m,1}(x) - \ell_{m,0}(x)\big) > 0,$$
+#
+# or, under the unanimous rule, when every member's margin is.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 

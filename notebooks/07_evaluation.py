@@ -35,6 +35,18 @@
 # then the defenses' detection results (Table 1, Figures 2 and 5) and the defense applied to clean data
 # (Table 10).
 
+# %% [markdown]
+# ## In equations
+# A linear probe $W$ on frozen features minimises the cross-entropy of the labelled subset $L$,
+# $\min_W \frac{1}{|L|} \sum_{(x, y) \in L} -\log \mathrm{softmax}(W z(x))_y$ (with weight decay), and predicts
+# $\hat y(x) = \arg\max W z(x)$. On the validation images $V_{\lnot t}$ of the categories other than the target
+# $t$, with the trigger pasted,
+#
+# $$\mathrm{FP} = \big|\{x \in V_{\lnot t} : \hat y(x \oplus p) = t\}\big|, \qquad
+# \mathrm{ASR} = \frac{\mathrm{FP}}{|V_{\lnot t}|};$$
+#
+# on clean data FP counts the same predictions without the trigger: the rate the attack must beat.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 
@@ -43,6 +55,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+import torch
 from IPython.display import display
 
 from helpers import attack, cache, classify, cluster, data, evaluate, io, notebook, paper, params, plotting, search
@@ -77,6 +90,41 @@ MODELS = {
 if BOTH_COUNTS:
     MODELS["PoisonCAM, paper's count"] = (PC_PAPER, "filtered", False)
 results = {name: evaluate.evaluate_stage(p, variant, icutmix) for name, (p, variant, icutmix) in MODELS.items()}
+
+# %% [markdown]
+# ### The probe and the ASR, written out
+# The probe is a logistic regression: the gradient of the cross-entropy with respect to the weights is
+# $X^\top(\mathrm{softmax}(XW) - Y)/n$, written out below without autograd; the stage trains it with Adam
+# (`evaluate.LinearProbe`). FP and ASR are counts over the non-target images. The cell after checks both
+# against the stage's code, the ASR on a random guesser's predictions (`tests/test_readable.py` too).
+
+# %% tags=["readable"]
+def probe_gradient_readable(W, x, y):
+    """The cross-entropy's gradient for a linear classifier W (features x, labels y), by hand."""
+    logits = x @ W
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1  # softmax minus the one-hot labels
+    return x.T @ p / len(y)
+
+
+def fp_asr_readable(predicted, labels, target):
+    """FP: non-target images predicted as the target; ASR: FP over the non-target images."""
+    fp = sum(1 for p, y in zip(predicted, labels, strict=True) if y != target and p == target)
+    return fp, fp / sum(1 for y in labels if y != target)
+
+
+# %%
+rng = np.random.default_rng(0)
+x_demo, y_demo = rng.standard_normal((20, 5)).astype(np.float32), rng.integers(0, 3, 20)
+W = torch.tensor(rng.standard_normal((5, 3)).astype(np.float32), requires_grad=True)
+torch.nn.functional.cross_entropy(torch.as_tensor(x_demo) @ W, torch.as_tensor(y_demo)).backward()
+grad_gap = float(np.abs(probe_gradient_readable(W.detach().numpy(), x_demo, y_demo) - W.grad.numpy()).max())
+guesses = rng.integers(0, len(D.val.classes), len(D.val.labels))  # a random guesser: ASR at chance
+fp, asr_demo = fp_asr_readable(guesses, D.val.labels, A.target_index)
+kernel = evaluate.attack_metrics(guesses, D.val.labels, A.target_index)
+print(f"gradient, by hand against autograd: {grad_gap:.1e}; a random guesser's FP {fp} and ASR {asr_demo:.4f} "
+      f"(chance: {1 / len(D.val.classes):.4f}) against the stage's {kernel['fp']} and {kernel['asr']:.4f}")
 
 # %% [markdown]
 # ## Table 2 (this profile)

@@ -35,6 +35,20 @@
 # Some models of the published run were trained on a lent GPU by the same code; the shipped checkpoints'
 # manifest records where and how long each took, and the cost line below says what a fresh clone computes.
 
+# %% [markdown]
+# ## In equations
+# **i-CutMix** (i-Mix's CutMix, as [PatchSearch](https://arxiv.org/abs/2304.01482) uses it). Draw $\lambda \sim \mathrm{Beta}(1, 1)$, keep
+# $\lambda \leftarrow \max(\lambda, 1 - \lambda)$, cut one box of area $(1 - \lambda)$ for the whole batch and a
+# permutation $\pi$; the query view of image $i$ gets image $\pi(i)$'s box, $\lambda$ is recomputed from the
+# clipped box, and with the batch's keys and the queue as candidates
+#
+# $$\mathcal{L}_i = \lambda \, \mathrm{CE}(\tilde q_i;\, k_i) + (1 - \lambda)\, \mathrm{CE}(\tilde q_i;\, k_{\pi(i)}),$$
+#
+# the cross-entropy of the query's similarities over all candidates against the image's own key and against
+# its partner's. **Distillation** (CompRess, as [Saha et al.](https://arxiv.org/abs/2105.10123) use it): for a queue $\{m_j\}$ of the teacher's recent
+# embeddings, teacher and student each give a distribution $p_j = \mathrm{softmax}_j(z \cdot m_j / \tau)$, and the
+# student minimises $\mathrm{KL}(p^{T} \,\Vert\, p^{S})$ on trusted images only.
+
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 
@@ -44,6 +58,7 @@ import dataclasses
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 
 from helpers import (
     attack,
@@ -59,6 +74,7 @@ from helpers import (
     plotting,
     retrain,
     search,
+    ssl,
 )
 
 P = notebook.setup(params_path)
@@ -207,6 +223,34 @@ notebook.show_markdown(
     f"model goes from {t4_acc['Clean', 'linear']:.1f}% to {t4_acc['Clean', 'finetuned']:.1f}%."
 )
 table4
+
+# %% [markdown]
+# ## i-CutMix's loss, written out
+# With the batch's keys joining the queue as candidates, each mixed query is pulled towards its own key with
+# weight $\lambda$ and towards its partner's with $1 - \lambda$ (the equation above), image by image here; the
+# stage computes it for the batch at once (`ssl.MoCoV2`, `tests/test_readable.py` checks the two agree).
+
+# %% tags=["readable"]
+def icutmix_loss_readable(q, k, queue, partner, lam, temperature):
+    """Each mixed query's cross-entropy over [batch keys, queue], against its own key and its partner's."""
+    candidates = torch.cat([k, queue])  # the batch's keys first, so key i sits at index i
+    losses = []
+    for i, q_i in enumerate(q):
+        log_p = torch.log_softmax(candidates @ q_i / temperature, dim=0)
+        losses.append(-(lam * log_p[i] + (1 - lam) * log_p[partner[i]]))
+    return torch.stack(losses).mean()
+
+
+# %%
+g = torch.Generator().manual_seed(0)
+q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1) for n in (8, 8, 64))
+partner, lam = torch.randperm(8, generator=g), 0.7
+tiny = torch.nn.Linear(4, 4)
+tiny.feature_dim = 4  # a stand-in backbone: the loss reads only the embeddings
+moco = ssl.MoCoV2(tiny, dim=16, queue_size=64, temperature=P.ssl.temperature)
+mine = icutmix_loss_readable(q, k, queue, partner, lam, P.ssl.temperature)
+gap = abs(float(mine - moco._loss(q, k, queue, partner, lam)))
+print(f"readable i-CutMix loss against the stage's: {gap:.1e}")
 
 # %% [markdown]
 # ## What makes i-CutMix work (paper Table 8)

@@ -1,6 +1,7 @@
 """Each notebook's readable version of an algorithm (cells tagged ``readable``) gives the result of the fast
 kernel in ``helpers`` on a small case."""
 
+import copy
 import math
 
 import jupytext
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import classify, cluster, localize, paths, search
+from helpers import classify, cluster, evaluate, localize, paths, search, ssl
 from helpers.models import Normaliser, ResNet
 
 
@@ -119,3 +120,47 @@ def test_readable_cells_define_functions_only(stem):
     defined = {k: v for k, v in readable(stem).items() if not k.startswith("__")}
     names = set(defined) - {"np", "torch", "F", "math"}
     assert names and all(callable(defined[k]) for k in names)
+
+
+def test_moco_step_of_notebook_02():
+    nb = readable("02_ssl_training")
+    g = torch.Generator().manual_seed(3)
+    q, k, queue = (F.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (6, 6, 32))
+    backbone = torch.nn.Linear(4, 4)
+    backbone.feature_dim = 4
+    moco = ssl.MoCoV2(backbone, dim=8, hidden=8, queue_size=32, temperature=0.2, m=0.9)
+    assert torch.allclose(nb["info_nce_readable"](q, k, queue, 0.2), moco._loss(q, k, queue), atol=1e-5)
+    with torch.no_grad():  # the online network moves away from the target, then the target follows it
+        for p in moco.online.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    online, target = copy.deepcopy(moco.online), copy.deepcopy(moco.target)
+    nb["momentum_update_readable"](target, online, 0.9)
+    moco.momentum_update()
+    for mine, kernel in zip(target.parameters(), moco.target.parameters(), strict=True):
+        assert torch.allclose(mine, kernel, atol=1e-6)
+
+
+def test_probe_gradient_and_asr_of_notebook_07():
+    nb = readable("07_evaluation")
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((30, 6)).astype(np.float32), rng.integers(0, 4, 30)
+    W = torch.tensor(rng.standard_normal((6, 4)).astype(np.float32), requires_grad=True)
+    F.cross_entropy(torch.as_tensor(x) @ W, torch.as_tensor(y)).backward()
+    assert np.allclose(nb["probe_gradient_readable"](W.detach().numpy(), x, y), W.grad.numpy(), atol=1e-6)
+    preds, labels = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    kernel = evaluate.attack_metrics(preds, labels, target=2)
+    assert nb["fp_asr_readable"](preds, labels, 2) == (kernel["fp"], pytest.approx(kernel["asr"]))
+    assert nb["fp_asr_readable"]([2, 2, 0], [2, 1, 1], 2) == (1, 0.5)  # a target image predicted as the target: no FP
+
+
+def test_icutmix_loss_of_notebook_08():
+    nb = readable("08_more_defenses")
+    g = torch.Generator().manual_seed(5)
+    q, k, queue = (F.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (6, 6, 32))
+    partner = torch.randperm(6, generator=g)
+    backbone = torch.nn.Linear(4, 4)
+    backbone.feature_dim = 4
+    moco = ssl.MoCoV2(backbone, dim=8, hidden=8, queue_size=32, temperature=0.1)
+    for lam in (1.0, 0.6):
+        mine = nb["icutmix_loss_readable"](q, k, queue, partner, lam, 0.1)
+        assert torch.allclose(mine, moco._loss(q, k, queue, partner, lam), atol=1e-5)

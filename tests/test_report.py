@@ -43,3 +43,21 @@ def test_book_builds_and_every_page_renders(tmp_path, monkeypatch):
         assert info["headings"] == 1 and info["title"], page  # one page title, rendered
         assert info["images"] >= 2 and not info["broken images"], (page, info["broken images"])
         assert not info["console errors"], (page, info["console errors"])
+        assert info["unrendered math"] == 0, page  # every equation typeset (MathJax served with the book)
+
+
+def test_mathjax_is_served_with_the_book_where_a_local_copy_exists(tmp_path):
+    assert report.vendor_mathjax(tmp_path / "static", root=tmp_path / "none") is None  # then the CDN default
+    root = tmp_path / "mathjax"
+    for part in report.MATHJAX_PARTS:
+        path = root / part
+        if path.suffix == ".js":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("// js")
+        else:
+            (path / "a.js").parent.mkdir(parents=True, exist_ok=True)
+            (path / "a.js").write_text("// js")
+    (root / "fonts" / "HTML-CSS").mkdir(parents=True)  # the large parts a TeX-to-SVG book does not need
+    assert report.vendor_mathjax(tmp_path / "static", root=root) == "mathjax/MathJax.js?config=TeX-AMS_SVG-full"
+    assert (tmp_path / "static" / "mathjax" / "jax" / "output" / "SVG" / "fonts" / "TeX" / "a.js").is_file()
+    assert not (tmp_path / "static" / "mathjax" / "fonts").exists()

@@ -60,6 +60,37 @@ class ReportError(RuntimeError):
     pass
 
 
+# MathJax for the notebooks' equations, served with the book where Debian's libjs-mathjax is installed
+# (``.ci/run`` installs it): a book opened without a network still renders its math, and the browser check
+# sees no failed download. Without it the book loads MathJax from Sphinx's default CDN.
+LOCAL_MATHJAX = Path("/usr/share/javascript/mathjax")
+MATHJAX_PARTS = ("MathJax.js", "config/TeX-AMS_SVG-full.js", "extensions", "jax/input/TeX", "jax/element",
+                 "jax/output/SVG/jax.js", "jax/output/SVG/config.js", "jax/output/SVG/autoload",
+                 "jax/output/SVG/fonts/TeX")  # fmt: skip
+
+
+# myst-nb marks notebook pages ``tex2jax_ignore`` and has MathJax process only the ``math`` elements it wrote
+# (MathJax 3's ``processHtmlClass``): MathJax 2 says the same with ``tex2jax.processClass``.
+MATHJAX2_CONF = """mathjax_path = {path!r}
+mathjax2_config = {{"tex2jax": {{"processClass": "tex2jax_process|mathjax_process|math|output_area"}}}}
+"""
+
+
+def vendor_mathjax(static: Path, root: Path = LOCAL_MATHJAX) -> str | None:
+    """Copy the parts of a local MathJax 2 that render TeX as SVG into the book's ``_static/mathjax``;
+    return the ``mathjax_path`` Sphinx loads it by, or None where there is no local MathJax."""
+    if not (root / "MathJax.js").is_file():
+        return None
+    for part in MATHJAX_PARTS:
+        src, dst = root / part, static / "mathjax" / part
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(src, dst)
+    return "mathjax/MathJax.js?config=TeX-AMS_SVG-full"
+
+
 def executed(notebook: Path) -> bool:
     """Whether a notebook holds outputs (the published, executed pair)."""
     import nbformat
@@ -122,7 +153,8 @@ def build(profile: str = "cifar10", out: Path | None = None, strict: bool = True
     if source.exists():
         shutil.rmtree(source)
     source.mkdir(parents=True)
-    io.write_text(source / "conf.py", CONF)
+    mathjax = vendor_mathjax(source / "_static")
+    io.write_text(source / "conf.py", CONF + (MATHJAX2_CONF.format(path=mathjax) if mathjax else ""))
     io.write_text(source / "index.md", landing_page(profile, source))
     for nb in notebooks:
         shutil.copyfile(nb, source / nb.name)
@@ -164,7 +196,8 @@ def browser(width: int = 1280, height: int = 900):
 
 def check_site(html: Path, screenshots: dict[str, Path] | None = None) -> dict[str, dict]:
     """Open every page of the built site in headless Chromium over a local HTTP server; per page: its title,
-    how many images it has and how many failed to load, and the console's errors. ``screenshots`` maps a
+    how many images it has and how many failed to load, the console's errors, and how many pieces of TeX
+    were left as text. ``screenshots`` maps a
     page (``index.html``) to a PNG path to save a full-page screenshot to."""
     import functools
     import http.server
@@ -196,6 +229,14 @@ def check_site(html: Path, screenshots: dict[str, Path] | None = None) -> dict[s
             images = driver.execute_script(
                 "return Array.from(document.images).map(i => [i.currentSrc, i.naturalWidth > 0])"
             )
+            if driver.execute_script("return typeof MathJax !== 'undefined' && !!MathJax.Hub"):  # let it typeset
+                driver.set_script_timeout(60)
+                driver.execute_async_script("const done = arguments[arguments.length - 1]; MathJax.Hub.Queue(done);")
+            # TeX left as text: math MathJax did not typeset, or a formula the Markdown parser split
+            raw_tex = driver.execute_script(
+                "const t = (document.querySelector('article') || document.body).innerText;"
+                "return (t.match(/\\\\[(\\[]/g) || []).length + (t.match(/\\$\\$/g) || []).length"
+            )
             errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             report[page] = {
                 "title": driver.title,
@@ -203,6 +244,7 @@ def check_site(html: Path, screenshots: dict[str, Path] | None = None) -> dict[s
                 "images": len(images),
                 "broken images": [src for src, ok in images if not ok],
                 "console errors": errors,
+                "unrendered math": raw_tex,
             }
             if screenshots and page in screenshots:
                 height = driver.execute_script("return document.body.scrollHeight")
