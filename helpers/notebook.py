@@ -13,10 +13,18 @@ from .params import Params, load, with_overrides, with_resolved_root
 from .runners.checkpoints import install
 
 
-def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
+class _NoCacheHits(logging.Filter):
+    """Drops the cache's "cache hit" lines from a notebook's output (misses, which compute, stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "helpers.cache" and record.getMessage().startswith("cache hit"))
+
+
+def setup(params_path: str | Path, overrides: dict | None = None, cache_hits: bool = False) -> Params:
     """Load ``params_path`` (relative paths are taken from the repository root), resolve the data root,
-    log cache hits and misses to the notebook's output, and install the profile's shipped checkpoints
-    (``helpers.runners.checkpoints``) that match the params, so that a notebook opened on a fresh clone trains nothing.
+    log the cache's misses (what a cell computes) to the notebook's output, and its hits too with
+    ``cache_hits``, and install the profile's shipped checkpoints (``helpers.runners.checkpoints``) that
+    match the params, so that a notebook opened on a fresh clone trains nothing.
 
     ``overrides`` changes keys for an experiment without editing the file, section by section, e.g.
     ``{"cluster": {"k": 50}}``; an unknown key or a value out of range is refused with its name. Outputs
@@ -25,13 +33,16 @@ def setup(params_path: str | Path, overrides: dict | None = None) -> Params:
     if not path.is_absolute():
         path = paths.REPO_ROOT / path
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout, force=True)
+    if not cache_hits:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_NoCacheHits())
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried first: noise
     params = load(path)
     if overrides:
         params = with_overrides(params, overrides, f"{path.name} overrides")
         print(f"overrides: {overrides}")
     params = with_resolved_root(params)
-    print(f"profile {params.profile}: {params.description}\ndata root: {params.data.root}")
+    print(f"profile {params.profile}: {params.description}\ndata root: {paths.shown(params.data.root)}")
     if not os.environ.get(RECOMPUTE_ENV):  # a retrain uses none
         report = install(params)  # the shipped checkpoints your params ask for, verified, into the cache
         if report.installed or report.refused:

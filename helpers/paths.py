@@ -80,9 +80,14 @@ def notebooks() -> list[Path]:
 
 
 def shown(path: str | Path) -> str:
-    """A path as a notebook prints it: relative to the repository when inside it (the same on every machine)."""
+    """A path as a notebook prints it, the same on every machine: relative to the repository when inside it,
+    else its last two parts after ``…/`` (a data root elsewhere: ``…/data/cifar10``)."""
     path = Path(path)
-    return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)
+    if not path.is_absolute():
+        return str(path)
+    if path.is_relative_to(REPO_ROOT):
+        return str(path.relative_to(REPO_ROOT))
+    return str(Path("…", *path.parts[-2:]))
 
 
 def new_run_dir(parent: Path) -> Path:

@@ -1,8 +1,10 @@
 """Notebook pairs agree, and every notebook runs end to end on the smoke profile (papermill)."""
 
 import json
+import re
 
 import jupytext
+import nbformat
 import pandas as pd
 import pytest
 
@@ -162,3 +164,27 @@ def test_outputs_never_go_to_the_published_folder_by_default(monkeypatch):
     assert paths.figures_dir("cifar10") != paths.published_dir("cifar10")
     monkeypatch.setenv(paths.OUTPUT_ENV, str(paths.published_dir("cifar10")))  # what reproduce --publish sets
     assert paths.figures_dir("cifar10") == paths.published_dir("cifar10")
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")))
+def test_published_outputs_hold_no_cache_log_and_no_machine_path(notebook):
+    """What a reader sees is the same on every machine: no "cache hit" line (``notebook.setup`` leaves them
+    out unless asked) and no absolute path of the machine that ran it (``paths.shown``)."""
+    nb = nbformat.read(paths.NOTEBOOKS_DIR / notebook, as_version=4)
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            texts.append(out.get("text", "") if isinstance(out.get("text", ""), str) else "".join(out["text"]))
+            texts += [
+                v if isinstance(v, str) else "".join(v) for k, v in out.get("data", {}).items() if k.startswith("text/")
+            ]
+    text = "\n".join(texts)
+    assert "cache hit" not in text, notebook
+    machine = re.findall(r"(?:^|[\s'\"(])(/(?:work|root|home|tmp|Users|private|var)/[^\s'\")]+)", text)
+    assert not machine, (notebook, machine[:3])
+
+
+def test_shown_paths_are_the_same_on_every_machine():
+    assert paths.shown(paths.REPO_ROOT / "artifacts" / "attack") == "artifacts/attack"
+    assert paths.shown("/somewhere/else/data/cifar10") == "…/data/cifar10"
+    assert paths.shown("relative/path") == "relative/path"
