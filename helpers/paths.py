@@ -79,9 +79,16 @@ def notebooks() -> list[Path]:
     return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 
 
+def repo_relative(path: str | Path) -> str:
+    """A path to use on another machine with this repository: relative to it when inside, else as it is."""
+    path = Path(path)
+    return str(path.relative_to(REPO_ROOT)) if path.is_absolute() and path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def shown(path: str | Path) -> str:
     """A path as a notebook prints it, the same on every machine: relative to the repository when inside it,
-    else its last two parts after ``…/`` (a data root elsewhere: ``…/data/cifar10``)."""
+    else its last two parts after ``…/`` (a data root elsewhere: ``…/data/cifar10``). For display only:
+    a path a program reads back is ``repo_relative``."""
     path = Path(path)
     if not path.is_absolute():
         return str(path)

@@ -188,3 +188,4 @@ def test_shown_paths_are_the_same_on_every_machine():
     assert paths.shown(paths.REPO_ROOT / "artifacts" / "attack") == "artifacts/attack"
     assert paths.shown("/somewhere/else/data/cifar10") == "…/data/cifar10"
     assert paths.shown("relative/path") == "relative/path"
+    assert paths.repo_relative("/somewhere/else/data/cifar10") == "/somewhere/else/data/cifar10"  # read back

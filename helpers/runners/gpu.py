@@ -285,7 +285,7 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
     description = {
         "job": job.name,
         "about": job.about,
-        "params": paths.shown(Path(params_path).resolve()),  # repository-relative: the same path on the GPU
+        "params": paths.repo_relative(Path(params_path).resolve()),  # repository-relative: the same path on the GPU
         "commit": _git("rev-parse", "HEAD"),
         "prepared_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": info,
