@@ -133,9 +133,18 @@ def opening(params: Params, notebook: str) -> str:
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    import pandas as pd
+
+    from .plotting import markdown_table
+
+    return markdown_table(pd.DataFrame(rows, columns=list(header))).rstrip("\n")
+
+
+def _trigger(a, h: int, w: int) -> tuple[int, str]:
+    """The profile's trigger side in pixels and, where it pastes several, how many per image."""
+    from .attack import trigger_side
+
+    return trigger_side(a, h, w), (f", {a.n_copies} per image" if a.n_copies > 1 else "")
 
 
 def _share(x: float) -> str:
@@ -147,13 +156,11 @@ def attack_settings(params: Params, train_shape: tuple[int, int, int, int], n_po
     """The paper's attack (``params/paper.yaml``) beside the profile's, as a Markdown table computed from both
     files, so neither column can drift from what runs. ``train_shape``: the training pixels' ``N x C x H x W``."""
     from . import paper
-    from .attack import trigger_side
 
     s, a = paper.setting, params.attack
     n, _, h, w = train_shape
-    side = trigger_side(a, h, w)
+    side, copies = _trigger(a, h, w)
     paper_side = s("trigger_px")
-    copies = f", {a.n_copies} per image" if a.n_copies > 1 else ""
     rows = [
         ("data", f"{s('dataset')}: {s('train_images'):,} images of {s('image_px')} px",
          f"{params.data.dataset}: {n:,} images of {h} px"),
@@ -176,12 +183,10 @@ def training_settings(params: Params, train_shape: tuple[int, int, int, int]) ->
     """The paper's victim training (``params/paper.yaml``) beside the profile's ``ssl`` and ``compute``
     sections, as a Markdown table computed from both files."""
     from . import paper
-    from .attack import trigger_side
 
     s, q, a = paper.setting, params.ssl, params.attack
     n, _, h, w = train_shape
-    side = trigger_side(a, h, w)
-    copies = f", {a.n_copies} per image" if a.n_copies > 1 else ""
+    side, copies = _trigger(a, h, w)
     arch = q.arch if q.arch != "resnet18" else "ResNet-18" + (f" at {q.width / 64:g} width" if q.width != 64 else "")
     stem = f", stride-{q.stem_stride} stem" if q.stem_stride != 1 else ""
     rows = [

@@ -90,10 +90,8 @@ def shown(path: str | Path) -> str:
     else its last two parts after ``…/`` (a data root elsewhere: ``…/data/cifar10``). For display only:
     a path a program reads back is ``repo_relative``."""
     path = Path(path)
-    if not path.is_absolute():
-        return str(path)
-    if path.is_relative_to(REPO_ROOT):
-        return str(path.relative_to(REPO_ROOT))
+    if not path.is_absolute() or path.is_relative_to(REPO_ROOT):
+        return repo_relative(path)
     return str(Path("…", *path.parts[-2:]))
 
 
