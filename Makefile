@@ -45,7 +45,7 @@ test: lint unit
 
 lint: $(STAMP)
 	$(PY) -m ruff check helpers tests notebooks/*.py
-	$(PY) -m ruff format --check helpers tests
+	$(PY) -m ruff format --check helpers tests notebooks/*.py
 
 unit: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -p no:cacheprovider tests

@@ -42,6 +42,7 @@ def setup(params_path: str | Path, overrides: dict | None = None, cache_hits: bo
         params = with_overrides(params, overrides, f"{path.name} overrides")
         print(f"overrides: {overrides}")
     params = with_resolved_root(params)
+    show_tables_for_the_page()
     print(f"profile {params.profile}: {params.description}\ndata root: {paths.shown(params.data.root)}")
     if not os.environ.get(RECOMPUTE_ENV):  # a retrain uses none
         report = install(params)  # the shipped checkpoints your params ask for, verified, into the cache
@@ -62,6 +63,88 @@ def show_markdown(text: str) -> None:
         print(text)
     else:
         display(Markdown(text))
+
+
+# A table fits the book's text width with at most MAX_COLUMNS columns (``tests/test_notebooks.py`` checks every
+# published output against it).
+MAX_COLUMNS = 8
+
+
+def _formatted(value: object) -> str:
+    """One table cell as a reader wants it: 0.8125 -> 0.812, 97.84 -> 97.8, 12345.0 -> 12,345, True -> yes,
+    a missing value -> an en dash."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        if np.isnan(value):
+            return "–"
+        if float(value).is_integer() or abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    return "–" if value is None else str(value)
+
+
+def split_columns(table, keys: list[str] | None = None, max_columns: int = MAX_COLUMNS) -> list:
+    """``table`` as tables of at most ``max_columns`` columns each, every one repeating the ``keys`` columns
+    (by default the leading columns that are not numbers, at most three), the rest in their order. A named
+    index becomes a column; a plain row number is dropped."""
+    import pandas as pd
+
+    if not isinstance(table.index, pd.RangeIndex) or any(name is not None for name in table.index.names):
+        table = table.reset_index()
+    table = table.copy()
+    table.columns = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in table.columns]
+    if keys is None:
+        keys = []
+        for column in table.columns[:3]:
+            if pd.api.types.is_numeric_dtype(table[column]) and not pd.api.types.is_bool_dtype(table[column]):
+                break
+            keys.append(column)
+    if len(table.columns) <= max_columns:
+        return [table]
+    rest = [c for c in table.columns if c not in keys]
+    width = max(1, max_columns - len(keys))
+    parts = -(-len(rest) // width)
+    size = -(-len(rest) // parts)  # parts of even width
+    return [table[keys + rest[i : i + size]] for i in range(0, len(rest), size)]
+
+
+def table_html(table, keys: list[str] | None = None) -> str:
+    """HTML of ``table`` that fits the page: no index column, numbers formatted (``_formatted``), a table
+    wider than ``MAX_COLUMNS`` split into several that repeat its key columns (``split_columns``)."""
+    html = []
+    for part in split_columns(table, keys):
+        shown = part.astype(object).map(_formatted) if len(part) else part
+        html.append(shown.to_html(index=False, escape=True, border=0, classes="fit"))
+    return "\n".join(html)
+
+
+def show_table(table, keys: list[str] | None = None) -> None:
+    """Display ``table`` as ``table_html`` does (plain text outside IPython)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:  # pragma: no cover - IPython ships with the notebook extra
+        print(table.to_string(index=False))
+        return
+    if get_ipython() is None:
+        print(table.to_string(index=False))
+    else:
+        display(HTML(table_html(table, keys)))
+
+
+def show_tables_for_the_page() -> None:
+    """Make every DataFrame a cell displays render as ``table_html`` (no-op outside IPython)."""
+    try:
+        import pandas as pd
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, table_html)
 
 
 def figure_path(profile: str, name: str) -> Path:

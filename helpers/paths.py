@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+README = REPO_ROOT / "README.md"
 PARAMS_DIR = REPO_ROOT / "params"
 
 DATA_ROOT_ENV = "PATCHSEARCH_DATA_ROOT"

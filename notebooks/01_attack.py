@@ -109,7 +109,7 @@ notebook.show_markdown(notebook.attack_settings(P, tuple(D.train.pixels.shape), 
 
 # %%
 poisoned_pixels = attack.poisoned_train_pixels(D, A, P.data.image_size)
-n_show = min(P.figures.n_examples // 2, len(A.poison_idx))
+n_show = min(P.figures.n_examples // 2, 6, len(A.poison_idx))  # six pairs fit the page's width
 shown = np.sort(rng.choice(len(A.poison_idx), size=n_show, replace=False))
 idx = A.poison_idx[shown]
 fig = plotting.show_images(
@@ -143,7 +143,7 @@ fig = plotting.show_images(
     patched[shown].numpy(),
     titles=[D.val.classes[D.val.labels[i]] for i in A.val_idx[shown]],
     boxes=A.val_boxes[shown],
-    ncols=min(8, n_show),
+    ncols=min(6, n_show),
 )
 plotting.savefig(fig, P.profile, NB, "patched_val", dpi=P.figures.dpi)
 

@@ -134,6 +134,7 @@ pd.DataFrame(
 # stage computes the loss for the whole batch at once (`ssl.MoCoV2`); the cell after compares the two on a
 # random batch of unit vectors and on a small network (`tests/test_readable.py` checks them too).
 
+
 # %% tags=["readable"]
 def info_nce_readable(q, k, queue, temperature):
     """MoCo-v2's loss: each query's own key against every key of the queue, averaged over the batch."""
@@ -171,7 +172,7 @@ print(f"readable against the stage's loss: {loss_gap:.1e}; the momentum update: 
 # Features of every training image (the defender can compute these too). For teaching we colour them by
 # the ground truth: poisoned, clean target category, other.
 
-# %%
+# %% tags=["hide-input"]
 image_size = D.train.pixels.shape[-1]
 cfg = ssl.augment_config(P.ssl, image_size)
 backbone = ssl.load_backbone(P, model_dirs["poisoned"], image_size)
@@ -223,7 +224,7 @@ plotting.savefig(fig, P.profile, NB, "neighbours", dpi=P.figures.dpi)
 # start from), the share of poisons in clusters at least half poisoned.
 
 
-# %%
+# %% tags=["hide-input"]
 def grouping(features: np.ndarray, is_poison: np.ndarray, k: int = 7) -> dict:
     """How much the poisons group together in these features (ground truth: for teaching only)."""
     x = torch.as_tensor(cluster.l2_normalise(features))
@@ -271,7 +272,7 @@ concentration
 # epochs; `python -m helpers.studies.strength --publish` copies the rows to `figures/<profile>/02_study_*.csv`. The
 # goal, part by part (`evaluate.goal_checks`), is printed with the table.
 
-# %%
+# %% tags=["hide-input"]
 from helpers import paths
 
 study_csv = paths.published_dir(P.profile) / "02_study_curves.csv"
@@ -286,7 +287,8 @@ if study_csv.is_file():
         rich=100 * curves["poison_share_in_rich_clusters"],
         model=curves["variant"].map({"poisoned": "backdoored", "clean": "clean"}),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharex=True)
+    fig, grid = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)  # three panels and the legend
+    axes = grid.flat[:3]
     panels = (
         ("ASR", "10%-label probe ASR, patched data (%)"),
         ("accuracy", "10%-label probe accuracy, clean data (%)"),
@@ -301,8 +303,9 @@ if study_csv.is_file():
     axes[0].axhline(20, color="k", lw=0.8, ls="--")  # the goal's 20%
     handles, labels = axes[0].get_legend_handles_labels()
     axes[0].get_legend().remove()
+    grid.flat[3].axis("off")
+    grid.flat[3].legend(handles, labels, loc="center", fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     plotting.savefig(fig, P.profile, NB, "study_curves", dpi=P.figures.dpi)
     runs = pd.read_csv(paths.published_dir(P.profile) / "02_study_runs.csv")
     lines = []
@@ -320,7 +323,7 @@ if study_csv.is_file():
         )
     goal = "; ".join(evaluate.goal_checks(0, 0, 0, 0, 0))  # its parts, in words
     notebook.show_markdown(f"**The study's goal**, every part: {goal}.\n\n" + "\n".join(lines))
-    display(runs)  # noqa: F821
+    notebook.show_table(runs, keys=["run"])
 else:
     print(f"no study results for profile {P.profile} (run `python -m helpers.studies.strength` to make them)")
 
@@ -346,7 +349,7 @@ if pairs_csv.is_file():
         )
         lines.append(f"- `{setting}` (epoch {t['epochs'].max()}): goal met on {met} of {len(t)} pairs ({asr}).")
     notebook.show_markdown(f"**The goal** in every pair: {evaluate.planted_rule()}.\n\n" + "\n".join(lines))
-    display(pairs)  # noqa: F821
+    notebook.show_table(pairs, keys=["setting", "target", "trigger seed"])
     from IPython.display import Image
 
     display(Image(filename=str(pairs_csv.with_suffix(".png"))))  # noqa: F821
@@ -365,4 +368,5 @@ else:
 #    planted a backdoor from those that did not? What would you change first with twice the compute?
 # 3. **Neighbours.** Pick a patched validation image of a non-target class and list its `k = 10` nearest
 #    training images in the clean and in the backdoored model (the neighbours cell shows how). How many
-#    are poisons in each?
+#    are poisons in each? Then average over a few hundred such images (`attack.patched_val_pixels`): one
+#    image is noise.

@@ -139,7 +139,7 @@ notebook.show_markdown(
 # %%
 sizes = np.bincount(assignment, minlength=k)
 poisons = np.bincount(assignment, weights=poison, minlength=k).astype(int)
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True, gridspec_kw={"width_ratios": [3, 1]})
 for ax, order, what in (
     (axes[0], np.argsort(-sizes, kind="stable"), "size"),
     (axes[1], np.argsort(-poisons, kind="stable")[:20], "poisons (the 20 most)"),
@@ -180,7 +180,7 @@ def cluster_grid(c, n):
     members = np.flatnonzero(assignment == c)[:n]
     boxes = A.boxes_of(members)
     titles = [D.train.classes[D.train.labels[i]] for i in members]
-    return plotting.show_images(X[members].numpy(), titles, boxes, ncols=8)
+    return plotting.show_images(X[members].numpy(), titles, boxes, ncols=6)
 
 
 n = P.figures.n_examples

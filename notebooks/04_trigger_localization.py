@@ -105,7 +105,7 @@ for method in ("patchsearch", "poisoncam"):
     print(f"{method}: {2 * n} heatmaps in {seconds[method]:.1f} s ({2 * n / seconds[method]:.0f} images/s)")
 
 
-# %%
+# %% tags=["hide-input"]
 def overlay(ax, image, heat, box=None, window=None):
     ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
     shown = None
@@ -120,7 +120,7 @@ def overlay(ax, image, heat, box=None, window=None):
 
 
 w_show = side  # for the picture only: the search picks w without knowing the trigger (notebook 05)
-n_show = 6
+n_show = 4  # four poisoned and four clean columns fit the page
 labels = D.train.labels
 shown_c, seen = [], set()  # clean examples from different classes, in the sample's seeded order
 for i, idx in enumerate(sample_c):
@@ -130,7 +130,7 @@ for i, idx in enumerate(sample_c):
     if len(shown_c) == n_show:
         break
 columns = [("poisoned", i) for i in range(n_show)] + [("clean", i) for i in shown_c]
-fig, axes = plt.subplots(3, len(columns), figsize=(1.45 * len(columns) + 1.2, 4.9))
+fig, axes = plt.subplots(3, len(columns), figsize=(1.45 * len(columns) + 1.2, 5.4))
 for j, (kind, i) in enumerate(columns):
     idx = (sample_p if kind == "poisoned" else sample_c)[i]
     image = ctx.pixels[idx].numpy()
@@ -228,7 +228,7 @@ notebook.show_markdown(
 # know the trigger size: the rates are shown for every side of the search's sweep, the side each method's
 # search picked blind (notebook 05) is marked, and the dashed line is the true side (for teaching only).
 
-# %%
+# %% tags=["hide-input"]
 picked = {m: search.load_search(search.search_stage(search.with_method(P, m), "poisoned"))["window"] for m in maps}
 windows = sorted({w for w in P.search.window_sweep if w <= ctx.size} | set(picked.values()))
 rows = []
@@ -288,11 +288,13 @@ notebook.show_markdown("\n".join(claims))
 # beside the centre and random guesses of that side. (An evaluation with the ground truth, for the reader:
 # the profile's strategy is the paper's choice, not this table's.)
 
-# %%
+# %% tags=["hide-input"]
 m = min(64, n)
 rows = []
 for strategy in ("full", "random", "interval"):
-    masks = localize.make_masks(strategy, P.search.masks, ctx.size, P.search.mask_grid, P.search.mask_keep, P.search.seed)
+    masks = localize.make_masks(
+        strategy, P.search.masks, ctx.size, P.search.mask_grid, P.search.mask_keep, P.search.seed
+    )
     x = ctx.normalise(ctx.pixels[sample_p[:m]])
     heat = localize.poisoncam_heatmaps(
         ctx.model, x, torch.as_tensor(ctx.assignment[sample_p[:m]]), masks, ctx.outlier_stats, P.search.batch_size

@@ -87,7 +87,7 @@
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 
-# %%
+# %% tags=["hide-input"]
 import math
 
 import matplotlib.pyplot as plt
@@ -108,9 +108,7 @@ METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 stages = {m: search.search_stage(search.with_method(P, m), "poisoned") for m in METHODS}
 found = {m: search.load_search(path) for m, path in stages.items()}
 ids = cluster.defense_ids(P, cluster.training_set(P, "poisoned")[0])  # the order the search breaks ties in
-print(
-    "flip-test counts:", ", ".join(f"{METHODS[m]} `{search.score_rule(search.with_method(P, m))}`" for m in METHODS)
-)
+print("flip-test counts:", ", ".join(f"{METHODS[m]} `{search.score_rule(search.with_method(P, m))}`" for m in METHODS))
 
 # %% [markdown]
 # ## Which w? (paper Figure 4)
@@ -119,7 +117,7 @@ print(
 # count half; $0.5$ is chance, below $0.5$ the score prefers clean images).
 
 
-# %%
+# %% tags=["hide-input"]
 def score_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Mann-Whitney AUC of ``scores`` for ``positive`` against the rest (nan where one side is empty)."""
     if positive.all() or not positive.any():
@@ -157,7 +155,8 @@ sweep = pd.DataFrame(rows)
 plotting.save_table(sweep, P.profile, NB, "window_sweep")
 side = int(A.poison_boxes[0, 0, 2])
 RULES = ("RSD", "contrast", "agreement", "pooled")
-fig, axes = plt.subplots(1, 5, figsize=(20, 3.4))
+fig, grid = plt.subplots(2, 3, figsize=(13, 6.8))  # five panels and the legend
+axes = grid.flat[:5]
 for label in METHODS.values():
     t = sweep[sweep["method"] == label]
     for ax, col, pick_col in zip(
@@ -177,10 +176,19 @@ axes[1].set(ylabel="top-20 mean - median score", title="contrast rule (star: its
 axes[2].set(ylabel="agreement: located - random", title="agreement rule (star: its pick)")
 axes[3].set(ylabel="pooled agreement: located - random", title="pooled rule (band: ± sd over draws)")
 axes[4].set(ylabel="top-20 accuracy (%)", ylim=(-2, 102), title="ground truth (star: w used; dashed: trigger)")
-axes[0].legend(fontsize=8)
+grid.flat[5].axis("off")
+grid.flat[5].legend(*axes[0].get_legend_handles_labels(), loc="center", frameon=False)
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "window_rsd", dpi=P.figures.dpi)
-sweep
+picked_by = sweep[[f"{rule} pick" for rule in RULES]].apply(
+    lambda picks: ", ".join(rule for rule, pick in zip(RULES, picks, strict=True) if pick) or "–", axis=1
+)
+notebook.show_table(sweep[["method", "window", *RULES, "pooled sd", "scored"]])  # what each rule reads
+notebook.show_table(  # what each side reaches (ground truth) and which rule picks it
+    sweep[["method", "window", "top-20 acc (ground truth)", "score AUC (ground truth)", "used"]].assign(
+        **{"picked by": picked_by}
+    )
+)
 
 # %%
 lines = []
@@ -248,7 +256,7 @@ def search_round_readable(alive, queues, best, score_of, s, r):
 # The readable flip test on the top candidate of each method, against the score the stage stored, and
 # the readable rounds, run to the end with the stored scores, against the images the stage scored:
 
-# %%
+# %% tags=["hide-input"]
 lines = []
 for m, f in found.items():
     ctx = search.defense_context(search.with_method(P, m), "poisoned", progress=False)
@@ -293,7 +301,7 @@ notebook.show_markdown("\n".join(lines))
 # (checked below) and tells each image's round: clusters alive per round (left), and the share of
 # poisons among the images scored in each round (right).
 
-# %%
+# %% tags=["hide-input"]
 assignment = np.load(cluster.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
 replayed = {}
 for m, f in found.items():
@@ -307,7 +315,7 @@ for m, f in found.items():
         ids=ids,
     )
     assert np.array_equal(replayed[m].scored, f["scored"]), "the replay must score the images the search scored"
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
 lines = []
 for m, label in METHODS.items():
     f, res = found[m], replayed[m]
@@ -355,8 +363,8 @@ summary
 # ## Poison scores of scored images
 # Scores of the poisoned and the clean images the search scored (chosen w).
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+# %% tags=["hide-input"]
+fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
 for ax, (m, f) in zip(axes, found.items(), strict=True):
     s = f["scores"]
     bins = np.arange(s[f["scored"]].min() - 0.5, s[f["scored"]].max() + 1.5)
@@ -425,7 +433,7 @@ for m, path in stages.items():
     files = sorted((path / "top_patches").glob("*.png"))[:20]
     idx = [int(f.stem.split("_")[1]) for f in files]
     pics = [np.asarray(Image.open(f)).transpose(2, 0, 1) for f in files]
-    fig = plotting.show_images(pics, [f"#{i}" for i in idx], ncols=10, scale=1.0)
+    fig = plotting.show_images(pics, [f"#{i}" for i in idx], ncols=7, scale=1.0)
     for ax, i in zip(fig.axes, idx, strict=False):
         ax.title.set_color("crimson" if poison[i] else "black")
     fig.suptitle(f"{METHODS[m]}: top-20 candidate triggers", y=1.02)
@@ -442,7 +450,7 @@ for m, path in stages.items():
 # profile (MoCo-v2, without and with i-CutMix) are scored with the window side the search picked blind on
 # the clean set (`helpers.potency`).
 
-# %%
+# %% tags=["hide-input"]
 
 POTENCY = {"without i-CutMix": False, "with i-CutMix": True}
 pot = {name: np.load(potency.potency_stage(P, icutmix) / "potency.npz") for name, icutmix in POTENCY.items()}
@@ -475,7 +483,7 @@ notebook.show_markdown(
 table
 
 # %%
-fig, axes = plt.subplots(len(POTENCY), len(classes), figsize=(1.3 * len(classes), 2.1 * len(POTENCY)))
+fig, axes = plt.subplots(len(POTENCY), len(classes), figsize=(1.2 * len(classes), 2.4 * len(POTENCY)))
 for row, (name, z) in enumerate(pot.items()):
     score, where = best[name]
     for c, ax in enumerate(axes[row]):
@@ -492,12 +500,19 @@ plotting.savefig(fig, P.profile, NB, "potency", dpi=P.figures.dpi)
 
 # %% [markdown]
 # ## Exercises
-# Each reruns one search (several minutes for both methods on this CPU).
+# Each replays what the search stored, in seconds. A rerun with new settings takes far longer (the `seconds`
+# column of the summary table). The stored scores stand in for the flip test: an image's score at a side
+# depends on its window and on paste places seeded by the image, not on the round that scores it.
 #
-# 1. **The paper's rule.** Before rerunning, read off the window sweep which w the RSD rule picks and
-#    its top-20 accuracy. Then run with `overrides={"search": {"window_rule": "rsd"}}` and check that
-#    the search now uses that w. Why does the RSD grow when almost every score is zero?
-# 2. **Prune harder.** `{"search": {"prune_fraction": 0.5}}`: predict the number of scored images and the
-#    top-20 accuracy, then compare with the rounds plot and the summary table.
-# 3. **One image per cluster.** `{"search": {"samples_per_cluster": 1}}` halves the first round. Does the
-#    blind window still land on the same side? Compare the sweep tables.
+# 1. **The paper's rule, by hand.** `f["first_round"]` lists the first round's images, the same for every
+#    side. For one method (`f = found["patchsearch"]`), compute each side's RSD, the std over the mean of
+#    `f[f"scores_w{w}"][f["first_round"]]`, and check it against the sweep's `RSD` column. Which side does
+#    the RSD rule pick, and what is its top-20 accuracy? Print the share of zero scores beside the RSD: why
+#    does the RSD grow when almost every score is zero?
+# 2. **Prune harder.** Replay the search at the side it used, as the rounds section does, with
+#    `prune_fraction=0.5` in `search.iterative_search`. Predict the number of scored images and the top-20
+#    accuracy, then compare with the summary table. Check that the replay asks only for images the search
+#    scored (`f[f"scored_w{w}"]`): then it is exactly the search those settings would run at that side.
+# 3. **One image per cluster.** The same replay with `samples_per_cluster=1` halves the first round.
+#    Predict which method loses more top-20 accuracy, then check. (The side stays the one the search
+#    picked: choosing it again needs the network.)

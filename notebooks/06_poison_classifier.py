@@ -79,7 +79,7 @@ stages = {m: classify.classifier_stage(search.with_method(P, m), "poisoned") for
 
 # %%
 X, _ = cluster.training_set(P, "poisoned")
-shown = np.random.default_rng(0).choice(len(X), 8, replace=False)
+shown = np.random.default_rng(0).choice(len(X), 6, replace=False)
 images, titles = [], []
 for m, label in METHODS.items():
     f = search.load_search(search.search_stage(search.with_method(P, m), "poisoned"))
@@ -94,7 +94,7 @@ for m, label in METHODS.items():
         f"{label} (w={int(f['window'])})\nlabel {int(v)}: {D.train.classes[D.train.labels[i]]}"
         for v, i in zip(labels, shown, strict=True)
     ]
-fig = plotting.show_images(images, titles, ncols=8, scale=1.6)
+fig = plotting.show_images(images, titles, ncols=6, scale=1.6)
 plotting.savefig(fig, P.profile, NB, "training_batch", dpi=P.figures.dpi)
 
 # %% [markdown]
@@ -145,7 +145,7 @@ def training_step_readable(model, optimiser, images, patches, p, w, g, scale, no
 # The readable pasting against the kernel on the batch shown above, with the same generator seed, and a
 # few steps of a fresh classifier on batches of the training pool:
 
-# %%
+# %% tags=["hide-input"]
 f = search.load_search(search.search_stage(search.with_method(P, P.search.method), "poisoned"))
 top = f["ranking"][: P.classifier.top_k]
 corners = torch.as_tensor(f["corners"][top])
@@ -189,8 +189,8 @@ notebook.show_markdown(
 # %% [markdown]
 # ## Training: proxy F1 and early stopping
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+# %% tags=["hide-input"]
+fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), sharey=True)
 rows = []
 for ax, (m, path) in zip(axes, stages.items(), strict=True):
     hist = pd.read_csv(path / "history.csv")
@@ -255,7 +255,7 @@ for m, path in stages.items():
     rows.append(row)
 by_class = pd.DataFrame(rows).round(2)
 plotting.save_table(by_class, P.profile, NB, "clean_removed_by_class")
-by_class
+notebook.show_table(by_class.set_index("method").T.reset_index(names="clean images removed"))  # a class a row
 
 # %% [markdown]
 # ## How the ensemble decides: the paper's mean, or unanimity
@@ -266,8 +266,8 @@ by_class
 # rule beside those of a unanimous ensemble (`helpers.studies.removal.ENSEMBLES`). The filtered list the
 # pipeline retrains on follows the paper's rule.
 
-# %%
-fig, axes = plt.subplots(1, len(stages), figsize=(10, 3.2), sharey=True)
+# %% tags=["hide-input"]
+fig, axes = plt.subplots(1, len(stages), figsize=(8.5, 3.4), sharey=True)
 rows = []
 for ax, (m, path) in zip(axes, stages.items(), strict=True):
     logits = np.load(path / "classifier.npz")["logits"]
@@ -305,13 +305,17 @@ for label in METHODS.values():
 
 # %% [markdown]
 # ## Exercises
-# The first uses the stored logits (seconds); the others retrain the ensemble (several minutes).
+# Each reads what the stage stored and runs in seconds: `classifier.npz` holds every member's two logits
+# for every image, `scores.csv` every image's ensemble logit. Retraining the ensemble with other
+# settings takes far longer (the `seconds` column of the outputs table).
 #
 # 1. **Between the two rules.** From `classifier.npz`'s logits, remove the images that all members but one
 #    call poison. Predict recall and clean images removed between the mean and the unanimous
 #    rule's, then compute them.
-# 2. **Fewer pasted patches.** With `overrides={"classifier": {"top_k": 5}}`, predict the recall and the
-#    false removals, then rerun. What does the classifier learn from a handful of patches that it cannot from the profile's `top_k`?
-# 3. **The paper's paste sizes.** `{"classifier": {"paste_scale": [0.3333, 1.3333]}}` pastes patches down
-#    to $w/3$. Predict the share of clean images removed per class (the `clean_removed_by_class` table)
-#    and check: which classes suffer most, and why?
+# 2. **One member or five?** Compute each member's recall and clean images removed on its own, then the
+#    paper's mean rule over the first `m` members (`classify.ensemble_removed(logits[:m], "mean")`) for
+#    every `m`. Predict first: does averaging more members remove fewer clean images? If not, what does?
+# 3. **What the false removals share.** Show the clean images with the largest `classifier_logit` in
+#    `scores.csv` (`plotting.show_images` on `X`, as the first figure does) beside the
+#    `clean_removed_by_class` table. Which classes dominate, and what in those images could pass for the
+#    top patches of the training batch?

@@ -98,6 +98,7 @@ results = {name: evaluate.evaluate_stage(p, variant, icutmix) for name, (p, vari
 # (`evaluate.LinearProbe`). FP and ASR are counts over the non-target images. The cell after checks both
 # against the stage's code, the ASR on a random guesser's predictions (`tests/test_readable.py` too).
 
+
 # %% tags=["readable"]
 def probe_gradient_readable(W, x, y):
     """The cross-entropy's gradient for a linear classifier W (features x, labels y), by hand."""
@@ -123,8 +124,10 @@ grad_gap = float(np.abs(probe_gradient_readable(W.detach().numpy(), x_demo, y_de
 guesses = rng.integers(0, len(D.val.classes), len(D.val.labels))  # a random guesser: ASR at chance
 fp, asr_demo = fp_asr_readable(guesses, D.val.labels, A.target_index)
 kernel = evaluate.attack_metrics(guesses, D.val.labels, A.target_index)
-print(f"gradient, by hand against autograd: {grad_gap:.1e}; a random guesser's FP {fp} and ASR {asr_demo:.4f} "
-      f"(chance: {1 / len(D.val.classes):.4f}) against the stage's {kernel['fp']} and {kernel['asr']:.4f}")
+print(
+    f"gradient, by hand against autograd: {grad_gap:.1e}; a random guesser's FP {fp} and ASR {asr_demo:.4f} "
+    f"(chance: {1 / len(D.val.classes):.4f}) against the stage's {kernel['fp']} and {kernel['asr']:.4f}"
+)
 
 # %% [markdown]
 # ## Table 2 (this profile)
@@ -158,7 +161,7 @@ per_seed.groupby(["model", "labels"], sort=False)[["clean_acc", "patched_acc", "
 # a model is at the clean level when its mean ASR is at most its clean reference's mean plus two of the
 # reference's standard deviations over probe seeds (a defended model's spread does not count in its favour).
 
-# %%
+# %% tags=["hide-input"]
 top = max(P.eval.label_fractions)
 seeds = per_seed[np.isclose(per_seed["labels"], top)].groupby("model", sort=False)["asr"]
 asr = pd.DataFrame({"mean": seeds.mean(), "std": seeds.std(ddof=0)}) * 100  # the std of Table 2
@@ -175,7 +178,11 @@ lines = [
     f"- **The backdoor** ({A.target_class}, {100 * top:.0f}% labels): the backdoored model's ASR is "
     f"{asr_text('Backdoored')} against the clean model's {asr_text('Clean')} "
     f"({asr.loc['Backdoored', 'mean'] / base:.1f}x): "
-    + (f"a backdoor by the rule ({evaluate.planted_rule()})." if planted else f"**below the rule** ({evaluate.planted_rule()}): a weak backdoor at most.")
+    + (
+        f"a backdoor by the rule ({evaluate.planted_rule()})."
+        if planted
+        else f"**below the rule** ({evaluate.planted_rule()}): a weak backdoor at most."
+    )
 ]
 for name in [m for m in MODELS if m not in ("Clean", "Backdoored", "Clean + i-CutMix")]:
     clean_ref = "Clean + i-CutMix" if "i-CutMix" in name else "Clean"
@@ -199,7 +206,7 @@ notebook.show_markdown(headline)
 # `python -m helpers.runners.pipeline --variants byol`). BYOL's settings were chosen without the test split:
 # by kNN accuracy on training images outside the profile's subset (`python -m helpers.studies.heldout`).
 
-# %%
+# %% tags=["hide-input"]
 heldout = notebook.figure_path(P.profile, "07_heldout_selection.csv")  # python -m helpers.studies.heldout
 if heldout.is_file():
     display(pd.read_csv(heldout))
@@ -258,7 +265,7 @@ else:
 # the mean over its probe seeds; then mean ± sd over SSL seeds. An SSL seed plants a backdoor by the rule
 # above, against the clean model of the same SSL seed.
 
-# %%
+# %% tags=["hide-input"]
 SEED_RUNS = {"MoCo-v2": (None, "ssl_seed1", "ssl_seed2"), "BYOL": ("byol", "byol_seed1", "byol_seed2")}
 seed_rows, missing = [], []
 for ssl_method, names in SEED_RUNS.items():
@@ -279,7 +286,9 @@ for ssl_method, names in SEED_RUNS.items():
             row[f"{model} ASR sd over probe seeds"] = 100 * probe["asr"].std(ddof=0)
         if "clean ASR (%)" in row and "backdoored ASR (%)" in row:
             row["ASR ratio"] = row["backdoored ASR (%)"] / row["clean ASR (%)"]
-            row["plants a backdoor"] = evaluate.backdoor_planted(row["backdoored ASR (%)"] / 100, row["clean ASR (%)"] / 100)
+            row["plants a backdoor"] = evaluate.backdoor_planted(
+                row["backdoored ASR (%)"] / 100, row["clean ASR (%)"] / 100
+            )
             seed_rows.append(row)
 by_seed = pd.DataFrame(seed_rows)
 if missing:
@@ -323,14 +332,14 @@ if len(by_seed):
     # the book's first page: the backdoor's numbers above on one SSL training, then these over SSL seeds
     io.write_text(plotting.figure_path(P.profile, NB, "headline", ".md"), f"{headline}\n{seed_headline}\n")
     notebook.show_markdown(seed_headline)
-    display(by_seed.round(2))
+    notebook.show_table(by_seed, keys=["SSL method", "SSL seed"])
 
 # %% [markdown]
 # ## Where the patched images go
 # Confusion matrices of the probe (largest label fraction, first seed) on patched data, each row in % of
 # its true class: a backdoor shows up as a bright column at the target category (red label).
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), constrained_layout=True)
 rows = [c for i, c in enumerate(D.val.classes) if i != A.target_index]  # patched data: no target images
 for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
@@ -368,7 +377,7 @@ plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 # column names the flip test's count (notebook 05); PoisonCAM runs under the profile's count and, where
 # that is not its paper's, under the paper's count too.
 
-# %%
+# %% tags=["hide-input"]
 METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 DEFENDERS = {"PatchSearch": search.with_method(P, "patchsearch"), "PoisonCAM": PC}
 if BOTH_COUNTS:
@@ -398,6 +407,27 @@ for _, r in table1.iterrows():
         f"and a random one {r['random window hit (%)']:.1f}%: the localization claim "
         f"{'holds' if beats else 'does not hold'}."
     )
+ids = cluster.defense_ids(P, cluster.training_set(P, "poisoned")[0])  # the search's tie order (notebook 05)
+for label, pm in DEFENDERS.items():  # the caveat of every w above: which rule chose it, what the paper's picks
+    f, rule = found[label], pm.search.window_rule
+    sweep = f["sweep"].set_index("window")
+
+    def top20(w, f=f):  # the search's top-20 accuracy had the search used side w
+        return 100 * search.top_k_accuracy(
+            search.SearchResult(f[f"scores_w{w}"], f[f"scored_w{w}"], ids=ids).ranking(), poison, 20
+        )
+
+    rsd_w = int(sweep.index[sweep["rsd_pick"]][0])
+    lines.append(
+        f"- Window of {label}: w = {f['window']} px, picked blind by the `{rule}` window rule"
+        + (
+            " (the project's rule, chosen with the `cifar10` profile's default attack in view: notebook 05)"
+            if rule != "rsd"
+            else ""
+        )
+        + f"; the search's top-20 there is {top20(f['window']):.0f}%. The paper's rule (RSD) picks w = {rsd_w} px "
+        f"here, where the search's top-20 is {top20(rsd_w):.0f}%."
+    )
 notebook.show_markdown("\n".join(lines))
 io.write_text(plotting.figure_path(P.profile, NB, "detection", ".md"), "\n".join(lines) + "\n")  # the book's first page
 columns = ["method", "count", "ensemble", "w", "top-20 acc (%)", "recall (%)", "precision (%)", "clean removed (%)"]
@@ -411,13 +441,13 @@ table1
 # of them); the unscored ones rank last, in a random (seeded) order.
 
 
-# %%
+# %% tags=["hide-input"]
 def pr_curve(order):
     hits = np.cumsum(poison[order])
     return hits / poison.sum(), hits / np.arange(1, len(order) + 1)
 
 
-fig, axes = plt.subplots(1, len(DEFENDERS), figsize=(5 * len(DEFENDERS), 3.6), sharey=True)
+fig, axes = plt.subplots(1, len(DEFENDERS), figsize=(3.6 * len(DEFENDERS), 4.4), sharey=True)
 for ax, (label, pm) in zip(axes, DEFENDERS.items(), strict=True):
     scores = pd.read_csv(classify.classifier_stage(pm, "poisoned") / "scores.csv")
     ranking = found[label]["ranking"]
@@ -456,7 +486,7 @@ n = P.figures.n_examples // 2
 for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])):
     boxes = A.boxes_of(idx)
     titles = [("poison " if poison[i] else "") + D.train.classes[D.train.labels[i]] for i in idx]
-    fig = plotting.show_images(X[idx].numpy(), titles, boxes, ncols=n)
+    fig = plotting.show_images(X[idx].numpy(), titles, boxes, ncols=-(-n // 2))  # two rows fit the page
     fig.suptitle(name.replace("_", " "), y=1.05)
     plotting.savefig(fig, P.profile, NB, name, dpi=P.figures.dpi)
 
@@ -466,7 +496,7 @@ for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])
 # with the clean model, choosing their window blind as before; every image they remove is a false removal
 # (the paper's Table 10 removes about `tables.table10.removed_share` of its clean set: `params/paper.yaml`).
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for label, pm in DEFENDERS.items():
     logits = np.load(classify.classifier_stage(pm, "clean") / "classifier.npz")["logits"]
@@ -506,7 +536,7 @@ table10
 # that is not a colour grid, other trigger sizes and repeated patches, and writes one table
 # (`figures/<profile>/07_generality.md`). It is shown here when it exists for this profile.
 
-# %%
+# %% tags=["hide-input"]
 general_path = notebook.figure_path(P.profile, "07_generality.csv")
 if general_path.is_file():
     general = pd.read_csv(general_path)
@@ -545,9 +575,27 @@ if general_path.is_file():
             "configurations are rerun (`python -m helpers.studies.generality --run NAME`)."
         )
     notebook.show_markdown("\n".join(lines))
-    display(general)  # noqa: F821
+    per_method = pd.concat(  # one row per configuration and defense, the method's name out of the columns
+        [
+            general[["configuration"]].assign(
+                method=m, **{c.removeprefix(f"{m} "): general[c] for c in general if c.startswith(f"{m} ")}
+            )
+            for m in METHODS.values()
+            if f"{m} w" in general
+        ],
+        ignore_index=True,
+    )
+    notebook.show_table(general[[c for c in general if not c.startswith(tuple(METHODS.values()))]])  # the attack
+    for columns in (  # what a reader compares: detection, the unanimous ensemble, where the windows fall
+        ["w", "top-20 (%)", "recall (%)", "clean removed (%)", "clean set removed (%)", "defended ASR (%)"],
+        ["recall, unanimous (%)", "clean removed, unanimous (%)", "clean set removed, unanimous (%)"],
+        ["trigger hit (%)", "centre hit (%)", "random hit (%)"],
+    ):
+        notebook.show_table(per_method[["configuration", "method", *[c for c in columns if c in per_method]]])
 else:
-    print(f"no generality table for profile {P.profile} yet: python -m helpers.studies.generality --publish {P.profile}")
+    print(
+        f"no generality table for profile {P.profile} yet: python -m helpers.studies.generality --publish {P.profile}"
+    )
 
 # %% [markdown]
 # ## Exercises

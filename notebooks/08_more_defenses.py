@@ -52,7 +52,7 @@
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
 
-# %%
+# %% tags=["hide-input"]
 import dataclasses
 
 import matplotlib.pyplot as plt
@@ -138,7 +138,7 @@ print(f"clean model's ASR ({TOP:.0%} labels): {100 * clean_asr.mean():.1f}%; cle
 # over each trusted share of the training set (`kd.TABLE3_TRUSTED`, the paper's). PatchSearch uses **no** trusted data. The paper's claim: PatchSearch's
 # accuracy beats KD's at every trusted share, with a comparable FP.
 
-# %%
+# %% tags=["hide-input"]
 PAPER_T3 = paper.table("table3")  # ResNet-18, MoCo-v2, 1% poison: clean acc, clean FP, patched acc, patched FP
 students = {}
 for share in kd.TABLE3_TRUSTED:
@@ -190,8 +190,10 @@ plotting.savefig(fig, P.profile, NB, "kd_tradeoff", dpi=P.figures.dpi)
 # PatchSearch, i-CutMix and finetuning add up. Here each model is finetuned (backbone and a linear head, SGD
 # for `finetune.epochs` epochs, crops and flips; one recipe, not tuned) on the linear probe's first label subsets.
 
-# %%
-PAPER_T4 = {name: (v[:2], v[2:]) for name, v in paper.table("table4").items()}  # (clean acc, patched FP): linear, finetuned
+# %% tags=["hide-input"]
+PAPER_T4 = {
+    name: (v[:2], v[2:]) for name, v in paper.table("table4").items()
+}  # (clean acc, patched FP): linear, finetuned
 FINETUNED = {
     "Clean": (P, "clean", False),
     "Backdoored": (P, "poisoned", False),
@@ -230,6 +232,7 @@ table4
 # weight $\lambda$ and towards its partner's with $1 - \lambda$ (the equation above), image by image here; the
 # stage computes it for the batch at once (`ssl.MoCoV2`, `tests/test_readable.py` checks the two agree).
 
+
 # %% tags=["readable"]
 def icutmix_loss_readable(q, k, queue, partner, lam, temperature):
     """Each mixed query's cross-entropy over [batch keys, queue], against its own key and its partner's."""
@@ -262,8 +265,10 @@ print(f"readable i-CutMix loss against the stage's: {gap:.1e}")
 # the crop + weighted row reproduces (`tests/test_more_defenses.py`). The paper's claim: pasting crops
 # of other images is what helps; black or noise boxes do not.
 
-# %%
-PAPER_T8 = {tuple(k.split("/")): v for k, v in paper.table("table8").items()}  # (fill, loss): clean acc, patched acc, FP
+# %% tags=["hide-input"]
+PAPER_T8 = {
+    tuple(k.split("/")): v for k, v in paper.table("table8").items()
+}  # (fill, loss): clean acc, patched acc, FP
 mixes = {("none", "-"): reference["Backdoored"], ("crop", "weighted"): reference["Backdoored + i-CutMix"]}
 for fill in mixing.FILLS:
     for loss in mixing.LOSSES:
@@ -328,7 +333,7 @@ plotting.savefig(fig, P.profile, NB, "icutmix_ablation", dpi=P.figures.dpi)
 # The same replay on the paper's geometry (one trigger of its side, in the middle of its share of the images,
 # with its crops: `params/paper.yaml`'s `settings`) shows what differs.
 
-# %%
+# %% tags=["hide-input"]
 n = len(D.train.images)
 side = D.train.pixels.shape[-1]
 ours = mixing.trigger_masks(n, A.poison_boxes, A.poison_idx, side)
@@ -377,7 +382,7 @@ coverage
 # goes from one to five, about a quarter of its images' area; at this profile's trigger side five copies
 # cover far more of a small image). The backdoored model, both defenses on it, and the models retrained on what each kept.
 
-# %%
+# %% tags=["hide-input"]
 PAPER_T9 = paper.table("table9")  # five triggers per image: clean acc, patched acc, patched FP
 if "repeated" in P.variants:
     R = params.with_variant(P, "repeated")
@@ -430,7 +435,7 @@ display_table
 # clean set minus those images and evaluated like the clean model: the accuracy a defender gives up when
 # there was no attack.
 
-# %%
+# %% tags=["hide-input"]
 PAPER_T10 = paper.table("table10")  # ViT-B, MoCo-v3: clean acc, clean FP, patched acc, patched FP
 defended_clean = {"Clean, no defense": reference["Clean"]}
 kept = {}

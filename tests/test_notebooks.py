@@ -189,3 +189,136 @@ def test_shown_paths_are_the_same_on_every_machine():
     assert paths.shown("/somewhere/else/data/cifar10") == "…/data/cifar10"
     assert paths.shown("relative/path") == "relative/path"
     assert paths.repo_relative("/somewhere/else/data/cifar10") == "/somewhere/else/data/cifar10"  # read back
+
+
+# What fits the book's text width: a table of at most MAX_COLUMNS columns (its index, where shown, counts as
+# one) and a figure at most MAX_ASPECT times as wide as it is tall (wider figures are scaled down until their
+# text is too small to read). Limits of the page, not of the results: they hold for any profile.
+MAX_COLUMNS = 8
+MAX_ASPECT = 3.0
+
+
+def page_fit_problems(nb) -> list[str]:
+    """Every output of an executed notebook that does not fit the page: a table wider than ``MAX_COLUMNS``
+    (HTML or Markdown), a table that shows the DataFrame's index, or a PNG wider than ``MAX_ASPECT``."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    problems = []
+    for number, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "image/png" in data:
+                width, height = Image.open(io.BytesIO(base64.b64decode(data["image/png"]))).size
+                if width / height > MAX_ASPECT:
+                    problems.append(f"cell {number}: figure {width} x {height} px (aspect {width / height:.1f})")
+            html = data.get("text/html", "")
+            html = html if isinstance(html, str) else "".join(html)
+            for table in re.findall(r"<table.*?</table>", html, re.S):
+                header = re.search(r"<tr.*?</tr>", table, re.S).group(0)
+                columns = len(re.findall(r"<t[hd][\s>]", header))
+                if columns > MAX_COLUMNS:
+                    problems.append(f"cell {number}: HTML table of {columns} columns")
+                if re.search(r"<tbody>\s*<tr>\s*<th", table):
+                    problems.append(f"cell {number}: HTML table shows its index")
+            markdown = data.get("text/markdown", "")
+            markdown = markdown if isinstance(markdown, str) else "".join(markdown)
+            for line in markdown.splitlines():
+                if re.match(r"^\|.*\|$", line.strip()) and not re.match(r"^\|[\s:|-]+\|$", line.strip()):
+                    columns = line.strip().count("|") - 1
+                    if columns > MAX_COLUMNS:
+                        problems.append(f"cell {number}: Markdown table of {columns} columns")
+                        break
+    return problems
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")))
+def test_published_tables_and_figures_fit_the_page(notebook):
+    problems = page_fit_problems(nbformat.read(paths.NOTEBOOKS_DIR / notebook, as_version=4))
+    assert not problems, (notebook, problems)
+
+
+def test_the_page_fit_check_fails_on_a_wide_table_an_index_and_a_wide_figure():
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wide = pd.DataFrame([range(9)], columns=[f"c{i}" for i in range(9)])
+    narrow = pd.DataFrame([range(3)], columns=["a", "b", "c"])
+    buffer = io.BytesIO()
+    fig = plt.figure(figsize=(8, 2))
+    fig.savefig(buffer, format="png", dpi=50)
+    plt.close(fig)
+    png = base64.b64encode(buffer.getvalue()).decode()
+    outputs = [
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": wide.to_html(index=False)}},
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": narrow.to_html()}},  # index shown
+        {"output_type": "display_data", "metadata": {}, "data": {"text/markdown": "| a | b |\n|---|---|\n| 1 | 2 |"}},
+        {"output_type": "display_data", "metadata": {}, "data": {"image/png": png}},
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": narrow.to_html(index=False)}},
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[o]) for o in outputs])
+    problems = page_fit_problems(nb)
+    assert problems == [
+        "cell 0: HTML table of 9 columns",
+        "cell 1: HTML table shows its index",
+        "cell 3: figure 400 x 100 px (aspect 4.0)",
+    ]
+
+
+# A code cell a student reads in full is short or is a stage's idea written out (``readable``); a longer cell
+# that builds prose, a table or a figure is plumbing: the book folds it away (``hide-input``) or drops it.
+MAX_SHOWN_LINES = 20
+
+
+@pytest.mark.parametrize("source", paths.notebooks(), ids=lambda p: p.name)
+def test_long_code_cells_are_readable_or_folded(source):
+    nb = jupytext.read(source)
+    long = [
+        (number, len(c.source.splitlines()))
+        for number, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        and len(c.source.splitlines()) > MAX_SHOWN_LINES
+        and not {"readable", "hide-input", "remove-input"} & set(c.metadata.get("tags", []))
+    ]
+    assert not long, (source.name, long)
+
+
+def test_published_figures_fit_the_page():
+    """The figure files too (the landing page shows some; the studies' runners write others)."""
+    from PIL import Image
+
+    wide = {}
+    for png in sorted(paths.published_dir("cifar10").glob("*.png")):
+        width, height = Image.open(png).size
+        if width / height > MAX_ASPECT:
+            wide[png.name] = round(width / height, 1)
+    assert not wide, wide
+
+
+def test_a_shown_table_fits_the_page_formatted_and_without_index():
+    table = pd.DataFrame(
+        {"method": ["a", "b"], "w": [12, 14], "share": [0.8125, 97.84], "ok": [True, False], "n": [12345.0, None]}
+    )
+    html = notebook.table_html(table)
+    cells = re.findall(r"<td>(.*?)</td>", html)
+    assert cells == ["a", "12", "0.812", "yes", "12,345", "b", "14", "97.8", "no", "–"]
+    assert "<th></th>" not in html and not page_fit_problems(
+        nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[_html_output(html)])])
+    )
+    wide = pd.DataFrame([["x", "y", *range(11)]], columns=["key", "label", *[f"c{i}" for i in range(11)]])
+    parts = notebook.split_columns(wide)
+    assert [list(p.columns)[:2] for p in parts] == [["key", "label"]] * len(parts)  # the keys repeat
+    assert all(len(p.columns) <= notebook.MAX_COLUMNS for p in parts)
+    assert sum(len(p.columns) - 2 for p in parts) == 11  # every other column, once
+    assert list(notebook.split_columns(table.set_index("method"))[0].columns)[0] == "method"  # a named index stays
+
+
+def _html_output(html):
+    return {"output_type": "display_data", "metadata": {}, "data": {"text/html": html}}

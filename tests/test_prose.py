@@ -10,10 +10,16 @@ landing page) passes when it is:
 Every other number fails: a measured value, a parameter's value typed where it can drift from the params
 file, or a paper's number typed instead of read from ``params/paper.yaml``. Those are rendered by code cells
 (``notebook.show_markdown``) from computed values, the profile's params and ``helpers.paper``.
+
+The book's other pages are scanned the same way (the glossary, the lab page where it exists), except the
+history page, ``notebooks/history.md`` ("How the settings were found"): it quotes past numbers as history.
+It is held to a different rule instead: every section that quotes a number names the commit it dates from,
+every commit it names exists, and every published file it names exists.
 """
 
 import ast
 import re
+import subprocess
 
 import jupytext
 import pytest
@@ -39,6 +45,10 @@ NAME = re.compile(r"\b[A-Za-z]\w*-\d+\b|\b\w*[A-Za-z]\d\w*\b|\b\d+[A-Za-z]\w*\b"
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?!\w)")
 
 
+HISTORY = paths.NOTEBOOKS_DIR / "history.md"
+COMMIT = re.compile(r"`([0-9a-f]{7,40})`")
+
+
 def typed_numbers(markdown: str) -> list[tuple[str, str]]:
     """The numbers of ``markdown`` that are neither in code or math, nor a reference, nor part of a name:
     ``(number, its line)``."""
@@ -55,6 +65,9 @@ def prose() -> dict[str, list[str]]:
     pages = {p.name: [c.source for c in jupytext.read(p).cells if c.cell_type == "markdown"]
              for p in sorted(paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))}  # fmt: skip
     pages["index.md"] = [(paths.NOTEBOOKS_DIR / "index.md").read_text()]
+    for page in sorted(paths.NOTEBOOKS_DIR.glob("*.md")):  # the pages about the book, but the history
+        if page.name not in ("index.md", HISTORY.name):
+            pages[page.name] = [page.read_text()]
     return pages
 
 
@@ -62,6 +75,36 @@ def prose() -> dict[str, list[str]]:
 def test_no_typed_number_in_the_prose(page):
     found = [f"{number!r} in: {line}" for cell in prose()[page] for number, line in typed_numbers(cell)]
     assert not found, f"{page} types numbers its code should render:\n" + "\n".join(found)
+
+
+def history_sections() -> list[tuple[str, str]]:
+    """The history page's sections, ``(heading, text)``, the part above the first ``##`` heading included."""
+    parts = re.split(r"^(## .*)$", HISTORY.read_text(), flags=re.M)
+    return [("(opening)", parts[0])] + [(parts[i].strip(), parts[i + 1]) for i in range(1, len(parts), 2)]
+
+
+def test_the_history_page_dates_every_number_it_quotes():
+    """History may quote numbers that have since changed, but only dated: a section that types a number
+    names the commit(s) it dates from (the current values are in the published tables it names)."""
+    undated = [
+        f"{heading}: {typed_numbers(text)[0][1]}"
+        for heading, text in history_sections()
+        if typed_numbers(text) and not COMMIT.search(text)
+    ]
+    assert not undated, "sections of history.md quote numbers without a commit:\n" + "\n".join(undated)
+
+
+def test_the_history_page_names_real_commits_and_files():
+    text = HISTORY.read_text()
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=paths.REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if shallow == "false":  # a shallow clone lacks the history the page dates from
+        for commit in sorted(set(COMMIT.findall(text))):
+            found = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=paths.REPO_ROOT)
+            assert found.returncode == 0, f"history.md names commit {commit}, which is not in this history"
+    for path in sorted(set(re.findall(r"`(figures/[^`\s]+)`", text))):
+        assert list(paths.REPO_ROOT.glob(path)), f"history.md names {path}, which does not exist"
 
 
 def test_the_scan_tells_results_from_references_and_names():

@@ -1,12 +1,13 @@
 """The HTML book: built from the executed notebooks, every page renders in headless Chromium."""
 
 import os
+import re
 import shutil
 
 import nbformat
 import pytest
 
-from helpers import paths
+from helpers import paper, paths
 from helpers.runners import report
 
 
@@ -38,10 +39,13 @@ def test_book_builds_and_every_page_renders(tmp_path, monkeypatch):
     monkeypatch.delenv("PATCHSEARCH_FIGURES")  # the landing page reads the published figures/cifar10/
     html = report.build("cifar10", tmp_path / "report")
     pages = report.check_site(html)
-    assert set(pages) == {"index.html", *(f"{nb.stem}.html" for nb in paths.notebooks())}
+    about = {f"{p.stem}.html" for p in report.about_pages()}
+    assert {"glossary.html", "history.html"} <= about  # the pages about the book (lab.html where it exists)
+    assert set(pages) == {"index.html", *(f"{nb.stem}.html" for nb in paths.notebooks()), *about}
     for page, info in pages.items():
         assert info["headings"] == 1 and info["title"], page  # one page title, rendered
-        assert info["images"] >= 2 and not info["broken images"], (page, info["broken images"])
+        assert not info["broken images"], (page, info["broken images"])
+        assert page in about or info["images"] >= 2, page  # the landing page and every notebook show figures
         assert not info["console errors"], (page, info["console errors"])
         assert info["unrendered math"] == 0, page  # every equation typeset (MathJax served with the book)
 
@@ -61,3 +65,90 @@ def test_mathjax_is_served_with_the_book_where_a_local_copy_exists(tmp_path):
     assert report.vendor_mathjax(tmp_path / "static", root=root) == "mathjax/MathJax.js?config=TeX-AMS_SVG-full"
     assert (tmp_path / "static" / "mathjax" / "jax" / "output" / "SVG" / "fonts" / "TeX" / "a.js").is_file()
     assert not (tmp_path / "static" / "mathjax" / "fonts").exists()
+
+
+def test_about_pages_follow_the_notebooks_in_a_fixed_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "NOTEBOOKS_DIR", tmp_path)
+    for name in ("index", "history", "aside", "glossary"):
+        (tmp_path / f"{name}.md").write_text(f"# {name}\n")
+    assert [p.name for p in report.about_pages()] == ["glossary.md", "history.md", "aside.md"]  # no lab here
+    (tmp_path / "lab.md").write_text("# lab\n")
+    assert [p.stem for p in report.about_pages()] == ["lab", "glossary", "history", "aside"]
+    assert report.toctree("About this book", ["lab", "glossary"]).splitlines()[2:4] == [
+        ":caption: About this book",
+        ":hidden:",
+    ]
+
+
+def test_a_book_page_expands_its_directives(tmp_path):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "t.md").write_text("| a |\n|---|\n| 1 |\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\n{table} t\n\n{table} gone\n")
+    with pytest.raises(report.ReportError, match=r"page\.md names gone"):  # the error names the page
+        report.expand_page(page, figures, tmp_path)
+    page.write_text("# Page\n\n{table} t\n")
+    assert "| 1 |" in report.expand_page(page, figures, tmp_path)
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """The committed figures/ (the tests' default is an empty temporary folder)."""
+    monkeypatch.delenv("PATCHSEARCH_FIGURES")
+
+
+def test_readme_results_are_the_published_tables(published):
+    """The README's results block is exactly what ``readme_results`` builds from the committed tables, so it
+    cannot drift from them: after a publish, ``python -m helpers.runners.report --readme`` rewrites it."""
+    block = report.readme_block(paths.README.read_text())
+    assert block == report.readme_results(report.README_PROFILE), (
+        "README.md's results block differs from the published tables: run python -m helpers.runners.report --readme"
+    )
+    for name in ("07_evaluation_table2_headline", "07_evaluation_table1_headline"):  # the landing page's tables
+        assert (paths.published_dir("cifar10") / f"{name}.md").read_text().strip() in block
+    for caveat in ("pooled agreement", "The paper's rule, RSD, picks", "seed 0", "No paper-strength results"):
+        assert caveat in block
+
+
+def test_readme_block_is_rewritten_in_place_and_only_there(tmp_path, published):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{report.README_START}\nstale\n{report.README_END}\n\nafter\n")
+    assert report.write_readme_results(readme=readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "stale" not in text
+    assert not report.write_readme_results(readme=readme)  # unchanged the second time
+    readme.write_text("# No block\n")
+    with pytest.raises(report.ReportError, match="no results block"):
+        report.write_readme_results(readme=readme)
+
+
+def test_a_publish_elsewhere_leaves_the_readme_alone():
+    """``reproduce --publish`` rewrites the README only from the repository's own figures/ (which it links)."""
+    from helpers.runners import reproduce
+
+    before = paths.README.read_text()
+    assert not reproduce.publish_readme("cifar10")  # PATCHSEARCH_FIGURES points at a temporary folder here
+    assert not reproduce.publish_readme("smoke")
+    assert paths.README.read_text() == before
+
+
+def readme_words(text: str) -> int:
+    """Words as a reader counts them: tokens with a letter or a digit (a table's pipes and rules are not)."""
+    return len(re.findall(r"\S*\w\S*", text))
+
+
+def test_readme_is_short_and_shows_the_two_commands():
+    text = paths.README.read_text()
+    assert readme_words(text) <= 1500, f"README.md has {readme_words(text)} words: move detail to the book"
+    assert "make reproduce   #" in text and "make test        #" in text
+    assert "On a fresh machine" in text
+    hashes = re.findall(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", text)
+    assert not hashes, f"commit hashes belong on the history page: {hashes}"
+    assert not re.search(r"\b[Ii]ssues? \d", text), "issue numbers belong on the history page"
+
+
+def test_readme_cites_the_papers_of_paper_yaml():
+    text = paths.README.read_text()
+    for name, source in paper.load()["sources"].items():
+        assert source["url"] in text, f"README.md does not link {name}'s paper ({source['url']})"

@@ -11,13 +11,21 @@ seconds.
 The book's source is assembled in ``<out>/source`` from what the repository holds: the landing page
 ``notebooks/index.md`` (what this is, the threat model, reading order, learning goals) with the headline
 tables and figures of ``figures/<profile>/`` pasted in where it names them (``{table}`` and ``{figure}``
-lines, ``headline_block``), and every executed ``notebooks/NN_*.ipynb``. A notebook without outputs is
-refused: run ``make reproduce`` first. The site is written to ``<out>/html`` (``index.html``).
+lines, ``headline_block``), every executed ``notebooks/NN_*.ipynb``, and the pages about the book, every
+other ``notebooks/*.md`` (``about_pages``: the lab, the glossary, how the settings were found). A notebook
+without outputs is refused: run ``make reproduce`` first. The site is written to ``<out>/html``
+(``index.html``).
+
+The README's "results at a glance" are built from the same published tables (``readme_results``) and
+rewritten between its markers by ``python -m helpers.runners.reproduce --publish`` (or ``--readme`` here), so
+that the README can never state a number the published tables do not hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import re
 import shutil
 import subprocess
@@ -28,6 +36,10 @@ from pathlib import Path
 from .. import io, paths
 
 LANDING = paths.NOTEBOOKS_DIR / "index.md"
+# The pages about the book, after the notebooks, in this order; any other ``notebooks/*.md`` follows them.
+ABOUT_ORDER = ("lab", "glossary", "history")
+README_PROFILE = "cifar10"  # whose published tables the README's results block shows
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 CONF = """# Written by helpers.runners.report: the book's Sphinx configuration.
 project = "PatchSearch and PoisonCAM, step by step"
 author = "the project's authors"
@@ -53,6 +65,7 @@ html_show_sourcelink = False
 
 WIDE_CSS = """.bd-page-width { max-width: 100%; }
 .bd-main .bd-content .bd-article-container { max-width: 100%; }
+table.fit td { white-space: nowrap; }  /* "46.7 ± 37.8" on one line */
 """
 
 
@@ -99,27 +112,47 @@ def executed(notebook: Path) -> bool:
     return any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
-def headline_block(line: str, figures: Path, source: Path) -> str:
-    """Expand one landing-page directive line: ``{table} NAME`` pastes the table ``figures/<profile>/NAME.md``
-    with its source, ``{text} NAME`` pastes Markdown a notebook computed from its numbers, and
-    ``{figure} NAME | caption`` copies ``NAME.png`` into the book and shows it with its caption."""
+def headline_block(line: str, figures: Path, source: Path, page: str = LANDING.name) -> str:
+    """Expand one directive line of a book page (``page``): ``{table} NAME`` pastes the table
+    ``figures/<profile>/NAME.md`` with its source, ``{text} NAME`` pastes Markdown a notebook computed from its
+    numbers, and ``{figure} NAME | caption`` copies ``NAME.png`` into the book and shows it with its caption."""
     kind, _, rest = line.partition(" ")
     name, _, caption = (part.strip() for part in rest.partition("|"))
+    if kind == "{caveats}":  # the README's caveats, its links to repository files as plain paths
+        return re.sub(r"\[(`[^`]+`)\]\([^)]+\)", r"\1", caveats(figures.name))
     if kind in ("{table}", "{text}"):
         path = figures / f"{name}.md"
         if not path.is_file():
-            raise ReportError(f"{LANDING.name} names {name}, but {path} does not exist: run make reproduce")
+            raise ReportError(f"{page} names {name}, but {path} does not exist: run make reproduce")
         if kind == "{text}":
             return path.read_text().rstrip() + "\n"
         return path.read_text().rstrip() + f"\n\n*Table: `figures/{figures.name}/{name}.md`.*\n"
     if kind == "{figure}":
         path = figures / f"{name}.png"
         if not path.is_file():
-            raise ReportError(f"{LANDING.name} names the figure {name}, but {path} does not exist: run make reproduce")
+            raise ReportError(f"{page} names the figure {name}, but {path} does not exist: run make reproduce")
         (source / "_figures").mkdir(exist_ok=True)
         shutil.copyfile(path, source / "_figures" / path.name)
         return f"```{{figure}} _figures/{path.name}\n:width: 100%\n\n{caption}\n```\n"
-    raise ReportError(f"{LANDING.name}: unknown directive {line!r} (use {{table}}, {{text}} or {{figure}})")
+    raise ReportError(f"{page}: unknown directive {line!r} (use {{table}}, {{text}}, {{figure}} or {{caveats}})")
+
+
+DIRECTIVE = re.compile(r"^\{(table|text|figure)\} |^\{caveats\}$")
+
+
+def expand_page(page: Path, figures: Path, source: Path) -> str:
+    """A book page's Markdown with every directive line expanded (``headline_block``)."""
+    lines = page.read_text().splitlines()
+    expanded = (headline_block(line, figures, source, page.name) if DIRECTIVE.match(line) else line for line in lines)
+    return "\n".join(expanded)
+
+
+def about_pages() -> list[Path]:
+    """The book's pages besides the landing page and the notebooks: every other ``notebooks/*.md``, those named
+    in ``ABOUT_ORDER`` first and in that order (whichever exist), then any other by name."""
+    pages = [p for p in sorted(paths.NOTEBOOKS_DIR.glob("*.md")) if p.name != LANDING.name]
+    rank = {name: i for i, name in enumerate(ABOUT_ORDER)}
+    return sorted(pages, key=lambda p: (rank.get(p.stem, len(ABOUT_ORDER)), p.name))
 
 
 def favicon(path: Path) -> None:
@@ -132,14 +165,18 @@ def favicon(path: Path) -> None:
     Image.fromarray(grid).resize((32, 32), Image.NEAREST).save(path)
 
 
+def toctree(caption: str, names: list[str]) -> str:
+    entries = "\n".join(names)
+    return f"```{{toctree}}\n:maxdepth: 1\n:caption: {caption}\n:hidden:\n\n{entries}\n```\n"
+
+
 def landing_page(profile: str, source: Path) -> str:
-    figures = paths.published_dir(profile)
-    lines = []
-    for line in LANDING.read_text().splitlines():
-        lines.append(headline_block(line, figures, source) if re.match(r"^\{(table|text|figure)\} ", line) else line)
-    notebooks = "\n".join(nb.stem for nb in paths.notebooks())
-    toctree = f"```{{toctree}}\n:maxdepth: 1\n:caption: The notebooks\n:hidden:\n\n{notebooks}\n```\n"
-    return "\n".join(lines) + "\n\n" + toctree
+    """The landing page, its directives expanded, with the side bar's two tables of contents: the notebooks,
+    then the pages about the book."""
+    page = expand_page(LANDING, paths.published_dir(profile), source)
+    page += "\n\n" + toctree("The notebooks", [nb.stem for nb in paths.notebooks()])
+    about = [p.stem for p in about_pages()]
+    return page + ("\n" + toctree("About this book", about) if about else "")
 
 
 def build(profile: str = "cifar10", out: Path | None = None, strict: bool = True) -> Path:
@@ -158,6 +195,8 @@ def build(profile: str = "cifar10", out: Path | None = None, strict: bool = True
     io.write_text(source / "index.md", landing_page(profile, source))
     for nb in notebooks:
         shutil.copyfile(nb, source / nb.name)
+    for page in about_pages():
+        io.write_text(source / page.name, expand_page(page, paths.published_dir(profile), source) + "\n")
     favicon(source / "_figures" / "favicon.png")
     io.write_text(source / "_static" / "wide.css", WIDE_CSS)
     html = out / "html"
@@ -212,7 +251,7 @@ def check_site(html: Path, screenshots: dict[str, Path] | None = None) -> dict[s
     handler = functools.partial(Handler, directory=str(html))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    pages = ["index.html", *(f"{nb.stem}.html" for nb in paths.notebooks())]
+    pages = ["index.html", *(f"{p.stem}.html" for p in [*paths.notebooks(), *about_pages()])]
     report, driver = {}, browser()
     try:
         for page in pages:
@@ -257,6 +296,222 @@ def check_site(html: Path, screenshots: dict[str, Path] | None = None) -> dict[s
     return report
 
 
+# ------------------------------------------------------------------------------------- the README's results
+RULE_NAMES = {
+    "rsd": ("rsd",),
+    "contrast": ("contrast",),
+    "agreement": ("agreement",),
+    "pooled": ("pooled agreement", "pooled"),
+}  # a rule's column names in the blind-window tables
+RULE_WORDS = {"rsd": "RSD, the paper's rule", "contrast": "contrast", "agreement": "agreement",
+              "pooled": "pooled agreement"}  # fmt: skip
+
+
+def _published(figures: Path, name: str) -> Path:
+    path = figures / name
+    if not path.is_file():
+        raise ReportError(f"the README's results read {path}, which does not exist: run make reproduce")
+    return path
+
+
+def _rows(figures: Path, name: str) -> list[dict[str, str]]:
+    with _published(figures, f"{name}.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _link(figures: Path, name: str) -> str:
+    """A link from the README to a published file (``name`` with its suffix)."""
+    _published(figures, name)
+    return f"[`figures/{figures.name}/{name}`](figures/{figures.name}/{name})"
+
+
+def _table(figures: Path, name: str) -> str:
+    """A published Markdown table with a link to its file, as the landing page pastes it."""
+    table = _published(figures, f"{name}.md").read_text().rstrip()
+    return f"{table}\n\n*Table: {_link(figures, name + '.md')}.*\n"
+
+
+def _column(row: dict[str, str], rule: str, what: str) -> str:
+    for name in RULE_NAMES[rule]:
+        if f"{name} {what}" in row:
+            return f"{name} {what}"
+    raise ReportError(f"no column for the {rule} rule's {what!r} among {sorted(row)}")
+
+
+def _count(rows: list[dict[str, str]], column: str) -> int:
+    return sum(row[column] == "True" for row in rows)
+
+
+def _within(rows: list[dict[str, str]]) -> str:
+    """The blind-window tables' closeness criterion, as their column names state it (``within 5 points``)."""
+    return re.search(r"within [^,]+", next(c for c in rows[0] if " within " in c)).group(0)
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g}%"
+
+
+def _window_caveat(figures: Path, rule: str) -> str:
+    sweep = _rows(figures, "05_search_window_sweep")
+    picks = []
+    for method in dict.fromkeys(row["method"] for row in sweep):
+        rows = [row for row in sweep if row["method"] == method]
+        used = next(row for row in rows if row["used"] == "True")
+        rsd = next(row for row in rows if row["RSD pick"] == "True")
+        picks.append((method, used, rsd))
+    top = "top-20 acc (ground truth)"
+    chosen = ", ".join(f"{m} {u['window']} px (top-20 accuracy {_percent(float(u[top]))})" for m, u, _ in picks)
+    text = (
+        "- **Which window.** The side w of the window each defense cuts around a heatmap's peak was chosen blind, "
+        f"from the data, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
+    )
+    if rule != "rsd":
+        paper = " and ".join(f"{r['window']} px for {m} ({_percent(float(r[top]))})" for m, _, r in picks)
+        text += f" The paper's rule, RSD, picks {paper} ({_link(figures, '05_search_window_sweep.md')})."
+        general = [r for r in _rows(figures, "07_generality_blind_window") if r["method"] == "PatchSearch"]
+        seeds = _rows(figures, "07_generality_seeds_blind_window")
+        held = [r for r in general if r[_column(r, rule, "held out")] == "True"]
+        ours, theirs = _column(general[0], rule, _within(general)), _column(general[0], "rsd", _within(general))
+        text += (
+            f" The {RULE_WORDS[rule]} rule was chosen after seeing this profile's results. Over {len(general)} "
+            f"attack configurations (this one and {len(general) - 1} more), PatchSearch's pick is "
+            f"{_within(general)} of the best side's top-20 accuracy on {_count(general, ours)} of them with this rule "
+            f"({_count(held, ours)} of the {len(held)} run after it was fixed) and on {_count(general, theirs)} "
+            f"with RSD ({_link(figures, '07_generality_blind_window.md')}). On {len(seeds)} backdoored models "
+            f"trained with other SSL seeds after the rule was fixed, it is {_within(seeds)} on "
+            f"{_count(seeds, _column(seeds[0], rule, _within(seeds)))} of {len(seeds)} "
+            f"({_link(figures, '07_generality_seeds_blind_window.md')})."
+        )
+    return text + "\n"
+
+
+def _count_caveat(figures: Path, record: dict) -> str:
+    """Which configurations PoisonCAM's flip-test count was chosen on, from the score study's record."""
+    count = record["params"]["search"]["poisoncam_score"]
+    study = _published(figures, "05_search_score_rules_RECORD.md").read_text()
+    seen = re.search(r"configurations seen while choosing a count: (.+)", study).group(1).strip()
+    judged = [f"`{name}`" for name in re.findall(r"--run ([\w-]+)", study) if name not in seen.split(", ")]
+    judged_words = " and ".join([", ".join(judged[:-1]), judged[-1]] if len(judged) > 1 else judged)
+    return (
+        f"- **PoisonCAM's count was chosen here.** The profile scores PoisonCAM's flip test with `{count}`, a count "
+        "with a control for occlusion (the rows \"paper's count\" use its paper's count). It was chosen "
+        f"on the score study of this configuration ({', '.join(f'`{n}`' for n in seen.split(', '))}) and judged "
+        f"on {judged_words} "
+        f"({_link(figures, '05_search_score_rules.md')}): its rows above are not a blind result.\n"
+    )
+
+
+def _backdoor_caveat(figures: Path, record: dict) -> str:
+    from .. import evaluate
+
+    method, seed = record["params"]["ssl"]["method"], str(record["params"]["ssl"]["seed"])
+    per_seed = _rows(figures, "07_evaluation_table2_ssl_seeds_per_seed")
+    names = {row["SSL method"].lower().replace("-", ""): row["SSL method"] for row in per_seed}
+    shown = next(r for r in per_seed if r["SSL method"] == names.get(method, method) and r["SSL seed"] == seed)
+    planted = shown["plants a backdoor"] == "True"
+    seeds = " and ".join(
+        f"{r['seeds that plant a backdoor']} of {r['SSL seeds']} {r['SSL method']} trainings"
+        for r in _rows(figures, "07_evaluation_table2_ssl_seeds")
+    )
+    configurations = _rows(figures, "07_generality")
+    return (
+        "- **A weak backdoor, on one training.** At CPU scale (CIFAR-10's 32 px images, a narrow ResNet-18) the "
+        f"backdoored model's ASR is {float(shown['ASR ratio']):.1f}x the clean model's, "
+        f"{'which meets' if planted else 'below'} the project's rule for a planted backdoor "
+        f"({evaluate.planted_rule()}). Over SSL training seeds (seed {seed} and others), {seeds} plant one "
+        f"({_link(figures, '07_evaluation_table2_ssl_seeds.md')}). Over {len(configurations)} attack "
+        f"configurations, {_count(configurations, 'backdoor present')} plants one "
+        f"({_link(figures, '07_generality.md')}). Every table above comes from one SSL training (seed {seed}): "
+        "the claim that a defense removes the backdoor rests on that training.\n"
+    )
+
+
+def _gpu_caveat() -> str:
+    from .. import params as params_mod
+    from . import gpu
+
+    profile = params_mod.load(gpu.PARAMS).profile
+    jobs = gpu.read_manifest(profile).get("jobs", {})
+    done = [job.name for job in gpu.JOBS if jobs.get(job.name, {}).get("complete")]
+    text = (
+        "- **No paper-strength results yet.** `params/cifar10-gpu.yaml` is the paper's attack at CIFAR-10 scale, "
+        f"fixed before any GPU run and computed as a queue of {len(gpu.JOBS)} jobs, one at a time on a lent GPU. "
+    )
+    record = paths.published_dir(profile) / "RECORD.md"
+    if record.is_file():
+        return text + f"Its published run: {_link(record.parent, 'RECORD.md')}.\n"
+    if not done:
+        return text + "None has run yet, so its results do not exist.\n"
+    return text + f"{len(done)} of them have run (`make gpu-status`); its results are not published yet.\n"
+
+
+def readme_results(profile: str = README_PROFILE) -> str:
+    """The README's "results at a glance", from the published tables of ``figures/<profile>/``: the two
+    headline tables the landing page pastes, each with a link to its file, and the caveats each headline needs
+    (which rule chose the window, how weak the backdoor is, what has not run), every number read from a
+    published table. ``write_readme_results`` puts it between the README's markers."""
+    figures = paths.published_dir(profile)
+    record = json.loads(_published(figures, "record.json").read_text())
+    counts = {row["quantity"]: row["value"] for row in _rows(figures, "01_attack_counts")}
+    labels = max(record["params"]["eval"]["label_fractions"])
+    parts = [
+        README_START,
+        "<!-- Written by helpers.runners.report.readme_results when make reproduce publishes: do not edit. -->",
+        "",
+        f"From the published run of the default profile, `{profile}` ({_link(figures, 'RECORD.md')}).",
+        "",
+        f"**Does the backdoor survive a defense?** A linear probe on {_percent(labels)} of the labels, mean ± sd "
+        "over probe seeds. ASR: the share of patched test images the probe sends to the target category, beside "
+        f"the clean model's. In words: {_link(figures, '07_evaluation_headline.md')}.",
+        "",
+        _table(figures, "07_evaluation_table2_headline"),
+        "**Do the defenses find the poisons?** Detection with the window chosen blind, under the paper's "
+        "ensemble rule (mean) and a unanimous one. Chance for top-20 accuracy and precision: the poison rate, "
+        f"{_percent(float(counts['poisoned_fraction_of_train']))}. In words: "
+        f"{_link(figures, '07_evaluation_detection.md')}.",
+        "",
+        _table(figures, "07_evaluation_table1_headline"),
+        "**Caveats.**",
+        "",
+        caveats(profile),
+        README_END,
+    ]
+    return "\n".join(parts)
+
+
+def caveats(profile: str = README_PROFILE) -> str:
+    """What each headline rests on, as Markdown bullets computed from ``figures/<profile>/``: which rule chose
+    the window and what the paper's picks, which configurations PoisonCAM's count was chosen on, how weak the
+    backdoor is and on how many trainings, and what the GPU profile has run. The README and the landing page
+    (``{caveats}``) both show it."""
+    figures = paths.published_dir(profile)
+    record = json.loads(_published(figures, "record.json").read_text())
+    return (
+        _window_caveat(figures, record["params"]["search"]["window_rule"])
+        + _count_caveat(figures, record)
+        + _backdoor_caveat(figures, record)
+        + _gpu_caveat()
+    )
+
+
+def readme_block(readme: str) -> str:
+    """The README's results block, markers included."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ReportError(f"the README has no results block ({README_START} ... {README_END})")
+    return readme[start : end + len(README_END)]
+
+
+def write_readme_results(profile: str = README_PROFILE, readme: Path | None = None) -> bool:
+    """Rewrite the README's results block from the published tables (atomically); return whether it changed."""
+    readme = Path(readme) if readme else paths.README
+    text = readme.read_text()
+    new = text.replace(readme_block(text), readme_results(profile))
+    if new != text:
+        io.write_text(readme, new)
+    return new != text
+
+
 def site_size(html: Path) -> int:
     return sum(p.stat().st_size for p in html.rglob("*") if p.is_file())
 
@@ -267,7 +522,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(paths.REPO_ROOT / "build" / "report"))
     parser.add_argument("--check", action="store_true", help="then open every page in headless Chromium")
     parser.add_argument("--screenshots", metavar="DIR", help="with --check: screenshots of the landing page and 05")
+    parser.add_argument(
+        "--readme", action="store_true", help="only rewrite the README's results block from the published tables"
+    )
     args = parser.parse_args(argv)
+    if args.readme:
+        try:
+            changed = write_readme_results(README_PROFILE)
+        except ReportError as e:
+            raise SystemExit(f"error: {e}") from e
+        print(f"{paths.README}: results block {'rewritten' if changed else 'unchanged'}")
+        return
     start = time.perf_counter()
     try:
         html = build(args.profile, Path(args.out))

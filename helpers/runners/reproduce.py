@@ -11,9 +11,10 @@ to ``runs/<profile>/<UTC time>/`` with the effective params beside it, and the f
 params, the commit, the minutes of every pipeline task, stage and notebook, and the wall time of the run.
 
 ``--publish`` (what ``make reproduce`` passes for the default profile, and only for it) writes the figures,
-tables and record to the reference folder ``figures/<profile>/`` instead, and the executed notebooks, with
+tables and record to the reference folder ``figures/<profile>/`` instead, the executed notebooks, with
 their outputs, over the ``.ipynb`` pairs in ``notebooks/`` (``publish_notebook``), so that a reader on
-GitHub sees every figure without running anything. Any other run leaves both untouched.
+GitHub sees every figure without running anything, and the README's results block from the new tables
+(``publish_readme``). Any other run leaves all three untouched.
 
 Before anything runs, the profile's shipped checkpoints (``figures/<profile>/checkpoints/``, see
 ``helpers.runners.checkpoints``) that match the params, code and data are verified and copied into the cache, so
@@ -149,6 +150,7 @@ def run(
                 paths.published_dir(params.profile),
                 len(notebooks),
             )
+            publish_readme(params.profile)
     finally:
         for name, value in previous.items():
             if value is None:
@@ -215,6 +217,19 @@ def publish_files(staged: Path, published: Path) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         io.atomic_write(target, lambda tmp, f=f: shutil.copyfile(f, tmp))
     return len(files)
+
+
+def publish_readme(profile: str) -> bool:
+    """Rewrite the README's results block from the tables just published (``report.readme_results``): only for
+    the profile it shows, and only when they were published to the repository's own ``figures/``, which the
+    README links to. Return whether the README changed."""
+    from . import report
+
+    if profile != report.README_PROFILE or paths.published_dir(profile) != paths.REPO_ROOT / "figures" / profile:
+        return False
+    changed = report.write_readme_results(profile)
+    log.info("README.md: results block %s", "rewritten" if changed else "unchanged")
+    return changed
 
 
 def publish_notebook(executed: Path, pair: Path) -> None:
