@@ -41,9 +41,27 @@ def test_training_configurations_are_the_profiles_seed_variants():
         )
 
 
-def test_generality_trigger_png_ships_with_the_repository():
-    path = params.resolve_input_path(generality.CONFIGS["x-on-red-png"]["trigger"])
-    assert path.is_file()
+def test_generality_trigger_pngs_ship_with_the_repository():
+    pngs = [c["trigger"] for c in generality.CONFIGS.values() if c.get("trigger", "random") != "random"]
+    assert len(pngs) >= 2
+    for png in pngs:
+        assert params.resolve_input_path(png).is_file(), png
+
+
+def test_configurations_made_after_the_rules_were_seen_by_no_rule():
+    """They judge the blind rules: none was chosen on them, and each tries something the earlier ones did
+    not (a target no earlier configuration has, another trigger size or image)."""
+    after = generality.CONFIGS_AFTER_RULES
+    assert len(after) >= 4
+    for rule, seen in generality.CHOSEN_ON.items():
+        assert not set(seen) & set(after), rule
+    earlier = [c for name, c in generality.CONFIGS.items() if name not in after]
+    targets = {c.get("target_class", "bird") for c in earlier}
+    for name, config in after.items():
+        new = config.get("target_class") not in targets or any(
+            config.get(k) not in {c.get(k) for c in earlier} for k in ("trigger_size", "trigger") if k in config
+        )
+        assert new, name
 
 
 def test_profile_spreads_its_triggers():

@@ -50,6 +50,15 @@ CONFIGS: dict[str, dict] = {
     "size-10px": {"trigger_size": 0.3125, "target_class": "deer", "trigger_seed": 66},
     "copies-3": {"n_copies": 3, "target_class": "cat", "trigger_seed": 77},
 }
+# Made after the pooled window rule and PoisonCAM's count were fixed, before any of them was run: they judge
+# both blind (targets no configuration above uses, a trigger size and a PNG trigger no rule was chosen on).
+CONFIGS_AFTER_RULES: dict[str, dict] = {
+    "airplane-88": {"target_class": "airplane", "trigger_seed": 88},
+    "truck-99": {"target_class": "truck", "trigger_seed": 99},
+    "size-14px": {"trigger_size": 0.4375, "target_class": "horse", "trigger_seed": 111},
+    "checker-png": {"trigger": "params/triggers/checker_blue_yellow.png", "target_class": "ship"},
+}
+CONFIGS |= CONFIGS_AFTER_RULES
 
 # name -> overrides of other sections: the same attack, another SSL training. Made after the pooled window
 # rule was fixed (issue 22): they judge it blind (``python -m helpers.studies.generality --table generality_seeds``).
