@@ -173,6 +173,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+LARGEST_SHOWN = 3  # the opening names this many of the stages a notebook reads, the costliest
+
+
 def opening(params: Params, notebook: str) -> str:
     """Where the notebook sits in the pipeline and what it costs, with and without the shipped checkpoints,
     computed from the profile's last published record (``figures/<profile>/record.json``: its time and the
@@ -199,7 +202,11 @@ def opening(params: Params, notebook: str) -> str:
     )
     if heavy:
         total = sum(e["seconds"] for e in manifest["stages"])
-        each = ", ".join(f"{_stage_label(e)} {_duration(e['seconds'])}" for e in heavy)
+        largest = sorted(heavy, key=lambda e: -e["seconds"])[:LARGEST_SHOWN]
+        each = ", ".join(f"{_stage_label(e)} {_duration(e['seconds'])}" for e in largest)
+        if len(heavy) > len(largest):
+            rest = sum(e["seconds"] for e in heavy) - sum(e["seconds"] for e in largest)
+            each = f"the largest: {each}; {len(heavy) - len(largest)} more take {_duration(rest)}"
         where = shipped_dir(params.profile)
         where = where.relative_to(paths.REPO_ROOT) if where.is_relative_to(paths.REPO_ROOT) else where
         text += (
