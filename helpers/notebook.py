@@ -266,7 +266,7 @@ def attack_settings(params: Params, train_shape: tuple[int, int, int, int], n_po
          f"{1 - s('val_margin'):g} W - w]", f"every non-target image, corner in [{a.val_margin:g} W, "
          f"{1 - a.val_margin:g} W - w]"),
     ]  # fmt: skip
-    return _table(rows, ("", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
+    return _table(rows, ("setting", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
 
 
 def training_settings(params: Params, train_shape: tuple[int, int, int, int]) -> str:
@@ -289,4 +289,4 @@ def training_settings(params: Params, train_shape: tuple[int, int, int, int]) ->
         ("precision", s("precision"), f"SSL pre-training {params.compute.ssl_precision}; every other pass "
          f"{params.compute.precision} (losses and scores in fp32)"),
     ]  # fmt: skip
-    return _table(rows, ("", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
+    return _table(rows, ("setting", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))

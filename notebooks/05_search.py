@@ -185,8 +185,8 @@ picked_by = sweep[[f"{rule} pick" for rule in RULES]].apply(
 )
 notebook.show_table(sweep[["method", "window", *RULES, "pooled sd", "scored"]])  # what each rule reads
 notebook.show_table(  # what each side reaches (ground truth) and which rule picks it
-    sweep[["method", "window", "top-20 acc (ground truth)", "score AUC (ground truth)", "used"]].assign(
-        **{"picked by": picked_by}
+    sweep[["method", "window", "score AUC (ground truth)", "used"]].assign(
+        **{"top-20 acc (%, ground truth)": 100 * sweep["top-20 acc (ground truth)"], "picked by": picked_by}
     )
 )
 
@@ -273,7 +273,7 @@ for m, f in found.items():
         patch,
         int(ctx.assignment[top]),
         corners,
-        search.SCORE_RULE[m],
+        search.score_rule(search.with_method(P, m)),  # the count the stage used
     )
     rng = np.random.default_rng(P.search.seed)  # the stage's shuffle of every cluster's images, in id order
     members = {c: np.flatnonzero(ctx.assignment == c) for c in range(P.cluster.k)}
@@ -288,8 +288,9 @@ for m, f in found.items():
         scored, n_rounds = scored + new, n_rounds + 1
     same = set(scored) == set(np.flatnonzero(f["scored"]))
     lines.append(
-        f"- {METHODS[m]}: the top candidate (image {top}, w = {w} px) scores {readable} by the readable flip "
-        f"test, {int(f['scores'][top])} in the stage; the readable rounds ({n_rounds}) score "
+        f"- {METHODS[m]} (`{search.score_rule(search.with_method(P, m))}` count): the top candidate (image {top}, "
+        f"w = {w} px) scores {readable} by the readable flip test, {int(f['scores'][top])} in the stage "
+        f"({'equal' if readable == int(f['scores'][top]) else '**they differ**'}); the readable rounds ({n_rounds}) score "
         f"{'the same' if same else '**other**'} {len(scored)} images as the stage."
     )
 notebook.show_markdown("\n".join(lines))
@@ -357,7 +358,11 @@ for m, f in found.items():
     )
 summary = pd.DataFrame(rows)
 plotting.save_table(summary, P.profile, NB, "search_summary")
-summary
+notebook.show_table(
+    summary.assign(**{c: 100 * summary[c] for c in ("top-20 acc", "top-100 acc")}).rename(
+        columns={"top-20 acc": "top-20 acc (%)", "top-100 acc": "top-100 acc (%)"}
+    )
+)
 
 # %% [markdown]
 # ## Poison scores of scored images

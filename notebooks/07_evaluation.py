@@ -245,8 +245,9 @@ if "byol" in P.variants:
             else f"**no backdoor** by the rule ({evaluate.planted_rule()}; the paper: "
             f"{PAPER_BYOL['Backdoored'][1]}% against {PAPER_BYOL['Clean'][1]}%), "
         )
-        + f"so the paper's claim that the attack works on BYOL {'holds' if b_planted else '**does not hold**'} "
-        f"at this budget. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
+        + f"so on this one training (SSL seed {B.ssl.seed}) the paper's claim that the attack works on BYOL "
+        f"{'holds' if b_planted else '**does not hold**'}; whether it holds over SSL seeds is the next section's "
+        "question. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
         + ("(at the clean level)" if b_near else "(**not** at the clean level)")
         + f", clean accuracy {b_acc['PatchSearch']:.1f}%"
         + ("." if b_planted else "; with no backdoor to remove, this row measures only what the defense costs.")
@@ -566,13 +567,14 @@ if general_path.is_file():
         for key, value in now[section].items()
         if used.get(section, {}).get(key, params.ADDED_LATER.get((section, key))) != value
     ]
-    if changed:  # the rows were computed before the profile changed: say so, key by key
-        lines.append(
-            "\n**These rows are older than the profile**: they were computed with other values of "
+    if changed:  # the rows were computed before the profile changed: say so, key by key, before the rows
+        lines.insert(
+            0,
+            "**These rows are older than the profile**: they were computed with other values of "
             + ", ".join(changed)
             + " (`07_generality_params_default.yaml`). The blind window the current rule picks on every "
             "configuration is in `07_generality_blind_window.md`; the rows follow the profile once the "
-            "configurations are rerun (`python -m helpers.studies.generality --run NAME`)."
+            "configurations are rerun (`python -m helpers.studies.generality --run NAME`).\n",
         )
     notebook.show_markdown("\n".join(lines))
     per_method = pd.concat(  # one row per configuration and defense, the method's name out of the columns
@@ -585,7 +587,8 @@ if general_path.is_file():
         ],
         ignore_index=True,
     )
-    notebook.show_table(general[[c for c in general if not c.startswith(tuple(METHODS.values()))]])  # the attack
+    attack_columns = [c for c in general if not c.startswith(tuple(METHODS.values())) and c != "attack"]
+    notebook.show_table(general[attack_columns])  # the attack (its overrides: the params files beside the table)
     for columns in (  # what a reader compares: detection, the unanimous ensemble, where the windows fall
         ["w", "top-20 (%)", "recall (%)", "clean removed (%)", "clean set removed (%)", "defended ASR (%)"],
         ["recall, unanimous (%)", "clean removed, unanimous (%)", "clean set removed, unanimous (%)"],
@@ -602,7 +605,8 @@ else:
 # 1. **Is the difference real?** From `per_seed`, test whether PatchSearch's ASR differs from the clean
 #    model's and from the backdoored model's (a Welch t-test over the probe seeds, `scipy.stats` or by
 #    hand). With `eval.probe_seeds` seeds, how large must a difference be to show? (Seconds.)
-# 2. **Fewer labels.** Predict the backdoored model's ASR with the label share below, then evaluate it with
-#    `overrides={"eval": {"label_fractions": [0.05]}}` (one evaluation per model: a few minutes).
+# 2. **Fewer labels.** Predict the backdoored model's ASR with a label share between Table 2's two, then
+#    evaluate it with `overrides={"eval": {"label_fractions": [0.05]}}` (one evaluation per model: a few
+#    minutes).
 # 3. **kNN against the probe.** The kNN ASR uses every training label, the probe only a few. Which of the
 #    two shows the backdoor more clearly in Table 2, and why might they disagree?

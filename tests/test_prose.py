@@ -170,3 +170,11 @@ def test_the_settings_tables_come_from_both_files():
     training = notebook.training_settings(p, (1000, 3, 32, 32))
     assert "| 7 epochs, adamw (lr 0.001) |" in training and "ResNet-18 at 0.5 width, stride-2 stem" in training
     assert f"{paper.setting('epochs')} epochs" in training
+
+
+def test_the_glossary_states_the_planted_rule_as_the_code_has_it():
+    from helpers import evaluate
+
+    text = (paths.NOTEBOOKS_DIR / "glossary.md").read_text()
+    assert f"`evaluate.PLANTED_ASR` (`{evaluate.PLANTED_ASR:g}`)" in text
+    assert f"`evaluate.PLANTED_FACTOR` (`{evaluate.PLANTED_FACTOR:g}`)" in text

@@ -48,6 +48,8 @@ def test_book_builds_and_every_page_renders(tmp_path, monkeypatch):
         assert page in about or info["images"] >= 2, page  # the landing page and every notebook show figures
         assert not info["console errors"], (page, info["console errors"])
         assert info["unrendered math"] == 0, page  # every equation typeset (MathJax served with the book)
+        raw = (html / page).read_text().count("<p>|")
+        assert raw == 0, (page, f"{raw} Markdown table(s) left as text")  # every table rendered as a table
 
 
 def test_mathjax_is_served_with_the_book_where_a_local_copy_exists(tmp_path):

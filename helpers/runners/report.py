@@ -57,6 +57,7 @@ html_last_updated_fmt = None
 master_doc = "index"
 html_static_path = ["_static"]
 html_css_files = ["wide.css"]  # the notebooks' wide code and tables get the page's width
+nb_render_markdown_format = "gfm"  # Markdown a cell displays may hold tables (myst-nb's default, commonmark, has none)
 nb_merge_streams = True  # a cell's log lines in one block, not one block per line
 html_copy_source = False
 html_show_sourcelink = False
@@ -414,6 +415,14 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         for r in _rows(figures, "07_evaluation_table2_ssl_seeds")
     )
     configurations = _rows(figures, "07_generality")
+    planted_rows = [r for r in configurations if r["backdoor present"] == "True"]
+    defended = "; ".join(
+        f"`{r['configuration']}` ({r['probe ASR (%)']}% against {r['clean model ASR (%)']}%): PatchSearch "
+        f"top-20 {r['PatchSearch top-20 (%)']}%, recall {r['PatchSearch recall (%)']}%, "
+        f"{r['PatchSearch clean removed (%)']}% of the clean images removed"
+        for r in planted_rows
+        if r.get("PatchSearch w")
+    )
     return (
         "- **A weak backdoor, on one training.** At CPU scale (CIFAR-10's 32 px images, a narrow ResNet-18) the "
         f"backdoored model's ASR is {float(shown['ASR ratio']):.1f}x the clean model's, "
@@ -421,7 +430,9 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         f"({evaluate.planted_rule()}). Over SSL training seeds (seed {seed} and others), {seeds} plant one "
         f"({_link(figures, '07_evaluation_table2_ssl_seeds.md')}). Over {len(configurations)} attack "
         f"configurations, {_count(configurations, 'backdoor present')} plants one "
-        f"({_link(figures, '07_generality.md')}). Every table above comes from one SSL training (seed {seed}): "
+        f"({_link(figures, '07_generality.md')})"
+        + (f"; where one is planted: {defended}. " if defended else ". ")
+        + f"Every table above comes from one SSL training (seed {seed}): "
         "the claim that a defense removes the backdoor rests on that training.\n"
     )
 
@@ -460,12 +471,13 @@ def readme_results(profile: str = README_PROFILE) -> str:
         "",
         f"From the published run of the default profile, `{profile}` ({_link(figures, 'RECORD.md')}).",
         "",
-        f"**Does the backdoor survive a defense?** A linear probe on {_percent(labels)} of the labels, mean ± sd "
+        f"**Does the rise in ASR survive a defense?** A linear probe on {_percent(labels)} of the labels, mean ± sd "
         "over probe seeds. ASR: the share of patched test images the probe sends to the target category, beside "
         f"the clean model's. In words: {_link(figures, '07_evaluation_headline.md')}.",
         "",
         _table(figures, "07_evaluation_table2_headline"),
-        "**Do the defenses find the poisons?** Detection with the window chosen blind, under the paper's "
+        "**Do the defenses find the poisons?** Detection with the window chosen from the data by the profile's "
+        "rule (chosen with this configuration in view: see the caveats), under the paper's "
         "ensemble rule (mean) and a unanimous one. Chance for top-20 accuracy and precision: the poison rate, "
         f"{_percent(float(counts['poisoned_fraction_of_train']))}. In words: "
         f"{_link(figures, '07_evaluation_detection.md')}.",

@@ -270,6 +270,9 @@ def publish(profile: str, names: list[str], base: Path, table_name: str = "gener
                 row[f"{rule} held out"] = name not in CHOSEN_ON[rule]
         picks.append(row)
     save_table(pd.DataFrame(picks).round(1), profile, "07", f"{table_name}_blind_window", published=True)
+    for stale in paths.published_dir(profile).glob(f"07_{table_name}_params_*.yaml"):  # a row no longer published
+        if stale.stem.removeprefix(f"07_{table_name}_params_") not in names:
+            stale.unlink()
     for name in names:  # the params of every configuration, beside the table
         target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
         io.write_text(target, params_path(name).read_text())
