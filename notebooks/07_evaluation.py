@@ -247,7 +247,7 @@ if "byol" in P.variants:
         )
         + f"so on this one training (SSL seed {B.ssl.seed}) the paper's claim that the attack works on BYOL "
         f"{'holds' if b_planted else '**does not hold**'}; whether it holds over SSL seeds is the next section's "
-        "question. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
+        f"question. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
         + ("(at the clean level)" if b_near else "(**not** at the clean level)")
         + f", clean accuracy {b_acc['PatchSearch']:.1f}%"
         + ("." if b_planted else "; with no backdoor to remove, this row measures only what the defense costs.")

@@ -363,8 +363,8 @@ def _window_caveat(figures: Path, rule: str) -> str:
     top = "top-20 acc (ground truth)"
     chosen = ", ".join(f"{m} {u['window']} px (top-20 accuracy {_percent(float(u[top]))})" for m, u, _ in picks)
     text = (
-        "- **Which window.** The side w of the window each defense cuts around a heatmap's peak was chosen blind, "
-        f"from the data, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
+        "- **Which window.** The side w of the window each defense cuts around a heatmap's peak was chosen from "
+        f"the data, without the ground truth, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
     )
     if rule != "rsd":
         paper = " and ".join(f"{r['window']} px for {m} ({_percent(float(r[top]))})" for m, _, r in picks)
@@ -377,7 +377,12 @@ def _window_caveat(figures: Path, rule: str) -> str:
             f" The {RULE_WORDS[rule]} rule was chosen after seeing this profile's results. Over {len(general)} "
             f"attack configurations (this one and {len(general) - 1} more), PatchSearch's pick is "
             f"{_within(general)} of the best side's top-20 accuracy on {_count(general, ours)} of them with this rule "
-            f"({_count(held, ours)} of the {len(held)} run after it was fixed) and on {_count(general, theirs)} "
+            + (
+                f"({_count(held, ours)} of the {len(held)} run after it was fixed)"
+                if held
+                else "(every one was in view when it was chosen)"
+            )
+            + f" and on {_count(general, theirs)} "
             f"with RSD ({_link(figures, '07_generality_blind_window.md')}). On {len(seeds)} backdoored models "
             f"trained with other SSL seeds after the rule was fixed, it is {_within(seeds)} on "
             f"{_count(seeds, _column(seeds[0], rule, _within(seeds)))} of {len(seeds)} "

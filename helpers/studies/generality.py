@@ -275,7 +275,7 @@ def publish(profile: str, names: list[str], base: Path, table_name: str = "gener
             stale.unlink()
     for name in names:  # the params of every configuration, beside the table
         target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
-        io.write_text(target, params_path(name).read_text())
+        io.write_text(target, params_mod.dump(config_params(base, name)))  # the params the row was read with
     from ..runners.reproduce import git_commit
 
     record = [
