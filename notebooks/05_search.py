@@ -341,7 +341,7 @@ fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "rounds", dpi=P.figures.dpi)
 notebook.show_markdown("\n".join(lines))
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for m, f in found.items():
     ranking = f["ranking"]
