@@ -83,7 +83,7 @@ def _formatted(value: object) -> str:
         if float(value).is_integer() or abs(value) >= 1000:
             return f"{value:,.0f}"
         return f"{value:.3g}"
-    return "–" if value is None else str(value)
+    return "–" if value is None else str(value).replace(" ± ", "\u00a0±\u00a0")  # "46.7 ± 37.8" never wraps
 
 
 def split_columns(table, keys: list[str] | None = None, max_columns: int = MAX_COLUMNS) -> list:
@@ -93,10 +93,14 @@ def split_columns(table, keys: list[str] | None = None, max_columns: int = MAX_C
     import pandas as pd
 
     if not isinstance(table.index, pd.RangeIndex) or any(name is not None for name in table.index.names):
-        table = table.reset_index()
+        table = table.reset_index(names=[name or "" for name in table.index.names])  # an unnamed index: no header
     table = table.copy()
-    table.columns = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in table.columns]
-    if keys is None:
+    table.columns = [  # snake_case names wrap at the page's width as words
+        (" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c)).replace("_", " ") for c in table.columns
+    ]
+    if keys is not None:
+        keys = [str(k).replace("_", " ") for k in keys]
+    else:
         keys = []
         for column in table.columns[:3]:
             if pd.api.types.is_numeric_dtype(table[column]) and not pd.api.types.is_bool_dtype(table[column]):

@@ -66,7 +66,6 @@ html_show_sourcelink = False
 
 WIDE_CSS = """.bd-page-width { max-width: 100%; }
 .bd-main .bd-content .bd-article-container { max-width: 100%; }
-table.fit td { white-space: nowrap; }  /* "46.7 ± 37.8" on one line */
 """
 
 
