@@ -51,18 +51,22 @@ def setup(params_path: str | Path, overrides: dict | None = None, cache_hits: bo
     return params
 
 
+def _rich_display():
+    """IPython's ``display`` module where a notebook runs this, else None (plain text: print)."""
+    try:
+        from IPython import display, get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with the notebook extra
+        return None
+    return display if get_ipython() is not None else None
+
+
 def show_markdown(text: str) -> None:
     """Render Markdown computed from the numbers in a notebook's output (plain text outside IPython)."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
-    except ImportError:  # pragma: no cover - IPython ships with the notebook extra
-        print(text)
-        return
-    if get_ipython() is None:
+    rich = _rich_display()
+    if rich is None:
         print(text)
     else:
-        display(Markdown(text))
+        rich.display(rich.Markdown(text))
 
 
 # A table fits the book's text width with at most MAX_COLUMNS columns (``tests/test_notebooks.py`` checks every
@@ -127,16 +131,11 @@ def table_html(table, keys: list[str] | None = None) -> str:
 
 def show_table(table, keys: list[str] | None = None) -> None:
     """Display ``table`` as ``table_html`` does (plain text outside IPython)."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
-    except ImportError:  # pragma: no cover - IPython ships with the notebook extra
-        print(table.to_string(index=False))
-        return
-    if get_ipython() is None:
+    rich = _rich_display()
+    if rich is None:
         print(table.to_string(index=False))
     else:
-        display(HTML(table_html(table, keys)))
+        rich.display(rich.HTML(table_html(table, keys)))
 
 
 def show_tables_for_the_page() -> None:

@@ -194,7 +194,7 @@ def test_shown_paths_are_the_same_on_every_machine():
 # What fits the book's text width: a table of at most MAX_COLUMNS columns (its index, where shown, counts as
 # one) and a figure at most MAX_ASPECT times as wide as it is tall (wider figures are scaled down until their
 # text is too small to read). Limits of the page, not of the results: they hold for any profile.
-MAX_COLUMNS = 8
+MAX_COLUMNS = notebook.MAX_COLUMNS  # what notebook.show_table splits at
 MAX_ASPECT = 3.0
 
 

@@ -118,15 +118,15 @@ def headline_block(line: str, figures: Path, source: Path, page: str = LANDING.n
     numbers, and ``{figure} NAME | caption`` copies ``NAME.png`` into the book and shows it with its caption."""
     kind, _, rest = line.partition(" ")
     name, _, caption = (part.strip() for part in rest.partition("|"))
-    if kind == "{caveats}":  # the README's caveats, its links to repository files as plain paths
-        return re.sub(r"\[(`[^`]+`)\]\([^)]+\)", r"\1", caveats(figures.name))
+    if kind == "{caveats}":
+        return plain_paths(caveats(figures.name))
     if kind in ("{table}", "{text}"):
         path = figures / f"{name}.md"
         if not path.is_file():
             raise ReportError(f"{page} names {name}, but {path} does not exist: run make reproduce")
         if kind == "{text}":
             return path.read_text().rstrip() + "\n"
-        return path.read_text().rstrip() + f"\n\n*Table: `figures/{figures.name}/{name}.md`.*\n"
+        return plain_paths(_table(figures, name))
     if kind == "{figure}":
         path = figures / f"{name}.png"
         if not path.is_file():
@@ -305,6 +305,11 @@ RULE_NAMES = {
 }  # a rule's column names in the blind-window tables
 RULE_WORDS = {"rsd": "RSD, the paper's rule", "contrast": "contrast", "agreement": "agreement",
               "pooled": "pooled agreement"}  # fmt: skip
+
+
+def plain_paths(markdown: str) -> str:
+    """The README's links to repository files as plain code paths, for the book (which holds no such file)."""
+    return re.sub(r"\[(`[^`]+`)\]\([^)]+\)", r"\1", markdown)
 
 
 def _published(figures: Path, name: str) -> Path:
@@ -489,7 +494,7 @@ def readme_results(profile: str = README_PROFILE) -> str:
         _table(figures, "07_evaluation_table1_headline"),
         "**Caveats.**",
         "",
-        caveats(profile),
+        _caveats(figures, record),
         README_END,
     ]
     return "\n".join(parts)
@@ -501,7 +506,10 @@ def caveats(profile: str = README_PROFILE) -> str:
     backdoor is and on how many trainings, and what the GPU profile has run. The README and the landing page
     (``{caveats}``) both show it."""
     figures = paths.published_dir(profile)
-    record = json.loads(_published(figures, "record.json").read_text())
+    return _caveats(figures, json.loads(_published(figures, "record.json").read_text()))
+
+
+def _caveats(figures: Path, record: dict) -> str:
     return (
         _window_caveat(figures, record["params"]["search"]["window_rule"])
         + _count_caveat(figures, record)
