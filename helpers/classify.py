@@ -8,6 +8,9 @@ As in the paper and its code (``patch_search_poison_classifier.py``):
   label 0; the patch is pasted after the random resized crop (scale 0.2-1) and flip and before colour
   jitter / grayscale, its side uniform in [w/3, 4w/3) of the candidate window w (the paper: 20-80 px for
   w = 60; ``classifier.paste_scale``) and its place random with a margin of ``w/6`` (the paper: 10 px);
+  beyond the paper, ``classifier.negative_paste`` gives that share of the label-0 samples a natural patch
+  (a window of another image) pasted the same way, so that the classifier must learn what the top-k
+  patches show rather than that something square was pasted;
 - proxy validation: the top-k scored images as poisonous, the bottom-k *scored* images (the lowest flip
   counts: evidence of being clean, where an unscored image has none) as clean, no pasting; F1 every
   ``eval_every`` iterations; training stops when ``int(100 * F1)`` has not changed for ``patience``
@@ -92,10 +95,15 @@ def paste_random_patches(
     window: int,
     generator: torch.Generator,
     scale: tuple[float, float] = (1 / 3, 4 / 3),
+    negative_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste, with probability ``p`` per image, a random patch resized to a side in
     [scale[0] w, scale[1] w) (the paper: [w/3, 4w/3)) at a random place (margin w/6) on float images in
-    [0, 1]; returns the images and the labels (1 = pasted)."""
+    [0, 1]; returns the images and the labels (1 = a top-k patch pasted).
+
+    ``negative_p`` (the paper: 0): with this probability an image labelled 0 gets a *natural* patch pasted
+    the same way: a ``w x w`` window cut at a random place of another image of the batch, resized and placed
+    like the top-k patches. A pasted square then tells the two labels apart no more than its content does."""
     n, _, height, width = x.shape
     labels = (torch.rand(n, generator=generator) < p).long()
     which = torch.randint(len(patches), (n,), generator=generator)
@@ -109,14 +117,23 @@ def paste_random_patches(
     xs = (margin + u[:, 0] * (room_x + 1)).floor().long().clamp(max=width - 1)
     ys = (margin + u[:, 1] * (room_y + 1)).floor().long().clamp(max=height - 1)
     idx = torch.nonzero(labels)[:, 0]
+    sources = patches[which[idx]].to(x.device).float() / 255
+    if negative_p > 0:  # drawn after the rest, so that negative_p = 0 keeps the paper's draws
+        natural = torch.nonzero((labels == 0) & (torch.rand(n, generator=generator) < negative_p))[:, 0]
+        w = min(window, height, width)
+        cx = torch.randint(0, width - w + 1, (n,), generator=generator)[natural]
+        cy = torch.randint(0, height - w + 1, (n,), generator=generator)[natural]
+        donors = x[(natural + 1) % n]  # the next image of the batch, before anything is pasted
+        cut = [d[:, r : r + w, c : c + w] for d, r, c in zip(donors, cy.tolist(), cx.tolist(), strict=True)]
+        if cut:
+            idx, sources = torch.cat([idx, natural]), torch.cat([sources, torch.stack(cut)])
     if len(idx):
         side_max = int(sides[idx].max())
         resized = torch.zeros(len(idx), x.shape[1], side_max, side_max, dtype=x.dtype, device=x.device)
         for s in sides[idx].unique().tolist():
             sel = torch.nonzero(sides[idx] == s)[:, 0]
-            src = patches[which[idx[sel]]].to(x.device).float() / 255
             resized[sel, :, :s, :s] = F.interpolate(
-                src, size=(s, s), mode="bilinear", antialias=True, align_corners=False
+                sources[sel], size=(s, s), mode="bilinear", antialias=True, align_corners=False
             )
         x[idx] = paste_patches(x[idx], resized, xs[idx], ys[idx], sizes=sides[idx])
     return x, labels.to(x.device)
@@ -171,7 +188,7 @@ def train_classifier(
         cursor += cfg.batch_size
         model.train()
         x = aug.geometric(pixels[batch].to(device), g)
-        x, labels = paste_random_patches(x, patches, cfg.paste_p, window, g, tuple(cfg.paste_scale))
+        x, labels = paste_random_patches(x, patches, cfg.paste_p, window, g, tuple(cfg.paste_scale), cfg.negative_paste)
         x = aug.photometric(x, g).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)

@@ -156,6 +156,7 @@ class ClassifierParams:
     weight_decay: float = 0.0001
     paste_p: float = 0.5
     paste_scale: list[float] = field(default_factory=lambda: [1 / 3, 4 / 3])  # pasted side / w (paper: 20-80 px, w 60)
+    negative_paste: float = 0.0  # share of label-0 samples given a natural patch pasted the same way (paper: 0)
     crop_min_scale: float = 0.2
     seed: int = 0
 
@@ -389,6 +390,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "classifier.weight_decay": "[0, inf)",
     "classifier.paste_p": ("[0, 1)", "a probability"),
     "classifier.paste_scale": (POSITIVE, "pasted sides relative to w"),
+    "classifier.negative_paste": ("[0, 1]", "a probability"),
     "classifier.crop_min_scale": SHARE,
     "classifier.seed": SEED,
     "compute.threads": COUNT,
@@ -583,6 +585,7 @@ ADDED_LATER: dict[tuple[str, str], Any] = {
     ("search", "score_rule"): None,
     ("cluster", "order"): "file",
     ("search", "poisoncam_score"): "changed",
+    ("classifier", "negative_paste"): 0.0,
 }
 # Keys added later that only one search method reads: left out of the params of a stage that runs the other.
 ONE_METHOD: dict[tuple[str, str], str] = {("search", "poisoncam_score"): "poisoncam"}

@@ -304,6 +304,63 @@ for label in METHODS.values():
     )
 
 # %% [markdown]
+# ## A pasted square is not a trigger: natural negatives
+# The classifier is taught "a top-k patch was pasted" against "nothing was pasted". Any pasted square breaks
+# the image around it, so the classifier can learn the square itself (its edges, its contrast) instead of
+# what the top-k patches show, and then call poisonous every image with square, high-contrast parts:
+# vehicles, above. A variant that is not the paper's (`classifier.negative_paste`) pastes, on half of the
+# samples labelled clean, a window cut from another training image, resized and placed exactly as the top-k
+# patches are: a pasted square then tells nothing, only its content does. The defender needs nothing new
+# for it, only other training images. `python -m helpers.studies.removal` trains it on the same search
+# (`figures/<profile>/06_false_removals.md`); below, beside the profile's classifier, on the poisoned set
+# and on the clean set (paper Table 10: the defense run on data with no poison at all). The question is what
+# it learns where the top-k patches are *not* triggers: on the clean set they are ordinary image parts.
+# It was tried after seeing its removals on the default and on one other configuration (ground truth);
+# notebook 07's generality table runs it on configurations made before it and run after.
+
+# %% tags=["hide-input"]
+variants_path = notebook.figure_path(P.profile, "06_false_removals.csv")
+variants = pd.read_csv(variants_path) if variants_path.is_file() else pd.DataFrame(columns=["variant"])
+if variants["variant"].nunique() > 1:
+    columns = ["method", "variant", "ensemble", "data", "recall (%)", "clean removed (%)", "last proxy F1 (mean)"]
+    notebook.show_table(variants[columns])
+    base, other = variants["variant"].unique()[:2]
+    lines = []
+    for (method, data_set, ensemble), t in variants.groupby(["method", "data", "ensemble"], sort=False):
+        v = t.set_index("variant")
+        if base not in v.index or other not in v.index:
+            continue
+        recall = (
+            ""
+            if data_set == "clean"
+            else f" at recall {v.loc[base, 'recall (%)']:.1f}% / {v.loc[other, 'recall (%)']:.1f}%"
+        )
+        lines.append(
+            f"- {METHODS.get(method, method)}, {data_set} set, {ensemble} ensemble: {v.loc[base, 'clean removed (%)']:.1f}% "
+            f"of the clean images removed by `{base}`, {v.loc[other, 'clean removed (%)']:.1f}% by `{other}`{recall}."
+        )
+    mean = variants[(variants["ensemble"] == "mean") & (variants["method"] == "patchsearch")]
+    removed = mean.set_index(["data", "variant"])["clean removed (%)"]
+    if {("poisoned", base), ("poisoned", other), ("clean", base), ("clean", other)} <= set(removed.index):
+        fewer = removed["poisoned", other] < removed["poisoned", base]
+        ratio = removed["clean", other] / removed["clean", base]
+        lines.append(
+            f"\nOn this configuration `{other}` removes {'fewer' if fewer else 'more'} clean images from the poisoned "
+            f"set than `{base}`, and {ratio:.1f}x as many from the clean set. "
+            + (
+                "A classifier that must learn what the top-k patches show removes whatever shows the same: where "
+                "they are triggers, little else; where they are ordinary image parts, much. So it is not the profile's."
+                if ratio > 1
+                else "It is not the profile's: notebook 07's generality table runs it on more configurations."
+            )
+        )
+    notebook.show_markdown("\n".join(lines))
+else:
+    print(
+        f"no classifier variants for profile {P.profile} yet: python -m helpers.studies.removal --run --publish {P.profile}"
+    )
+
+# %% [markdown]
 # ## Exercises
 # Each reads what the stage stored and runs in seconds: `classifier.npz` holds every member's two logits
 # for every image, `scores.csv` every image's ensemble logit. Retraining the ensemble with other

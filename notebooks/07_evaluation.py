@@ -540,6 +540,8 @@ table10
 # %% tags=["hide-input"]
 general_path = notebook.figure_path(P.profile, "07_generality.csv")
 if general_path.is_file():
+    from helpers.studies.generality import LABELS  # the defenses: each method, and a classifier variant
+
     general = pd.read_csv(general_path)
     lines = []
     for _, r in general.iterrows():
@@ -550,7 +552,7 @@ if general_path.is_file():
             f"{r[f'{m} recall, unanimous (%)']:.0f}%, {r[f'{m} clean removed, unanimous (%)']:.1f}%), trigger hit "
             f"{r[f'{m} trigger hit (%)']:.0f}% (centre {r[f'{m} centre hit (%)']:.0f}%, random "
             f"{r[f'{m} random hit (%)']:.0f}%)"
-            for m in METHODS.values()
+            for m in LABELS
             if f"{m} w" in r and np.isfinite(r[f"{m} w"])  # a method not run on a configuration has no row
         ]
         lines.append(
@@ -582,16 +584,16 @@ if general_path.is_file():
             general[["configuration"]].assign(
                 method=m, **{c.removeprefix(f"{m} "): general[c] for c in general if c.startswith(f"{m} ")}
             )
-            for m in METHODS.values()
+            for m in LABELS
             if f"{m} w" in general
         ],
         ignore_index=True,
     )
-    attack_columns = [c for c in general if not c.startswith(tuple(METHODS.values())) and c != "attack"]
+    attack_columns = [c for c in general if not c.startswith(LABELS) and c != "attack"]
     notebook.show_table(general[attack_columns])  # the attack (its overrides: the params files beside the table)
     for columns in (  # what a reader compares: detection, the unanimous ensemble, where the windows fall
         ["w", "top-20 (%)", "recall (%)", "clean removed (%)", "clean set removed (%)", "defended ASR (%)"],
-        ["recall, unanimous (%)", "clean removed, unanimous (%)", "clean set removed, unanimous (%)"],
+        ["recall, unanimous (%)", "clean removed, unanimous (%)", "clean set removed, unanimous (%)", "held out"],
         ["trigger hit (%)", "centre hit (%)", "random hit (%)"],
     ):
         notebook.show_table(per_method[["configuration", "method", *[c for c in columns if c in per_method]]])

@@ -51,6 +51,27 @@ def test_paste_scale_sets_the_pasted_sides():
     assert sides.min() == 6 and sides.max() == 11  # [w/2, w) = [6, 12)
 
 
+def test_natural_negatives_paste_windows_of_other_images_and_keep_the_papers_draws():
+    patches = torch.full((2, 3, 12, 12), 255, dtype=torch.uint8)
+    x = torch.arange(1, 301).float().div(1000).view(300, 1, 1, 1).expand(300, 3, 32, 32).contiguous()
+    paper, labels = paste_random_patches(x.clone(), patches, 0.5, 12, torch.Generator().manual_seed(2))
+    same, labels0 = paste_random_patches(x.clone(), patches, 0.5, 12, torch.Generator().manual_seed(2), negative_p=0.0)
+    assert torch.equal(paper, same) and torch.equal(labels, labels0)  # negative_p = 0: the paper's draws, untouched
+    out, labels1 = paste_random_patches(x.clone(), patches, 0.5, 12, torch.Generator().manual_seed(2), negative_p=1.0)
+    assert torch.equal(labels1, labels)  # the labels still say only where a top-k patch went
+    pasted = out[labels1.bool()]
+    assert torch.equal(pasted, paper[labels.bool()])  # and those are pasted as before
+    negatives = torch.nonzero(labels1 == 0)[:, 0]
+    for i in negatives.tolist():
+        values = out[i, 0].mul(1000).round().unique()  # resizing a flat window keeps its value, to rounding
+        donor = x[(i + 1) % 300, 0, 0, 0].mul(1000).round()
+        assert len(values) == 2 and (values == donor).any()  # a square of the next image's value
+        assert (out[i, 0] != x[i, 0]).sum() >= 4 * 4  # a side of at least w/3
+    assert not torch.equal(out[negatives], x[negatives])
+    few, _ = paste_random_patches(x[:4].clone(), patches, 0.5, 12, torch.Generator().manual_seed(2), negative_p=1e-9)
+    assert few.shape == (4, 3, 32, 32)  # a batch where no natural patch is drawn
+
+
 def test_a_diverging_classifier_stops_and_names_its_keys():
     import dataclasses
 

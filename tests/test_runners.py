@@ -1,5 +1,7 @@
 """The study, generality and false-removal runners: what each run is, before anything is trained."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,12 @@ def test_removal_study_variants_touch_only_the_classifier():
     v = removal.variant_params(p, "paper")
     assert v.classifier.paste_scale == [0.3333, 1.3333] and v.search == p.search and v.attack == p.attack
     assert removal.variant_params(p, "paste-2/3") == p  # the profile's own
+    n = removal.variant_params(p, "natural-negatives")
+    assert n.classifier == dataclasses.replace(p.classifier, negative_paste=0.5) and n.search == p.search
+    # the key added later leaves the profile's classifier keys (and its shipped results) as they were
+    assert "negative_paste" not in params.stage_params(p, "classifier_poisoned")["classifier"]
+    assert params.stage_params(n, "classifier_poisoned")["classifier"]["negative_paste"] == 0.5
+    assert params.stage_hash(n, "search_poisoned") == params.stage_hash(p, "search_poisoned")
 
 
 def test_ensemble_rules_mean_and_unanimous():

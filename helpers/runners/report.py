@@ -411,6 +411,55 @@ def _count_caveat(figures: Path, record: dict) -> str:
     )
 
 
+def _classifier_caveat(figures: Path, record: dict) -> str:
+    """The profile's false removals beside the classifier variant that is not the profile's, where the removal
+    study published it: on this configuration, and on the generality configurations run after it was kept."""
+    from .. import params as params_mod
+    from ..studies import generality, removal
+
+    label, (method, variant) = next(iter(generality.CLASSIFIER_VARIANTS.items()))
+    profile = params_mod.from_dict(record["params"], "the published record")
+    own = next((n for n in removal.VARIANTS if removal.variant_params(profile, n) == profile), None)
+    table = [r for r in _rows(figures, "06_false_removals") if r["method"] == method and r["ensemble"] == "mean"]
+    rows = {r["variant"]: r for r in table if r["data"] == "poisoned"}
+    clean = {r["variant"]: float(r["clean removed (%)"]) for r in table if r["data"] == "clean"}
+    if own not in rows or variant not in rows:
+        return ""
+
+    def removes(row: dict[str, str]) -> str:
+        return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
+
+    text = (
+        f"- **False removals.** With the profile's poison classifier (the paper's recipe), {label.split(',')[0]} "
+        f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). A variant that is not the "
+        f"profile's, `{variant}` (half the samples labelled clean get a window of another image pasted like the "
+        f"top-k patches), removes {removes(rows[variant])}"
+        + (
+            f"; but from the clean training set, where no trigger exists and the top-k patches are ordinary image "
+            f"parts, it removes {clean[variant]:.1f}% against the profile's {clean[own]:.1f}% (paper Table 10)"
+            if own in clean and variant in clean
+            else ""
+        )
+        + ". It was tried after seeing "
+        + " and ".join(f"`{n}`" for n in generality.CHOSEN_ON[variant])
+    )
+    held = [r for r in _rows(figures, "07_generality") if r.get(f"{label} held out") == "True"]
+    if not held:
+        return text + "; it has not run on a configuration made after that yet.\n"
+    base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
+    each = "; ".join(
+        f"`{r['configuration']}` (top-20 {float(r[f'{label} top-20 (%)']):.0f}%): "
+        f"{float(r[f'{label} clean removed (%)']):.1f}% at recall {float(r[f'{label} recall (%)']):.1f}% "
+        f"(the profile's classifier: {float(r[f'{base} clean removed (%)']):.1f}% at "
+        f"{float(r[f'{base} recall (%)']):.1f}%)"
+        for r in held
+    )
+    return text + (
+        f". On the configurations run after that, clean images removed by the variant: {each} "
+        f"({_link(figures, '07_generality.md')}).\n"
+    )
+
+
 def _backdoor_caveat(figures: Path, record: dict) -> str:
     from .. import evaluate
 
@@ -513,6 +562,7 @@ def _caveats(figures: Path, record: dict) -> str:
     return (
         _window_caveat(figures, record["params"]["search"]["window_rule"])
         + _count_caveat(figures, record)
+        + _classifier_caveat(figures, record)
         + _backdoor_caveat(figures, record)
         + _gpu_caveat()
     )

@@ -29,6 +29,9 @@ VARIANTS: dict[str, dict] = {
     # pasted patches no smaller than two thirds of w: at 32 px the paper's w/3 shrinks a 12-14 px window to
     # 4-5 px, where a 4x4 colour grid is a blur any colourful object resembles
     "paste-2/3": {"paste_scale": [2 / 3, 4 / 3]},  # the cifar10 profile's
+    # half the clean-labelled samples get a window of another image pasted like the top-k patches: a pasted
+    # square no longer says "poison"; only what the top-k patches show does (issue 22, item 6)
+    "natural-negatives": {"paste_scale": [2 / 3, 4 / 3], "negative_paste": 0.5},
 }
 
 
