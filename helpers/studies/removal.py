@@ -126,11 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         def key(method: str, variant: str, stage: str) -> str:
             return stage_dir(variant_params(with_method(params, method), variant), stage).name
 
-        stages = [
+        stages = [  # the rows the table has: a variant not run with a method has none
             f"{method} {variant} {data}: {data}/{key(method, variant, data)}"
             for data in ("classifier_poisoned", "classifier_clean")
             for method in args.method
             for variant in args.variant
+            if (stage_dir(variant_params(with_method(params, method), variant), data) / "classifier.npz").is_file()
         ]
         record = [
             "# Poison-classifier variants: record",
