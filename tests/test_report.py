@@ -111,6 +111,34 @@ def test_readme_results_are_the_published_tables(published):
         assert (paths.published_dir("cifar10") / f"{name}.md").read_text().strip() in block
     for caveat in ("pooled agreement", "The paper's rule, RSD, picks", "seed 0", "No paper-strength results"):
         assert caveat in block
+    removals = {  # the false-removal caveat reads the removal study's rows
+        (r["variant"], r["data"]): r["clean removed (%)"]
+        for r in report._rows(paths.published_dir("cifar10"), "06_false_removals")
+        if r["method"] == "patchsearch" and r["ensemble"] == "mean"
+    }
+    if ("natural-negatives", "clean") in removals:
+        clean = float(removals["natural-negatives", "clean"])
+        assert f"it removes {clean:.1f}% against the profile's {float(removals['paste-2/3', 'clean']):.1f}%" in block
+
+
+def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
+    """Without the variant's rows in the removal study's table, the caveat says nothing."""
+    (tmp_path / "06_false_removals.csv").write_text(
+        "method,variant,ensemble,data,removed,recall (%),clean removed (%)\n"
+        "patchsearch,paste-2/3,mean,poisoned,1409,99.9,4.56\n"
+    )
+    from helpers import params
+
+    record = {"params": params.load(paths.PARAMS_DIR / "cifar10.yaml").to_dict()}
+    assert report._classifier_caveat(tmp_path, record) == ""
+    with (tmp_path / "06_false_removals.csv").open("a") as f:
+        f.write("patchsearch,natural-negatives,mean,poisoned,1067,100.0,0.74\n")
+    (tmp_path / "07_generality.csv").write_text("configuration\ndefault\n")
+    for linked in ("06_false_removals.md", "07_generality.md"):
+        (tmp_path / linked).write_text("| |\n")
+    text = report._classifier_caveat(tmp_path, record)
+    assert "removes 4.6% of the clean images at recall 99.9%" in text and "removes 0.7%" in text
+    assert "has not run on a configuration made after that yet" in text
 
 
 def test_readme_block_is_rewritten_in_place_and_only_there(tmp_path, published):

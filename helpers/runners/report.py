@@ -448,14 +448,18 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         return text + "; it has not run on a configuration made after that yet.\n"
     base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
     each = "; ".join(
-        f"`{r['configuration']}` (top-20 {float(r[f'{label} top-20 (%)']):.0f}%): "
-        f"{float(r[f'{label} clean removed (%)']):.1f}% at recall {float(r[f'{label} recall (%)']):.1f}% "
-        f"(the profile's classifier: {float(r[f'{base} clean removed (%)']):.1f}% at "
-        f"{float(r[f'{base} recall (%)']):.1f}%)"
+        f"`{r['configuration']}` (top-20 {float(r[f'{label} top-20 (%)']):.0f}%) "
+        f"{float(r[f'{label} clean removed (%)']):.1f}% against {float(r[f'{base} clean removed (%)']):.1f}%"
         for r in held
     )
+
+    def spread(column: str) -> str:
+        values = sorted(float(r[column]) for r in held)
+        return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
+
     return text + (
-        f". On the configurations run after that, clean images removed by the variant: {each} "
+        f". On the configurations run after that, the clean images it removes against the profile's classifier: "
+        f"{each}; recall {spread(f'{label} recall (%)')} against {spread(f'{base} recall (%)')} "
         f"({_link(figures, '07_generality.md')}).\n"
     )
 
@@ -487,7 +491,8 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         f"{'which meets' if planted else 'below'} the project's rule for a planted backdoor "
         f"({evaluate.planted_rule()}). Over SSL training seeds (seed {seed} and others), {seeds} plant one "
         f"({_link(figures, '07_evaluation_table2_ssl_seeds.md')}). Over {len(configurations)} attack "
-        f"configurations, {_count(configurations, 'backdoor present')} plants one "
+        f"configurations, {_count(configurations, 'backdoor present')} "
+        f"{'plants' if _count(configurations, 'backdoor present') == 1 else 'plant'} one "
         f"({_link(figures, '07_generality.md')})"
         + (f"; where one is planted: {defended}. " if defended else ". ")
         + f"Every table above comes from one SSL training (seed {seed}): "
