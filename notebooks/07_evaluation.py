@@ -540,9 +540,8 @@ table10
 # %% tags=["hide-input"]
 general_path = notebook.figure_path(P.profile, "07_generality.csv")
 if general_path.is_file():
-    from helpers.studies.generality import LABELS  # the defenses: each method, and a classifier variant
-
     general = pd.read_csv(general_path)
+    LABELS = tuple(c.removesuffix(" w") for c in general if c.endswith(" w"))  # each method, a classifier variant
     lines = []
     for _, r in general.iterrows():
         backdoor = "a backdoor" if r["backdoor present"] else "**no backdoor**"
