@@ -418,6 +418,8 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
     from ..studies import generality, removal
 
     label, (method, variant) = next(iter(generality.CLASSIFIER_VARIANTS.items()))
+    base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
+    share = removal.VARIANTS[variant]["negative_paste"]
     profile = params_mod.from_dict(record["params"], "the published record")
     own = next((n for n in removal.VARIANTS if removal.variant_params(profile, n) == profile), None)
     table = [r for r in _rows(figures, "06_false_removals") if r["method"] == method and r["ensemble"] == "mean"]
@@ -430,9 +432,10 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
 
     text = (
-        f"- **False removals.** With the profile's poison classifier (the paper's recipe), {label.split(',')[0]} "
+        f"- **False removals.** With the profile's poison classifier (the paper's recipe), {base} "
         f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). A variant that is not the "
-        f"profile's, `{variant}` (half the samples labelled clean get a window of another image pasted like the "
+        f"profile's, `{variant}` ({'half' if share == 0.5 else f'{share:.0%} of'} the samples labelled clean get a "
+        "window of another image pasted like the "
         f"top-k patches), removes {removes(rows[variant])}"
         + (
             f"; but from the clean training set, where no trigger exists and the top-k patches are ordinary image "
@@ -446,7 +449,6 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
     held = [r for r in _rows(figures, "07_generality") if r.get(f"{label} held out") == "True"]
     if not held:
         return text + "; it has not run on a configuration made after that yet.\n"
-    base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
     each = "; ".join(
         f"`{r['configuration']}` (top-20 {float(r[f'{label} top-20 (%)']):.0f}%) "
         f"{float(r[f'{label} clean removed (%)']):.1f}% against {float(r[f'{base} clean removed (%)']):.1f}%"
@@ -478,6 +480,7 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
     )
     configurations = _rows(figures, "07_generality")
     planted_rows = [r for r in configurations if r["backdoor present"] == "True"]
+    planting = len(planted_rows)
     defended = "; ".join(
         f"`{r['configuration']}` ({r['probe ASR (%)']}% against {r['clean model ASR (%)']}%): PatchSearch "
         f"top-20 {r['PatchSearch top-20 (%)']}%, recall {r['PatchSearch recall (%)']}%, "
@@ -491,8 +494,7 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         f"{'which meets' if planted else 'below'} the project's rule for a planted backdoor "
         f"({evaluate.planted_rule()}). Over SSL training seeds (seed {seed} and others), {seeds} plant one "
         f"({_link(figures, '07_evaluation_table2_ssl_seeds.md')}). Over {len(configurations)} attack "
-        f"configurations, {_count(configurations, 'backdoor present')} "
-        f"{'plants' if _count(configurations, 'backdoor present') == 1 else 'plant'} one "
+        f"configurations, {planting} {'plants' if planting == 1 else 'plant'} one "
         f"({_link(figures, '07_generality.md')})"
         + (f"; where one is planted: {defended}. " if defended else ". ")
         + f"Every table above comes from one SSL training (seed {seed}): "

@@ -84,7 +84,6 @@ METHODS = {"patchsearch": "PatchSearch", "poisoncam": "PoisonCAM"}
 # profile's where its stage is cached (``python -m helpers.studies.removal --params <configuration's params>
 # --run --variant NAME --data poisoned``): label -> (method, variant).
 CLASSIFIER_VARIANTS = {"PatchSearch, natural negatives": ("patchsearch", "natural-negatives")}
-LABELS = (*METHODS.values(), *CLASSIFIER_VARIANTS)  # the defenses of a row, as its column prefixes
 
 
 def config_params(base: Path, name: str) -> params_mod.Params:

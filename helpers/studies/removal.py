@@ -123,15 +123,15 @@ def main(argv: list[str] | None = None) -> None:
         save_table(table, args.publish, "06", "false_removals", published=True)
         from ..runners.reproduce import git_commit
 
-        def key(method: str, variant: str, stage: str) -> str:
-            return stage_dir(variant_params(with_method(params, method), variant), stage).name
+        def folder(method: str, variant: str, stage: str) -> Path:
+            return stage_dir(variant_params(with_method(params, method), variant), stage)
 
         stages = [  # the rows the table has: a variant not run with a method has none
-            f"{method} {variant} {data}: {data}/{key(method, variant, data)}"
+            f"{method} {variant} {data}: {data}/{folder(method, variant, data).name}"
             for data in ("classifier_poisoned", "classifier_clean")
             for method in args.method
             for variant in args.variant
-            if (stage_dir(variant_params(with_method(params, method), variant), data) / "classifier.npz").is_file()
+            if (folder(method, variant, data) / "classifier.npz").is_file()
         ]
         record = [
             "# Poison-classifier variants: record",
