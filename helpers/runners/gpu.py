@@ -302,23 +302,34 @@ def _git(*args: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ on the GPU
-def warmup_rate(params_path: Path, steps: int | None = None) -> float:
+def warmup_rate(params_path: Path, steps: int | None = None, threads: int | None = None) -> float:
     """Images per second of one SSL training of the profile on this machine (``bench.ssl_rate``: the real
-    training loop on random pixels, the first step left out)."""
+    training loop on random pixels), in the steady state: on a GPU the first 10 steps are left out, on a CPU
+    the first. ``threads``: the CPU threads the training gets (as many as the job's phase gives it).
+
+    The first try of J1 (2026-11-30) timed 446 img/s each here, with every step counted after the first and
+    torch's default threads in both processes (32 threads on 16 cores), and chose 3 epochs; its training
+    then ran at 3,496-3,635 img/s each."""
     import torch
 
     from ..params import load, with_resolved_root
     from ..studies.bench import ssl_rate
 
+    if threads:
+        torch.set_num_threads(threads)
     params = with_resolved_root(load(params_path))
-    steps = steps or (40 if torch.cuda.is_available() else 2)
-    return ssl_rate(params.ssl, params.compute.ssl_precision, params.compute.compile, params.ssl.batch_size, steps)
+    gpu = torch.cuda.is_available()
+    steps = steps or (40 if gpu else 2)
+    p = params.ssl
+    return ssl_rate(p, params.compute.ssl_precision, params.compute.compile, p.batch_size, steps, 10 if gpu else None)
 
 
 def measure_side_by_side(params_path: Path, n: int, steps: int | None = None) -> list[float]:
-    """``warmup_rate`` in ``n`` processes at once: what each of ``n`` trainings side by side gets."""
+    """``warmup_rate`` in ``n`` processes at once: what each of ``n`` trainings side by side gets, each with the
+    threads ``_run_phase`` gives it."""
+    threads = max(1, (os.cpu_count() or 2) // n)
     cmd = [sys.executable, "-m", "helpers.runners.gpu", "warmup", "--params", str(params_path)]
-    cmd += ["--steps", str(steps)] if steps else []
+    cmd += ["--threads", str(threads)] + (["--steps", str(steps)] if steps else [])
     procs = [subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.PIPE, text=True) for _ in range(n)]
     rates = []
     for proc in procs:
@@ -390,17 +401,21 @@ def device_description() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "gpu": gpu}
 
 
-def run(out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Path | None = None) -> dict:
-    """Run the prepared job on this machine and write its results to ``out`` (see the module's docstring)."""
+def run(
+    out: Path, staging: Path = STAGING, budget_s: float = BUDGET_S, work: Path | None = None, rate: float | None = None
+) -> dict:
+    """Run the prepared job on this machine and write its results to ``out`` (see the module's docstring).
+    ``rate``: the images per second each training gets, as measured by an earlier run's training on this GPU
+    (its ``history.json``), instead of the warm-up's."""
     saved = dict(os.environ)
     try:
-        return _run(Path(out), staging, budget_s, work)
+        return _run(Path(out), staging, budget_s, work, rate)
     finally:  # the job's data root, artifacts and figures folders are its own
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
+def _run(out: Path, staging: Path, budget_s: float, work: Path | None, given_rate: float | None = None) -> dict:
     from ..data import select_split
     from ..params import load, with_resolved_root
     from .checkpoints import _install_stage
@@ -441,16 +456,20 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None) -> dict:
     shutil.copyfile(params_path, run_params_path)
     if job.trains:
         n_images = len(select_split(params, "train"))
-        rates = measure_side_by_side(params_path, job.trains)
-        rate = min(rates)
+        if given_rate:
+            rate, source = given_rate, "an earlier training on this GPU"
+            record["warmup"] = {"processes": job.trains, "given_images_per_s_each": rate, "training_images": n_images}
+        else:
+            rates = measure_side_by_side(params_path, job.trains)
+            rate, source = min(rates), "warm-up"
+            record["warmup"] = {"processes": job.trains, "images_per_s_each": rates, "training_images": n_images}
         train_s = deadline - time.time() - job.reserve_s - PACK_RESERVE_S
-        record["warmup"] = {"processes": job.trains, "images_per_s_each": rates, "training_images": n_images}
         if job.sets_epochs:
             epochs = choose_epochs(rate, n_images, train_s, params.ssl.epochs)
             if epochs < 1:
                 raise QueueError(f"one epoch of {n_images} images at {rate:.0f} img/s does not fit in {train_s:.0f} s")
             note = (
-                f"set by GPU job {job.name}'s warm-up: {job.trains} trainings side by side at {rate:,.0f} img/s each "
+                f"set by GPU job {job.name} ({source}): {job.trains} trainings side by side at {rate:,.0f} img/s each "
                 f"on {record['device']['gpu'] or 'a CPU'}, {train_s:.0f} s of its budget (helpers.runners.gpu)"
             )
             run_params_path.write_text(_with_epochs(params_path, epochs, note))
@@ -635,9 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("run", help="on the GPU: run the prepared job")
     p.add_argument("--out", required=True)
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds the job may take")
+    p.add_argument("--rate", type=float, default=None,
+                   help="images/s each training gets, measured by an earlier run on this GPU: no warm-up")  # fmt: skip
     p = sub.add_parser("warmup", help="one timed SSL warm-up (what run starts side by side)")
     p.add_argument("--params", required=True)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     from ..params import load
 
@@ -660,10 +682,10 @@ def main(argv: list[str] | None = None) -> None:
             if size > 64 * 2**20:
                 raise QueueError("the tree that travels is over 64 MiB: it would be refused")
         elif args.action == "run":
-            record = run(Path(args.out), budget_s=args.budget)
+            record = run(Path(args.out), budget_s=args.budget, rate=args.rate)
             print(json.dumps({k: record[k] for k in ("job", "complete", "seconds", "stages")}, indent=1))
         elif args.action == "warmup":
-            print(json.dumps({"images_per_s": warmup_rate(Path(args.params), steps=args.steps)}))
+            print(json.dumps({"images_per_s": warmup_rate(Path(args.params), args.steps, args.threads)}))
         elif args.action == "install":
             record = install(Path(args.folder), Path(args.params))
             restore()

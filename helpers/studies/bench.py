@@ -123,13 +123,16 @@ TRAINING_CASES = [
 ]
 
 
-def ssl_rate(p, precision: str = "fp32", compile: bool = False, batch: int = 128, steps: int = 3) -> float:
-    """Images per second of ``train_ssl`` (two views each) after ``warmup`` steps, on random pixels."""
+def ssl_rate(
+    p, precision: str = "fp32", compile: bool = False, batch: int = 128, steps: int = 3, skip: int | None = None
+) -> float:
+    """Images per second of ``train_ssl`` (two views each) over ``steps`` steps after ``skip`` untimed ones (by
+    default 1, or 2 where compiled: compilation happens in the first steps), on random pixels."""
     import tempfile
 
     from ..ssl import train_ssl
 
-    warmup = 2 if compile else 1  # compilation happens in the first steps
+    warmup = skip if skip is not None else (2 if compile else 1)
     pixels = torch.randint(0, 256, (batch * (steps + warmup + 1), 3, 32, 32), dtype=torch.uint8)
     p = dataclasses.replace(p, epochs=1, batch_size=batch)
     times: list[float] = []
