@@ -390,6 +390,8 @@ def train_ssl(
         torch.manual_seed(p.seed)  # the initial weights
         model = build_model(p, image_size)
     model = model.to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # the shapes never change: let cuDNN time its algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     augment = BatchAugment(augment_config(p, image_size))
     optimizer = _optimizer(model, p, world)
     base_lr = optimizer.param_groups[0]["lr"]

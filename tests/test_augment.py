@@ -75,3 +75,14 @@ def test_per_sample_blur_matches_torchvision():
     for i in range(3):
         ref = TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2)
         assert (ours[i] - ref).abs().max() < 1e-5
+
+
+def test_the_gpu_path_gives_the_views_of_the_cpu_path():
+    """``select=True`` (every op on the whole batch, kept where drawn: no host synchronisation, the GPU's
+    default) gives the views of ``select=False`` (the drawn rows alone, the CPU's) from the same draws."""
+    x = torch.randint(0, 256, (64, 3, 20, 20), dtype=torch.uint8)
+    config = AugmentConfig(size=16, blur_p=0.5, gray_p=0.3)
+    rows = BatchAugment(config, select=False)(x, torch.Generator().manual_seed(3))
+    where = BatchAugment(config, select=True)(x, torch.Generator().manual_seed(3))
+    assert torch.allclose(rows, where, atol=1e-5), (rows - where).abs().max()
+    assert not torch.equal(rows, BatchAugment(config, select=False)(x, torch.Generator().manual_seed(4)))

@@ -138,6 +138,10 @@ def test_the_whole_queue_runs_on_a_cpu_and_ships_every_job(tmp_path, monkeypatch
         files = sorted(p.name for p in back.iterdir())
         assert len(files) <= 8 and "job.json" in files
         assert all(p.stat().st_size <= 16 * 2**20 for p in back.iterdir())
+        if job.trains and not job.sets_epochs:  # timed from J1's training, not from a warm-up
+            assert description["training_reference"]["job"] == "J1"
+            assert record["warmup"]["reference"]["seconds"] == gpu.read_manifest(params.profile)["jobs"]["J1"][
+                "phases"][0]["seconds"]  # fmt: skip
         gpu.install(back, profile)
     manifest = gpu.read_manifest(params.profile)
     assert gpu.next_job(manifest) is None and set(manifest["jobs"]) == set(gpu.JOB_BY_NAME)
@@ -162,3 +166,11 @@ def test_the_whole_queue_runs_on_a_cpu_and_ships_every_job(tmp_path, monkeypatch
     assert not report.refused and len(report.installed) == len(manifest["stages"])
     assert "bench" in (gpu.shipped_dir(params.profile) / "logs" / "J2" / "bench.md").read_text().lower()
     assert json.loads((paths.artifacts_dir() / "ssl_poisoned" / ssl["key"] / "stage.json").read_text())["shipped"]
+    # the queue's report: every job done, and the backdoor's verdict computed from the shipped probes
+    report = (gpu.shipped_dir(params.profile).parent / gpu.REPORT_NAME).read_text()
+    assert all(f"| {job.name} | done | " in report for job in gpu.JOBS)
+    verdict = gpu.backdoor_verdict(params.profile, 0.1)
+    assert (
+        f"10% labels: ASR {100 * verdict['asr']:.1f}% against the clean model's {100 * verdict['clean_asr']:.1f}%"
+        in report
+    )

@@ -13,12 +13,13 @@ packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB 
 back byte for byte, so the data manifest and every cache key are the same there), copies in the earlier
 jobs' results the job reads (``Job.needs``), and takes the shipped checkpoints out of git's index for the
 call (they would not fit in 64 MiB; ``install`` or ``restore`` puts them back). ``run`` unpacks, installs
-the carried results into the cache, times a warm-up of as many SSL trainings at once as the job trains,
-sets the epochs from it (the first job: as many as fit, at most the profile's; later jobs: refuse to
-start a training that would not end in time), runs the job's pipeline tasks (``helpers.runners.pipeline``: the
-same code as on a CPU), rounds new backbones to fp16 in place, so that every later stage, there and here,
-reads the weights that are shipped, and writes everything it computed, with the params, cache key, commit
-and sha256 of each file, as one archive split into parts. ``install`` checks the parts, the archive and
+the carried results into the cache; the first job times a warm-up of as many SSL trainings at once as it
+trains and sets the epochs from it (as many as fit, at most the profile's); a later job that trains scales
+the first job's training time to its own and refuses to start a training that would not end in time. It
+runs the job's pipeline tasks (``helpers.runners.pipeline``: the same code as on a CPU), rounds new
+backbones to fp16 in place, so that every later stage, there and here, reads the weights that are shipped,
+and writes everything it computed, with the params, cache key, commit and sha256 of each file, as one
+archive split into parts. ``install`` checks the parts, the archive and
 every file, then adds the stages to the shipped manifest, and writes the epochs the warm-up chose into the
 params file. The whole queue runs on a CPU in ``tests/test_gpu_queue.py`` on a tiny version of the
 profile, through the same functions.
@@ -50,8 +51,8 @@ PARAMS = paths.PARAMS_DIR / "cifar10-gpu.yaml"
 STAGING = paths.REPO_ROOT / ".gpu"
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 MAX_PARTS = 7  # and at most 8 files: the parts and job.json
-BUDGET_S = 540  # one command may run 600 s: the job's own deadline leaves a minute for the start and the copy
-PACK_RESERVE_S = 45  # kept for writing the results after the last task
+BUDGET_S = 580  # one command may run 600 s (the machine's start and the copies are not counted in it)
+PACK_RESERVE_S = 20  # kept for writing the results after the last task (J1: unpacking, installing, packing 4 s)
 SHIPPED = SHIPPED_STAGES | {"cluster_poisoned", "cluster_clean"}  # and the clustering the shipped searches were made on
 DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
 
@@ -240,6 +241,24 @@ def next_job(manifest: dict) -> Job | None:
     return None
 
 
+def training_reference(manifest: dict) -> dict | None:
+    """How long the job that set the epochs took to train, from its record: what a later job's trainings
+    (as many side by side, as many epochs) take on a GPU of its kind, prepare task included. The first try of
+    J1 showed that a warm-up can miss the trained rate 8-fold; a finished training cannot."""
+    for job in JOBS:
+        record = manifest.get("jobs", {}).get(job.name, {})
+        if job.sets_epochs and record.get("complete"):
+            return {
+                "job": job.name,
+                "seconds": record["phases"][0]["seconds"],
+                "trains": job.trains,
+                "images": record["warmup"]["training_images"],
+                "epochs": record["epochs"]["chosen"],
+                "gpu": record["device"]["gpu"],
+            }
+    return None
+
+
 def need_params(params, need: str):
     """``(params, stage)`` of a ``Job.needs`` entry: ``[<variant>:]<stage>[@<search method>]``."""
     from ..params import with_variant
@@ -291,6 +310,9 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
         "data": info,
         "carried": [f"{e['stage']}/{e['key']}" for e in carried],
     }
+    reference = training_reference(manifest)
+    if job.trains and not job.sets_epochs and reference:
+        description["training_reference"] = reference
     io.write_json(staging / "stages" / "entries.json", carried)
     io.write_json(staging / "job.json", description)
     return description
@@ -456,9 +478,15 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None, given_rat
     shutil.copyfile(params_path, run_params_path)
     if job.trains:
         n_images = len(select_split(params, "train"))
+        reference = description.get("training_reference")
         if given_rate:
             rate, source = given_rate, "an earlier training on this GPU"
             record["warmup"] = {"processes": job.trains, "given_images_per_s_each": rate, "training_images": n_images}
+        elif reference and not job.sets_epochs:  # no warm-up: the first job's training, scaled
+            scale = n_images / reference["images"] * job.trains / reference["trains"]
+            scale *= params.ssl.epochs / reference["epochs"]
+            rate, source = params.ssl.epochs * n_images / (reference["seconds"] * scale), f"job {reference['job']}"
+            record["warmup"] = {"reference": reference, "training_images": n_images}
         else:
             rates = measure_side_by_side(params_path, job.trains)
             rate, source = min(rates), "warm-up"
@@ -586,7 +614,95 @@ def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) 
     io.write_json(target / "MANIFEST.json", manifest)
     if "epochs" in record:
         io.write_text(params_path, _with_epochs(params_path, record["epochs"]["chosen"], record["epochs"]["note"]))
+    io.write_text(target.parent / REPORT_NAME, queue_report(params_path))
     return record
+
+
+REPORT_NAME = "QUEUE.md"  # beside the checkpoints: figures/<profile>/QUEUE.md
+
+
+def shipped_evaluations(profile: str) -> dict[str, Path]:
+    """The shipped evaluations of the profile's own models (no variant): ``{"eval_poisoned": folder, ...}``."""
+    return {
+        e["stage"]: shipped_dir(profile) / e["stage"] / e["key"]
+        for e in read_manifest(profile)["stages"]
+        if e["stage"].startswith("eval_") and not e.get("variant") and not e.get("method")
+    }
+
+
+def backdoor_verdict(profile: str, fraction: float) -> dict | None:
+    """The backdoored model's probe ASR beside the clean model's at ``fraction`` of the labels (shares, mean
+    over probe seeds), and whether the project's rule calls the backdoor planted; None before both exist."""
+    import pandas as pd
+
+    from ..evaluate import backdoor_planted, mean_row
+
+    evals = shipped_evaluations(profile)
+    if not {"eval_poisoned", "eval_clean"} <= set(evals):
+        return None
+    rows = {k: mean_row(pd.read_csv(evals[k] / "probe.csv"), fraction) for k in ("eval_poisoned", "eval_clean")}
+    asr, clean_asr = rows["eval_poisoned"]["ASR (%)"] / 100, rows["eval_clean"]["ASR (%)"] / 100
+    return {"asr": asr, "clean_asr": clean_asr, "planted": backdoor_planted(asr, clean_asr), "fraction": fraction}
+
+
+def queue_report(params_path: Path = PARAMS) -> str:
+    """``figures/<profile>/QUEUE.md``: every job of the queue (run or not, where, how long), the epochs and
+    the training rate the first job measured, and what the shipped evaluations show so far: the paper's
+    Table 2 rows of the backdoored model beside the clean one, and the planted rule's verdict."""
+    import pandas as pd
+
+    from ..evaluate import planted_rule, table2_row
+    from ..params import load
+
+    params = load(params_path)
+    manifest = read_manifest(params.profile)
+    jobs = manifest.get("jobs", {})
+    lines = [
+        f"# The GPU queue of `{paths.repo_relative(Path(params_path).resolve())}`",
+        "",
+        "Written by `python -m helpers.runners.gpu install` from `checkpoints/MANIFEST.json` and the shipped "
+        "evaluations: do not edit.",
+        "",
+        "| job | state | GPU | minutes on it | what it computes |",
+        "|---|---|---|---|---|",
+    ]
+    for job in JOBS:
+        record = jobs.get(job.name)
+        state = "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+        gpu_name = record["device"]["gpu"] if record else ""
+        minutes = f"{record['seconds'] / 60:.1f}" if record else ""
+        lines.append(f"| {job.name} | {state} | {gpu_name} | {minutes} | {job.about} |")
+    first = next((jobs[j.name] for j in JOBS if j.sets_epochs and jobs.get(j.name, {}).get("complete")), None)
+    if first:
+        ssl = next(e for e in manifest["stages"] if e["stage"] == "ssl_poisoned" and not e.get("variant"))
+        history = json.loads((shipped_dir(params.profile) / "ssl_poisoned" / ssl["key"] / "history.json").read_text())
+        rates = [h["images_per_s"] for h in history]
+        lines += [
+            "",
+            f"**Training.** {first['epochs']['chosen']} epochs of {first['warmup']['training_images']:,} images "
+            f"(the aim: {first['epochs']['aim']}); the backdoored model trained at {min(rates):,.0f}-"
+            f"{max(rates):,.0f} img/s per epoch beside the clean model on one {first['device']['gpu']}, its loss "
+            f"{history[0]['loss']:.2f} after the first epoch and {history[-1]['loss']:.2f} after the last.",
+        ]
+    evals = shipped_evaluations(params.profile)
+    if {"eval_poisoned", "eval_clean"} <= set(evals):
+        names = {"eval_poisoned": "backdoored (no defense)", "eval_clean": "clean"}
+        rows = []
+        for fraction in params.eval.label_fractions:
+            for stage, name in names.items():
+                probe = pd.read_csv(evals[stage] / "probe.csv")
+                rows.append(table2_row(name, probe, json.loads((evals[stage] / "knn.json").read_text()), fraction))
+        table = pd.DataFrame(rows)
+        lines += ["", "**The backdoor** (the paper's Table 2: linear probe, mean ± sd over probe seeds; one SSL seed):"]
+        lines += ["", table.to_markdown(index=False), ""]
+        for fraction in params.eval.label_fractions:
+            v = backdoor_verdict(params.profile, fraction)
+            lines.append(
+                f"- {fraction:.0%} labels: ASR {100 * v['asr']:.1f}% against the clean model's "
+                f"{100 * v['clean_asr']:.1f}% ({v['asr'] / v['clean_asr']:.1f}x): "
+                f"{'planted' if v['planted'] else 'not planted'} by the project's rule ({planted_rule()})."
+            )
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------- the tree that travels (git index only)
@@ -644,7 +760,7 @@ def status(params_path: Path = PARAMS) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    for name in ("status", "prepare", "install", "restore"):
+    for name in ("status", "prepare", "install", "restore", "report"):
         p = sub.add_parser(name)
         p.add_argument("--params", default=str(PARAMS))
         if name == "prepare":
@@ -691,6 +807,10 @@ def main(argv: list[str] | None = None) -> None:
             restore()
             print(f"installed job {record['job']} ({'complete' if record['complete'] else 'ran out of time'}): "
                   f"{len(record['stages'])} stages into {shipped_dir(load(args.params).profile)}")  # fmt: skip
+        elif args.action == "report":
+            dest = shipped_dir(load(args.params).profile).parent / REPORT_NAME
+            io.write_text(dest, queue_report(Path(args.params)))
+            print(f"wrote {dest}")
         else:
             restore()
     except QueueError as e:

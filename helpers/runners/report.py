@@ -518,7 +518,21 @@ def _gpu_caveat() -> str:
         return text + f"Its published run: {_link(record.parent, 'RECORD.md')}.\n"
     if not done:
         return text + "None has run yet, so its results do not exist.\n"
-    return text + f"{len(done)} of them have run (`make gpu-status`); its results are not published yet.\n"
+    verb = "has" if len(done) == 1 else "have"
+    text += (
+        f"{len(done)} of them {verb} run ({_link(record.parent, gpu.REPORT_NAME)}); its notebooks wait for the rest. "
+    )
+    epochs = gpu.read_manifest(profile)["jobs"][gpu.JOBS[0].name]["epochs"]
+    fraction = max(params_mod.load(gpu.PARAMS).eval.label_fractions)
+    verdict = gpu.backdoor_verdict(profile, fraction)
+    if verdict:
+        text += (
+            f"Trained for {epochs['chosen']} epochs (the aim: {epochs['aim']}), its backdoored model's ASR at "
+            f"{_percent(fraction)} labels is {100 * verdict['asr']:.1f}% against the clean model's "
+            f"{100 * verdict['clean_asr']:.1f}%: {'planted' if verdict['planted'] else 'not planted'} by the "
+            "project's rule, on one SSL seed."
+        )
+    return text + "\n"
 
 
 def readme_results(profile: str = README_PROFILE) -> str:
