@@ -28,9 +28,10 @@ DEFAULT_PARAMS := params/cifar10.yaml
 ## notebooks/*.ipynb. Any other PARAMS writes its figures under runs/<profile>/<time>/ only.
 ## It starts from the checkpoints shipped in figures/<profile>/checkpoints/ (verified; helpers/runners/checkpoints.py);
 ## RETRAIN=1 uses none and computes every stage again from nothing (about 4 hours on 2 CPU cores).
+## ONLY="01 02": only the notebooks whose names start so (not with the default profile, which publishes them all).
 reproduce: $(STAMP)
 	$(PY) -m helpers.runners.reproduce --params "$(PARAMS)" $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") \
-		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish) $(if $(RETRAIN),--retrain)
+		$(if $(filter $(DEFAULT_PARAMS),$(PARAMS)),--publish) $(if $(RETRAIN),--retrain) $(if $(ONLY),--only $(ONLY))
 
 ## The HTML book from the executed notebooks: build/report/html/index.html (helpers/runners/report.py).
 report: $(STAMP)

@@ -93,6 +93,15 @@ def test_epochs_fit_the_budget_and_are_written_into_the_profile(tmp_path):
     assert "  epochs: 87  # set by a test\n" in text and text.count("epochs: 87") == 1
 
 
+def test_every_job_carries_at_most_one_backbone():
+    """What travels to the GPU: the repository (~11 MiB), the data pack (19 MiB) and the carried stages; a
+    ResNet-18 backbone is 21 MiB in fp16, so two would pass the 64 MiB the device takes."""
+    for job in gpu.JOBS:
+        backbones = [need for need in job.needs if need.split(":")[-1].split("@")[0].startswith("ssl_")]
+        assert len(backbones) <= 1, (job.name, backbones)
+    assert [job.name for job in gpu.JOBS] == [f"J{i}" for i in range(1, len(gpu.JOBS) + 1)]
+
+
 def test_torch_kmeans_matches_faiss_within_one_percent_of_inertia():
     rng = np.random.default_rng(0)
     ratios = []
@@ -122,7 +131,7 @@ def test_kmeans_falls_back_to_torch_without_faiss(monkeypatch):
     assert cluster.kmeans(x, 5, 0, 10).backend == "torch"
 
 
-@pytest.mark.notebooks  # minutes: the queue's six jobs at tiny size
+@pytest.mark.notebooks  # minutes: every job of the queue at tiny size
 def test_the_whole_queue_runs_on_a_cpu_and_ships_every_job(tmp_path, monkeypatch):
     profile = tiny_profile(tmp_path)
     staging, back = tmp_path / "staging", tmp_path / "back"

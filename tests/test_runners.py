@@ -113,3 +113,16 @@ def test_study_goal_checks_name_each_part():
     assert all(met.values())
     missed = strength.goal_checks(0.37, 0.091, 0.391, 0.375, 0.877)  # the study's AdamW run: 4.1x, not 5x
     assert [k for k, ok in missed.items() if not ok] == ["ASR >= 5x the clean model's"]
+
+
+def test_the_gpu_profile_runs_only_what_the_queue_has_shipped():
+    from helpers.runners import gpu
+    from helpers.runners.reproduce import gpu_refusal
+
+    j1, j2, j3 = gpu.JOBS[:3]
+    assert "no GPU job has shipped" in gpu_refusal(j1, None)
+    assert "no GPU job has shipped" in gpu_refusal(j1, ["01", "02"])
+    assert 'ONLY="01 02"' in gpu_refusal(j2, None)  # the models alone: the defenses take hours here
+    assert 'ONLY="01 02"' in gpu_refusal(j2, ["01", "03"])
+    assert gpu_refusal(j2, ["01", "02"]) is None and gpu_refusal(j2, ["02"]) is None
+    assert gpu_refusal(j3, None) is None and gpu_refusal(None, None) is None

@@ -112,14 +112,17 @@ JOBS = (
         needs=("ssl_clean",),
         trains=2,
     ),  # fmt: skip
-    Job(
-        "J5",
-        "both defenses on the two pairs' backdoored models",
-        (tuple(f"{v}:defense_{m}_poisoned" for v in ("pair2", "pair3") for m in ("patchsearch", "poisoncam")),),
-        needs=("pair2:ssl_poisoned", "pair3:ssl_poisoned"),
+    *(
+        Job(  # one pair a job: two backbones (2 x 21 MiB in fp16) and the data (19 MiB) would not travel in 64 MiB
+            name,
+            f"both defenses on the {ordinal} pair's backdoored model",
+            (tuple(f"{pair}:defense_{m}_poisoned" for m in ("patchsearch", "poisoncam")),),
+            needs=(f"{pair}:ssl_poisoned",),
+        )
+        for name, ordinal, pair in (("J5", "second", "pair2"), ("J6", "third", "pair3"))
     ),
     Job(
-        "J6",
+        "J7",
         "the model retrained on PoisonCAM's filtered list under its paper's score, and the backdoored model "
         "with i-CutMix, then their probes",
         (

@@ -354,6 +354,34 @@ def _shipped_line(shipped: dict) -> str:
     return text + (f", refused: {', '.join(shipped['refused'])}" if shipped["refused"] else ", none refused")
 
 
+# The notebooks of the GPU profile that read only the models and their probes (job J1 of helpers.runners.gpu)
+GPU_MODEL_NOTEBOOKS = ("01", "02")
+
+
+def gpu_refusal(next_job, only) -> str | None:
+    """Why ``params/cifar10-gpu.yaml`` cannot run here yet (None when it can): its models train for days on a
+    CPU and its defenses for hours, so only what the GPU queue has shipped runs. ``next_job``: the queue's
+    next job (None when all are done); ``only``: the notebooks asked for."""
+    from . import gpu
+
+    if next_job is None or gpu.JOBS.index(next_job) >= 2:  # J1 and J2: the models and both defenses
+        return None
+    shipped_models = next_job is not gpu.JOBS[0]
+    if shipped_models and only and all(name.startswith(GPU_MODEL_NOTEBOOKS) for name in only):
+        return None
+    what = (
+        "only the models are shipped (job J1), and the defenses take hours on this CPU: run the notebooks that "
+        f'read the models alone (make reproduce PARAMS=params/cifar10-gpu.yaml ONLY="{" ".join(GPU_MODEL_NOTEBOOKS)}", '
+        "about 10 minutes)"
+        if shipped_models
+        else "no GPU job has shipped its models yet, and training them on this CPU takes days"
+    )
+    return (
+        f"params/cifar10-gpu.yaml: {what}; the GPU queue ships the rest (make gpu-status), or pass RETRAIN=1 to "
+        "compute everything here anyway"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"), help="params file (profile)")
@@ -382,13 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     from . import gpu
 
     if Path(args.params).resolve() == gpu.PARAMS.resolve() and not args.retrain:
-        if gpu.next_job(gpu.read_manifest(params_mod.load(gpu.PARAMS).profile)) is gpu.JOBS[0]:
-            # its models train for days on a CPU: only the GPU queue makes them
-            raise SystemExit(
-                "params/cifar10-gpu.yaml: no GPU job has shipped its models yet (figures/cifar10-gpu/checkpoints/), "
-                "and training them on this CPU takes days: run the GPU queue first (make gpu-status), or pass "
-                "RETRAIN=1 to train everything here anyway"
-            )
+        refusal = gpu_refusal(gpu.next_job(gpu.read_manifest(params_mod.load(gpu.PARAMS).profile)), args.only)
+        if refusal:
+            raise SystemExit(refusal)
     from ..io import CheckpointError
     from ..paths import DataError
     from .pipeline import PipelineError, stop_on_sigterm
