@@ -485,10 +485,10 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None, given_rat
         if given_rate:
             rate, source = given_rate, "an earlier training on this GPU"
             record["warmup"] = {"processes": job.trains, "given_images_per_s_each": rate, "training_images": n_images}
-        elif reference and not job.sets_epochs:  # no warm-up: the first job's training, scaled
-            scale = n_images / reference["images"] * job.trains / reference["trains"]
-            scale *= params.ssl.epochs / reference["epochs"]
-            rate, source = params.ssl.epochs * n_images / (reference["seconds"] * scale), f"job {reference['job']}"
+        elif reference and not job.sets_epochs:  # no warm-up: the first job's training time, scaled to this one's
+            ref_s = reference["seconds"] * n_images / reference["images"] * job.trains / reference["trains"]
+            ref_s *= params.ssl.epochs / reference["epochs"]
+            rate, source = params.ssl.epochs * n_images / ref_s, f"job {reference['job']}"
             record["warmup"] = {"reference": reference, "training_images": n_images}
         else:
             rates = measure_side_by_side(params_path, job.trains)

@@ -407,7 +407,31 @@ def _count_caveat(figures: Path, record: dict) -> str:
         "with a control for occlusion (the rows \"paper's count\" use its paper's count). It was chosen "
         f"on the score study of this configuration ({', '.join(f'`{n}`' for n in seen.split(', '))}) and judged "
         f"on {judged_words} "
-        f"({_link(figures, '05_search_score_rules.md')}): its rows above are not a blind result.\n"
+        f"({_link(figures, '05_search_score_rules.md')}): its rows above are not a blind result."
+        + _poisoncam_after_rules(figures)
+        + "\n"
+    )
+
+
+def _poisoncam_after_rules(figures: Path) -> str:
+    """PoisonCAM (the profile's count and window rule) on the generality configurations made after both were
+    fixed, from the published generality table; empty where it has not run on them."""
+    from ..studies import generality
+
+    rows = [r for r in _rows(figures, "07_generality") if r["configuration"] in generality.CONFIGS_AFTER_RULES]
+    rows = [r for r in rows if r.get("PoisonCAM w") not in (None, "", "nan")]
+    if not rows:
+        return ""
+    each = "; ".join(
+        f"`{r['configuration']}`{' (planted)' if r['backdoor present'] == 'True' else ''} top-20 "
+        f"{float(r['PoisonCAM top-20 (%)']):.0f}% at {float(r['PoisonCAM w']):.0f} px, recall "
+        f"{float(r['PoisonCAM recall (%)']):.1f}%, {float(r['PoisonCAM clean removed (%)']):.1f}% of the clean "
+        "images removed"
+        for r in rows
+    )
+    return (
+        f" On the {len(rows)} attack configurations made after it and the window rule were fixed: {each} "
+        f"({_link(figures, '07_generality.md')})."
     )
 
 
