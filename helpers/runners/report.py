@@ -422,16 +422,16 @@ def _poisoncam_after_rules(figures: Path) -> str:
     rows = [r for r in rows if r.get("PoisonCAM w") not in (None, "", "nan")]
     if not rows:
         return ""
-    each = "; ".join(
-        f"`{r['configuration']}`{' (planted)' if r['backdoor present'] == 'True' else ''} top-20 "
-        f"{float(r['PoisonCAM top-20 (%)']):.0f}% at {float(r['PoisonCAM w']):.0f} px, recall "
-        f"{float(r['PoisonCAM recall (%)']):.1f}%, {float(r['PoisonCAM clean removed (%)']):.1f}% of the clean "
-        "images removed"
-        for r in rows
-    )
+
+    def one(r: dict) -> str:
+        removed = f"planted, {float(r['PoisonCAM clean removed (%)']):.1f}% of clean images removed"
+        return f"{float(r['PoisonCAM top-20 (%)']):.0f}% on `{r['configuration']}`" + (
+            f" ({removed})" if r["backdoor present"] == "True" else ""
+        )
+
     return (
-        f" On the {len(rows)} attack configurations made after it and the window rule were fixed: {each} "
-        f"({_link(figures, '07_generality.md')})."
+        f" Top-20 on the {len(rows)} configurations made after it and the window rule: "
+        f"{', '.join(one(r) for r in rows)} ({_link(figures, '07_generality.md')})."
     )
 
 
