@@ -361,6 +361,44 @@ else:
     )
 
 # %% [markdown]
+# ## Are the top-k patches a trigger at all?
+# The classifier above is trained on the top-k patches whatever they show. A trigger pasted on many images
+# should give top-k patches that look alike; ordinary image parts, as on a clean training set, should not.
+# `python -m helpers.studies.agreement` measures it on every cached search, from the saved patches alone:
+# the median, over pairs of the top-20 patches, of their best normalised cross-correlation over shifts (one
+# trigger cut at two offsets still agrees). Beside it: the search's top-20 accuracy (ground truth). It is
+# exploratory: every configuration below was in view when it was first measured, so no rule is taken from it.
+
+# %% tags=["hide-input"]
+agree_path = notebook.figure_path(P.profile, "06_poison_classifier_topk_agreement.csv")
+if agree_path.is_file():
+    agree = pd.read_csv(agree_path)
+    notebook.show_table(agree)
+    lines = []
+    for method, t in agree.groupby("method", sort=False):
+        clean = t[t["training set"].str.startswith("clean")]
+        poisoned = t[~t["training set"].str.startswith("clean")]
+        rho = poisoned["agreement"].corr(poisoned["top-20 (%)"], method="spearman")
+        below = (poisoned["agreement"] <= clean["agreement"].iloc[0]).sum() if len(clean) else 0
+        clean_words = (
+            f"the clean set reads {clean['agreement'].iloc[0]:.2f}, and {below} of the {len(poisoned)} poisoned "
+            f"training sets read as little or less (the lowest: {poisoned['agreement'].min():.2f})"
+            if len(clean)
+            else "no search on the clean set is cached"
+        )
+        lines.append(
+            f"- {method}: rank correlation of agreement with top-20 accuracy over the poisoned training sets "
+            f"{rho:.2f}; {clean_words}."
+        )
+    notebook.show_markdown(
+        "\n".join(lines)
+        + "\n\nA gate that trusts the top-k patches only where they agree would need the clean set well below "
+        "every poisoned set a defense should act on, and agreement that follows top-20 accuracy."
+    )
+else:
+    print(f"no top-k agreement for profile {P.profile} yet: python -m helpers.studies.agreement --publish {P.profile}")
+
+# %% [markdown]
 # ## Exercises
 # Each reads what the stage stored and runs in seconds: `classifier.npz` holds every member's two logits
 # for every image, `scores.csv` every image's ensemble logit. Retraining the ensemble with other
