@@ -262,6 +262,11 @@ def training_reference(manifest: dict) -> dict | None:
     return None
 
 
+def job_state(record: dict | None) -> str:
+    """A job's state from its record in the shipped manifest."""
+    return "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+
+
 def need_params(params, need: str):
     """``(params, stage)`` of a ``Job.needs`` entry: ``[<variant>:]<stage>[@<search method>]``."""
     from ..params import with_variant
@@ -638,13 +643,17 @@ def backdoor_verdict(profile: str, fraction: float) -> dict | None:
     over probe seeds), and whether the project's rule calls the backdoor planted; None before both exist."""
     import pandas as pd
 
-    from ..evaluate import backdoor_planted, mean_row
-
     evals = shipped_evaluations(profile)
     if not {"eval_poisoned", "eval_clean"} <= set(evals):
         return None
-    rows = {k: mean_row(pd.read_csv(evals[k] / "probe.csv"), fraction) for k in ("eval_poisoned", "eval_clean")}
-    asr, clean_asr = rows["eval_poisoned"]["ASR (%)"] / 100, rows["eval_clean"]["ASR (%)"] / 100
+    return _verdict({k: pd.read_csv(evals[k] / "probe.csv") for k in ("eval_poisoned", "eval_clean")}, fraction)
+
+
+def _verdict(probes: dict, fraction: float) -> dict:
+    """``backdoor_verdict`` from the two probe tables (``{"eval_poisoned": ..., "eval_clean": ...}``)."""
+    from ..evaluate import backdoor_planted, mean_row
+
+    asr, clean_asr = (mean_row(probes[k], fraction)["ASR (%)"] / 100 for k in ("eval_poisoned", "eval_clean"))
     return {"asr": asr, "clean_asr": clean_asr, "planted": backdoor_planted(asr, clean_asr), "fraction": fraction}
 
 
@@ -656,6 +665,7 @@ def queue_report(params_path: Path = PARAMS) -> str:
 
     from ..evaluate import planted_rule, table2_row
     from ..params import load
+    from ..plotting import markdown_table
 
     params = load(params_path)
     manifest = read_manifest(params.profile)
@@ -671,7 +681,7 @@ def queue_report(params_path: Path = PARAMS) -> str:
     ]
     for job in JOBS:
         record = jobs.get(job.name)
-        state = "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+        state = job_state(record)
         gpu_name = record["device"]["gpu"] if record else ""
         minutes = f"{record['seconds'] / 60:.1f}" if record else ""
         lines.append(f"| {job.name} | {state} | {gpu_name} | {minutes} | {job.about} |")
@@ -688,18 +698,18 @@ def queue_report(params_path: Path = PARAMS) -> str:
             f"{history[0]['loss']:.2f} after the first epoch and {history[-1]['loss']:.2f} after the last.",
         ]
     evals = shipped_evaluations(params.profile)
-    if {"eval_poisoned", "eval_clean"} <= set(evals):
-        names = {"eval_poisoned": "backdoored (no defense)", "eval_clean": "clean"}
-        rows = []
-        for fraction in params.eval.label_fractions:
-            for stage, name in names.items():
-                probe = pd.read_csv(evals[stage] / "probe.csv")
-                rows.append(table2_row(name, probe, json.loads((evals[stage] / "knn.json").read_text()), fraction))
-        table = pd.DataFrame(rows)
+    names = {"eval_poisoned": "backdoored (no defense)", "eval_clean": "clean"}
+    if set(names) <= set(evals):
+        probes = {stage: pd.read_csv(evals[stage] / "probe.csv") for stage in names}
+        knns = {stage: json.loads((evals[stage] / "knn.json").read_text()) for stage in names}
+        fractions = params.eval.label_fractions
+        table = pd.DataFrame(
+            [table2_row(name, probes[stage], knns[stage], f) for f in fractions for stage, name in names.items()]
+        )
         lines += ["", "**The backdoor** (the paper's Table 2: linear probe, mean ± sd over probe seeds; one SSL seed):"]
-        lines += ["", table.to_markdown(index=False), ""]
-        for fraction in params.eval.label_fractions:
-            v = backdoor_verdict(params.profile, fraction)
+        lines += ["", markdown_table(table).rstrip("\n"), ""]
+        for fraction in fractions:
+            v = _verdict(probes, fraction)
             lines.append(
                 f"- {fraction:.0%} labels: ASR {100 * v['asr']:.1f}% against the clean model's "
                 f"{100 * v['clean_asr']:.1f}% ({v['asr'] / v['clean_asr']:.1f}x): "
@@ -752,7 +762,7 @@ def status(params_path: Path = PARAMS) -> str:
     lines = []
     for job in JOBS:
         record = manifest.get("jobs", {}).get(job.name)
-        state = "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+        state = job_state(record)
         extra = f", {record['seconds'] / 60:.1f} min on {record['device']['gpu']}" if record else ""
         lines.append(f"{job.name} ({state}{extra}): {job.about}")
     job = next_job(manifest)
