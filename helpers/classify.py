@@ -10,7 +10,10 @@ As in the paper and its code (``patch_search_poison_classifier.py``):
   w = 60; ``classifier.paste_scale``) and its place random with a margin of ``w/6`` (the paper: 10 px);
   beyond the paper, ``classifier.negative_paste`` gives that share of the label-0 samples a natural patch
   (a window of another image) pasted the same way, so that the classifier must learn what the top-k
-  patches show rather than that something square was pasted;
+  patches show rather than that something square was pasted; ``classifier.exclude_top_clusters`` also
+  leaves out of the pool every image of the clusters the top-k candidates come from: where poisons are
+  many (a tenth of the set here, 0.5% in the paper) and the search scores few of them, the top 10% leaves
+  most poisons in the pool, and half of them are then drawn as clean samples that carry the real trigger;
 - proxy validation: the top-k scored images as poisonous, the bottom-k *scored* images (the lowest flip
   counts: evidence of being clean, where an unscored image has none) as clean, no pasting; F1 every
   ``eval_every`` iterations; training stops when ``int(100 * F1)`` has not changed for ``patience``
@@ -39,7 +42,7 @@ from tqdm.auto import tqdm
 from . import io
 from .augment import AugmentConfig, BatchAugment
 from .cache import cached_stage
-from .cluster import check_variant, defense_ids, training_set
+from .cluster import check_variant, cluster_stage, defense_ids, training_set
 from .compute import autocast, check_finite, device_for_run, fp32_region
 from .data import write_file_list
 from .kernels import paste_patches
@@ -218,14 +221,28 @@ def proxy_validation(ranking: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 
 def training_pool(
-    ranking: np.ndarray, exclude_top: float, val_idx: np.ndarray, ids: np.ndarray | None = None
+    ranking: np.ndarray,
+    exclude_top: float,
+    val_idx: np.ndarray,
+    ids: np.ndarray | None = None,
+    also_drop: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Every image except the top ``exclude_top`` fraction of the ranking and the proxy validation images,
-    in the order of their ``ids`` (``cluster.order``; default: index), which the classifier's draws follow."""
+    """Every image except the top ``exclude_top`` fraction of the ranking, the proxy validation images and
+    ``also_drop`` (indices), in the order of their ``ids`` (``cluster.order``; default: index), which the
+    classifier's draws follow."""
     n = len(ranking)
     drop = set(ranking[: int(round(exclude_top * n))].tolist()) | set(np.asarray(val_idx).tolist())
+    if also_drop is not None:
+        drop |= set(np.asarray(also_drop).tolist())
     pool = np.array(sorted(set(range(n)) - drop), dtype=np.int64)
     return pool if ids is None else pool[np.argsort(ids[pool], kind="stable")]
+
+
+def top_cluster_members(params: Params, variant: str, top: np.ndarray, progress: bool = False) -> np.ndarray:
+    """Indices of every image in a cluster that one of the ``top`` candidates belongs to: where the search
+    says the trigger is, and so where unscored poisons gather (``classifier.exclude_top_clusters``)."""
+    assignment = np.load(cluster_stage(params, variant, progress) / "clustering.npz")["assignment"]
+    return np.flatnonzero(np.isin(assignment, assignment[np.asarray(top)]))
 
 
 def classifier_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
@@ -244,7 +261,8 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
         corners = torch.as_tensor(found["corners"][top])
         patches = cut_patches(pixels[torch.as_tensor(top)], corners[:, 0], corners[:, 1], w)
         val_idx, val_labels = proxy_validation(ranking[found["scored"][ranking]], c.top_k)  # among scored images
-        pool = training_pool(ranking, c.exclude_top, val_idx, defense_ids(params, pixels))
+        also_drop = top_cluster_members(params, variant, top, progress) if c.exclude_top_clusters else None
+        pool = training_pool(ranking, c.exclude_top, val_idx, defense_ids(params, pixels), also_drop)
         cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
         normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
         logits, histories = [], []

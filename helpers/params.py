@@ -157,6 +157,7 @@ class ClassifierParams:
     paste_p: float = 0.5
     paste_scale: list[float] = field(default_factory=lambda: [1 / 3, 4 / 3])  # pasted side / w (paper: 20-80 px, w 60)
     negative_paste: float = 0.0  # share of label-0 samples given a natural patch pasted the same way (paper: 0)
+    exclude_top_clusters: bool = False  # also leave out of the pool every image of the top-k's clusters (paper: no)
     crop_min_scale: float = 0.2
     seed: int = 0
 
@@ -586,6 +587,7 @@ ADDED_LATER: dict[tuple[str, str], Any] = {
     ("cluster", "order"): "file",
     ("search", "poisoncam_score"): "changed",
     ("classifier", "negative_paste"): 0.0,
+    ("classifier", "exclude_top_clusters"): False,
 }
 # Keys added later that only one search method reads: left out of the params of a stage that runs the other.
 ONE_METHOD: dict[tuple[str, str], str] = {("search", "poisoncam_score"): "poisoncam"}

@@ -29,6 +29,16 @@ def test_proxy_validation_and_pool():
     assert idx.tolist() == [7, 3, 6, 8] and labels.tolist() == [1, 1, 0, 0]
     pool = training_pool(ranking, 0.3, idx)  # top 30%: 7, 3, 9 out
     assert pool.tolist() == [0, 1, 2, 4, 5]
+    assert training_pool(ranking, 0.3, idx, also_drop=np.array([1, 5, 7])).tolist() == [0, 2, 4]
+
+
+def test_top_cluster_members_are_the_top_candidates_clusters(tmp_path, monkeypatch):
+    """``classifier.exclude_top_clusters``: every image of a cluster a top candidate is in, and no other."""
+    from helpers import classify, io
+
+    io.save_npz(tmp_path / "clustering.npz", assignment=np.array([2, 0, 1, 2, 0, 3, 1, 2]))
+    monkeypatch.setattr(classify, "cluster_stage", lambda params, variant, progress: tmp_path)
+    assert classify.top_cluster_members(None, "poisoned", np.array([3, 6])).tolist() == [0, 2, 3, 6, 7]
 
 
 def test_paste_random_patches_labels_what_it_pastes():

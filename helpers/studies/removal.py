@@ -32,6 +32,9 @@ VARIANTS: dict[str, dict] = {
     # half the clean-labelled samples get a window of another image pasted like the top-k patches: a pasted
     # square no longer says "poison"; only what the top-k patches show does (issue 22, item 6)
     "natural-negatives": {"paste_scale": [2 / 3, 4 / 3], "negative_paste": 0.5},
+    # the clusters of the top-k candidates left out of the pool too: there the unscored poisons gather, and in
+    # the pool half of them are drawn as clean samples carrying the real trigger (issue 22, item 6)
+    "exclude-top-clusters": {"paste_scale": [2 / 3, 4 / 3], "exclude_top_clusters": True},
 }
 
 
