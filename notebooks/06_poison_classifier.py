@@ -318,42 +318,80 @@ for label in METHODS.values():
 # It was tried after seeing its removals on the default and on one other configuration (ground truth);
 # notebook 07's generality table runs it on configurations made before it and run after.
 
+# %% [markdown]
+# ## Poisons drawn as clean samples: leave the top clusters out
+# The pool leaves out the top `classifier.exclude_top` of the ranking, "to reduce noise" (the paper). In
+# the paper the poisons are half a percent of the set; here they are far more, and the search
+# scores only a few percent of the images, so most poisons stay in the pool. Half of them are then drawn as samples labelled
+# *clean* that carry the real trigger: the classifier is taught, now and then, that the trigger means clean,
+# and can lean on the pasting itself instead. The search says where the trigger is: in the clusters its
+# top-k candidates come from, where poisons gather. A second variant that is not the paper's
+# (`classifier.exclude_top_clusters`) leaves every image of those clusters out of the pool as well; it reads
+# only the search and the clustering. It was fixed before any of its removals was seen; the idea came from
+# counting the poisons in the pool (below) on the seven configurations run then, and the profile's removals
+# at other thresholds were in view on three of them (notebook 07's generality table marks which).
+
+# %% tags=["hide-input"]
+assignment = np.load(cluster.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
+lines = []
+for m, label in METHODS.items():
+    f = search.load_search(search.search_stage(search.with_method(P, m), "poisoned"))
+    ranking = f["ranking"]
+    val_idx, _ = classify.proxy_validation(ranking[f["scored"][ranking]], P.classifier.top_k)
+    pool = classify.training_pool(ranking, P.classifier.exclude_top, val_idx)
+    top_clusters = np.isin(assignment, assignment[ranking[: P.classifier.top_k]])
+    pool_out = pool[~top_clusters[pool]]
+    lines.append(
+        f"- {label}: the pool keeps {poison[pool].sum()} of the {poison.sum()} poisons "
+        f"({100 * poison[pool].mean():.1f}% of its {len(pool)} images); without the "
+        f"{len(np.unique(assignment[ranking[: P.classifier.top_k]]))} clusters of its top-{P.classifier.top_k}, "
+        f"{poison[pool_out].sum()} ({100 * poison[pool_out].mean():.1f}% of {len(pool_out)})."
+    )
+notebook.show_markdown("Poisons in the classifier's pool (ground truth, for evaluation only):\n" + "\n".join(lines))
+
+# %% [markdown]
+# Both variants beside the profile's classifier, on the same search, on the poisoned set and on the clean
+# set:
+
 # %% tags=["hide-input"]
 variants_path = notebook.figure_path(P.profile, "06_false_removals.csv")
 variants = pd.read_csv(variants_path) if variants_path.is_file() else pd.DataFrame(columns=["variant"])
 if variants["variant"].nunique() > 1:
     columns = ["method", "variant", "ensemble", "data", "recall (%)", "clean removed (%)", "last proxy F1 (mean)"]
     notebook.show_table(variants[columns])
-    base, other = variants["variant"].unique()[:2]
+    base, *others = variants["variant"].unique()  # the profile's classifier first, then the variants
     lines = []
-    for (method, data_set, ensemble), t in variants.groupby(["method", "data", "ensemble"], sort=False):
-        v = t.set_index("variant")
-        if base not in v.index or other not in v.index:
-            continue
-        recall = (
-            ""
-            if data_set == "clean"
-            else f" at recall {v.loc[base, 'recall (%)']:.1f}% / {v.loc[other, 'recall (%)']:.1f}%"
-        )
-        lines.append(
-            f"- {METHODS.get(method, method)}, {data_set} set, {ensemble} ensemble: {v.loc[base, 'clean removed (%)']:.1f}% "
-            f"of the clean images removed by `{base}`, {v.loc[other, 'clean removed (%)']:.1f}% by `{other}`{recall}."
-        )
-    mean = variants[(variants["ensemble"] == "mean") & (variants["method"] == "patchsearch")]
-    removed = mean.set_index(["data", "variant"])["clean removed (%)"]
-    if {("poisoned", base), ("poisoned", other), ("clean", base), ("clean", other)} <= set(removed.index):
-        fewer = removed["poisoned", other] < removed["poisoned", base]
-        ratio = removed["clean", other] / removed["clean", base]
-        lines.append(
-            f"\nOn this configuration `{other}` removes {'fewer' if fewer else 'more'} clean images from the poisoned "
-            f"set than `{base}`, and {ratio:.1f}x as many from the clean set. "
-            + (
-                "A classifier that must learn what the top-k patches show removes whatever shows the same: where "
-                "they are triggers, little else; where they are ordinary image parts, much. So it is not the profile's."
-                if ratio > 1
-                else "It is not the profile's: notebook 07's generality table runs it on more configurations."
+    for other in others:
+        lines.append(f"\n**`{other}`** against the profile's `{base}`:")
+        for (method, data_set, ensemble), t in variants.groupby(["method", "data", "ensemble"], sort=False):
+            v = t.set_index("variant")
+            if base not in v.index or other not in v.index:
+                continue
+            recall = (
+                ""
+                if data_set == "clean"
+                else f" at recall {v.loc[base, 'recall (%)']:.1f}% / {v.loc[other, 'recall (%)']:.1f}%"
             )
-        )
+            lines.append(
+                f"- {METHODS.get(method, method)}, {data_set} set, {ensemble} ensemble: "
+                f"{v.loc[base, 'clean removed (%)']:.1f}% of the clean images removed by `{base}`, "
+                f"{v.loc[other, 'clean removed (%)']:.1f}% by `{other}`{recall}."
+            )
+        mean = variants[(variants["ensemble"] == "mean") & (variants["method"] == "patchsearch")]
+        removed = mean.set_index(["data", "variant"])["clean removed (%)"]
+        if {("poisoned", base), ("poisoned", other), ("clean", base), ("clean", other)} <= set(removed.index):
+            fewer = removed["poisoned", other] < removed["poisoned", base]
+            ratio = removed["clean", other] / removed["clean", base]
+            lines.append(
+                f"\nOn this configuration `{other}` removes {'fewer' if fewer else 'more'} clean images from the "
+                f"poisoned set than `{base}`, and {ratio:.1f}x as many from the clean set."
+                + (
+                    " A classifier that must learn what the top-k patches show removes whatever shows the same: where "
+                    "they are triggers, little else; where they are ordinary image parts, much."
+                    if ratio > 1.5 and other == "natural-negatives"
+                    else ""
+                )
+            )
     notebook.show_markdown("\n".join(lines))
 else:
     print(

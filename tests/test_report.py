@@ -1,5 +1,6 @@
 """The HTML book: built from the executed notebooks, every page renders in headless Chromium."""
 
+import csv
 import os
 import re
 import shutil
@@ -138,7 +139,20 @@ def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
         (tmp_path / linked).write_text("| |\n")
     text = report._classifier_caveat(tmp_path, record)
     assert "removes 4.6% of the clean images at recall 99.9%" in text and "removes 0.7%" in text
-    assert "has not run on a configuration made after that yet" in text
+    assert "has not run on a configuration made after that yet" in text and "exclude-top-clusters" not in text
+    with (tmp_path / "06_false_removals.csv").open("a") as f:
+        f.write("patchsearch,exclude-top-clusters,mean,poisoned,1200,100.0,1.96\n")
+    v = "PatchSearch, top clusters excluded"
+    header = ["configuration", "PatchSearch clean removed (%)", "PatchSearch recall (%)"]
+    header += [f"{v} clean removed (%)", f"{v} recall (%)", f"{v} held out"]
+    rows = [("truck-99", 4.8, 82.9, 3.0, 95.0, True), ("copies-3", 5.0, 90.0, 6.0, 99.0, True)]
+    rows += [("default", 4.6, 99.9, 1.96, 100, False), ("frog-33", 4.0, 80.0, "", "", True)]  # frog: not run
+    with (tmp_path / "07_generality.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    text = report._classifier_caveat(tmp_path, record)
+    assert "`exclude-top-clusters` (the top-k candidates' clusters also left out" in text
+    assert "on the 2 configurations run after that, fewer clean images removed on 1 (3.0-6.0% against 4.8-5.0%)" in text
+    assert "recall 95.0-99.0% against 82.9-90.0%" in text
 
 
 def test_readme_block_is_rewritten_in_place_and_only_there(tmp_path, published):

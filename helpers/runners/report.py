@@ -436,58 +436,58 @@ def _poisoncam_after_rules(figures: Path) -> str:
 
 
 def _classifier_caveat(figures: Path, record: dict) -> str:
-    """The profile's false removals beside the classifier variant that is not the profile's, where the removal
-    study published it: on this configuration, and on the generality configurations run after it was kept."""
+    """The profile's false removals beside each classifier variant that is not the profile's, where the removal
+    study published it: on this configuration, on the clean set, and on the generality configurations run
+    after it was kept."""
     from .. import params as params_mod
     from ..studies import generality, removal
 
-    label, (method, variant) = next(iter(generality.CLASSIFIER_VARIANTS.items()))
-    base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
-    share = removal.VARIANTS[variant]["negative_paste"]
     profile = params_mod.from_dict(record["params"], "the published record")
     own = next((n for n in removal.VARIANTS if removal.variant_params(profile, n) == profile), None)
-    table = [r for r in _rows(figures, "06_false_removals") if r["method"] == method and r["ensemble"] == "mean"]
-    rows = {r["variant"]: r for r in table if r["data"] == "poisoned"}
-    clean = {r["variant"]: float(r["clean removed (%)"]) for r in table if r["data"] == "clean"}
-    if own not in rows or variant not in rows:
-        return ""
 
     def removes(row: dict[str, str]) -> str:
         return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
 
-    text = (
-        f"- **False removals.** With the profile's poison classifier (the paper's recipe), {base} "
-        f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). A variant that is not the "
-        f"profile's, `{variant}` ({'half' if share == 0.5 else f'{share:.0%} of'} the samples labelled clean get a "
-        "window of another image pasted like the "
-        f"top-k patches), removes {removes(rows[variant])}"
-        + (
-            f"; but from the clean training set, where no trigger exists and the top-k patches are ordinary image "
-            f"parts, it removes {clean[variant]:.1f}% against the profile's {clean[own]:.1f}% (paper Table 10)"
+    def spread(rows: list[dict[str, str]], column: str) -> str:
+        values = sorted(float(r[column]) for r in rows)
+        return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
+
+    head, parts = "", []
+    for label, (method, variant) in generality.CLASSIFIER_VARIANTS.items():
+        base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
+        table = [r for r in _rows(figures, "06_false_removals") if r["method"] == method and r["ensemble"] == "mean"]
+        rows = {r["variant"]: r for r in table if r["data"] == "poisoned"}
+        clean = {r["variant"]: float(r["clean removed (%)"]) for r in table if r["data"] == "clean"}
+        if own not in rows or variant not in rows:
+            continue
+        head = (
+            f"- **False removals.** With the profile's poison classifier (the paper's recipe), {base} "
+            f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
+            "profile's, on the same search:"
+        )
+        text = f" `{variant}` ({removal.DESCRIPTIONS[variant]}) removes {removes(rows[variant])}" + (
+            f"; from the clean training set, where no trigger exists, it removes {clean[variant]:.1f}% against the "
+            f"profile's {clean[own]:.1f}% (paper Table 10)"
             if own in clean and variant in clean
             else ""
         )
-        + ". It was tried after seeing "
-        + " and ".join(f"`{n}`" for n in generality.CHOSEN_ON[variant])
-    )
-    held = [r for r in _rows(figures, "07_generality") if r.get(f"{label} held out") == "True"]
-    if not held:
-        return text + "; it has not run on a configuration made after that yet.\n"
-    each = "; ".join(
-        f"`{r['configuration']}` (top-20 {float(r[f'{label} top-20 (%)']):.0f}%) "
-        f"{float(r[f'{label} clean removed (%)']):.1f}% against {float(r[f'{base} clean removed (%)']):.1f}%"
-        for r in held
-    )
-
-    def spread(column: str) -> str:
-        values = sorted(float(r[column]) for r in held)
-        return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
-
-    return text + (
-        f". On the configurations run after that, the clean images it removes against the profile's classifier: "
-        f"{each}; recall {spread(f'{label} recall (%)')} against {spread(f'{base} recall (%)')} "
-        f"({_link(figures, '07_generality.md')}).\n"
-    )
+        text += ". Tried after seeing " + " and ".join(f"`{n}`" for n in generality.CHOSEN_ON[variant])
+        held = [
+            r
+            for r in _rows(figures, "07_generality")
+            if r.get(f"{label} held out") == "True" and r.get(f"{label} clean removed (%)") not in (None, "", "nan")
+        ]
+        if not held:
+            parts.append(text + "; it has not run on a configuration made after that yet.")
+            continue
+        fewer = sum(float(r[f"{label} clean removed (%)"]) < float(r[f"{base} clean removed (%)"]) for r in held)
+        parts.append(
+            text + f"; on the {len(held)} configurations run after that, fewer clean images removed on {fewer} "
+            f"({spread(held, f'{label} clean removed (%)')} against {spread(held, f'{base} clean removed (%)')}), "
+            f"recall {spread(held, f'{label} recall (%)')} against {spread(held, f'{base} recall (%)')} "
+            f"({_link(figures, '07_generality.md')})."
+        )
+    return head + "".join(parts) + "\n" if parts else ""
 
 
 def _backdoor_caveat(figures: Path, record: dict) -> str:

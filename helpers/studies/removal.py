@@ -37,6 +37,14 @@ VARIANTS: dict[str, dict] = {
     "exclude-top-clusters": {"paste_scale": [2 / 3, 4 / 3], "exclude_top_clusters": True},
 }
 
+# What each variant that is not the profile's does, in the words the README's caveat uses.
+DESCRIPTIONS = {
+    "paper": "pasted sides from w/3, the paper's range",
+    "paste-2/3": "pasted sides from 2w/3",
+    "natural-negatives": "half the samples labelled clean get a window of another image pasted like the top-k patches",
+    "exclude-top-clusters": "the top-k candidates' clusters also left out of the training pool",
+}
+
 
 def variant_params(params: params_mod.Params, name: str) -> params_mod.Params:
     return dataclasses.replace(params, classifier=dataclasses.replace(params.classifier, **VARIANTS[name]))
