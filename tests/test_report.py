@@ -150,7 +150,7 @@ def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
     with (tmp_path / "07_generality.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     text = report._classifier_caveat(tmp_path, record)
-    assert "`exclude-top-clusters` (the top-k candidates' clusters also left out" in text
+    assert "`exclude-top-clusters` (the top-k candidates' clusters left out of the pool too)" in text
     assert "on the 2 configurations run after that, fewer clean images removed on 1 (3.0-6.0% against 4.8-5.0%)" in text
     assert "recall 95.0-99.0% against 82.9-90.0%" in text
 

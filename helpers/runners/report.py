@@ -465,13 +465,16 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
             f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
             "profile's, on the same search:"
         )
-        text = f" `{variant}` ({removal.DESCRIPTIONS[variant]}) removes {removes(rows[variant])}" + (
-            f"; from the clean training set, where no trigger exists, it removes {clean[variant]:.1f}% against the "
-            f"profile's {clean[own]:.1f}% (paper Table 10)"
-            if own in clean and variant in clean
-            else ""
-        )
-        text += ". Tried after seeing " + " and ".join(f"`{n}`" for n in generality.CHOSEN_ON[variant])
+        text = f" `{variant}` ({removal.DESCRIPTIONS[variant]}) removes {removes(rows[variant])}"
+        if own in clean and variant in clean:  # the clean set said in full once, then short
+            text += (
+                f"; from the clean set, {clean[variant]:.1f}% against {clean[own]:.1f}%"
+                if parts
+                else f"; from the clean training set, where no trigger exists, it removes {clean[variant]:.1f}% "
+                f"against the profile's {clean[own]:.1f}% (paper Table 10)"
+            )
+        seen = [f"`{n}`" for n in generality.CHOSEN_ON[variant]]
+        text += ". Tried after seeing " + (", ".join(seen[:-1]) + " and " if len(seen) > 1 else "") + seen[-1]
         held = [
             r
             for r in _rows(figures, "07_generality")

@@ -42,7 +42,7 @@ DESCRIPTIONS = {
     "paper": "pasted sides from w/3, the paper's range",
     "paste-2/3": "pasted sides from 2w/3",
     "natural-negatives": "half the samples labelled clean get a window of another image pasted like the top-k patches",
-    "exclude-top-clusters": "the top-k candidates' clusters also left out of the training pool",
+    "exclude-top-clusters": "the top-k candidates' clusters left out of the pool too",
 }
 
 
