@@ -339,12 +339,12 @@ for m, label in METHODS.items():
     ranking = f["ranking"]
     val_idx, _ = classify.proxy_validation(ranking[f["scored"][ranking]], P.classifier.top_k)
     pool = classify.training_pool(ranking, P.classifier.exclude_top, val_idx)
-    top_clusters = np.isin(assignment, assignment[ranking[: P.classifier.top_k]])
-    pool_out = pool[~top_clusters[pool]]
+    top = ranking[: P.classifier.top_k]
+    pool_out = np.setdiff1d(pool, classify.top_cluster_members(P, "poisoned", top))  # what the variant leaves
     lines.append(
         f"- {label}: the pool keeps {poison[pool].sum()} of the {poison.sum()} poisons "
         f"({100 * poison[pool].mean():.1f}% of its {len(pool)} images); without the "
-        f"{len(np.unique(assignment[ranking[: P.classifier.top_k]]))} clusters of its top-{P.classifier.top_k}, "
+        f"{len(np.unique(assignment[top]))} clusters of its top-{P.classifier.top_k}, "
         f"{poison[pool_out].sum()} ({100 * poison[pool_out].mean():.1f}% of {len(pool_out)})."
     )
 notebook.show_markdown("Poisons in the classifier's pool (ground truth, for evaluation only):\n" + "\n".join(lines))

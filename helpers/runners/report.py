@@ -452,19 +452,22 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         values = sorted(float(r[column]) for r in rows)
         return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
 
+    removals = [r for r in _rows(figures, "06_false_removals") if r["ensemble"] == "mean"]
+    general: list[dict[str, str]] | None = None  # the generality table, read where a variant is published
     head, parts = "", []
     for label, (method, variant) in generality.CLASSIFIER_VARIANTS.items():
         base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
-        table = [r for r in _rows(figures, "06_false_removals") if r["method"] == method and r["ensemble"] == "mean"]
+        table = [r for r in removals if r["method"] == method]
         rows = {r["variant"]: r for r in table if r["data"] == "poisoned"}
         clean = {r["variant"]: float(r["clean removed (%)"]) for r in table if r["data"] == "clean"}
         if own not in rows or variant not in rows:
             continue
-        head = (
+        head = head or (
             f"- **False removals.** With the profile's poison classifier (the paper's recipe), {base} "
             f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
             "profile's, on the same search:"
         )
+        general = _rows(figures, "07_generality") if general is None else general
         text = f" `{variant}` ({removal.DESCRIPTIONS[variant]}) removes {removes(rows[variant])}"
         if own in clean and variant in clean:  # the clean set said in full once, then short
             text += (
@@ -477,7 +480,7 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         text += ". Tried after seeing " + (", ".join(seen[:-1]) + " and " if len(seen) > 1 else "") + seen[-1]
         held = [
             r
-            for r in _rows(figures, "07_generality")
+            for r in general
             if r.get(f"{label} held out") == "True" and r.get(f"{label} clean removed (%)") not in (None, "", "nan")
         ]
         if not held:
