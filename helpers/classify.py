@@ -29,6 +29,8 @@ Notebook 06's stage ``classifier_stage`` writes the filtered training list; ``EN
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .augment import AugmentConfig, BatchAugment
-from .cache import cached_stage
+from .cache import cached_stage, stage_dir
 from .cluster import check_variant, cluster_stage, defense_ids, training_set
 from .compute import autocast, check_finite, device_for_run, fp32_region
 from .data import write_file_list
@@ -247,10 +249,12 @@ def top_cluster_members(params: Params, variant: str, top: np.ndarray, progress:
 
 def classifier_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """The poison classifier ensemble over the search's top-k patches; writes the filtered and the removed
-    training lists (``filtered.txt``, ``removed.txt``) and every image's scores (``scores.csv``)."""
+    training lists (``filtered.txt``, ``removed.txt``) and every image's scores (``scores.csv``). Each member's
+    logits are kept in ``<stage key>.partial/`` once it is trained, so a stopped ensemble resumes there."""
     check_variant(variant)
     c = params.classifier
     search_dir = search_stage(params, variant, progress)
+    work = stage_dir(params, f"classifier_{variant}").with_suffix(".partial")
 
     def compute(out: Path, final: Path) -> None:
         start = time.perf_counter()
@@ -266,24 +270,29 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
         cfg_ssl = augment_config(params.ssl, pixels.shape[-1])
         normalise = Normaliser(cfg_ssl.mean, cfg_ssl.std, device_for_run())
         logits, histories = [], []
-        for m in range(c.n_models):
-            model, history = train_classifier(
-                pixels,
-                pool,
-                patches,
-                w,
-                val_idx,
-                val_labels,
-                c,
-                cfg_ssl.mean,
-                cfg_ssl.std,
-                c.seed + m,
-                normalise,
-                progress,
-                params.compute.precision,
-            )
-            histories += [{"model": m, **h} for h in history]
-            logits.append(predict_logits(model, normalise, pixels, precision=params.compute.precision).numpy())
+        for m in range(c.n_models):  # each member kept in work/ once trained: a stopped ensemble resumes
+            member = work / f"member_{m}.npz"
+            if not member.is_file():
+                model, history = train_classifier(
+                    pixels,
+                    pool,
+                    patches,
+                    w,
+                    val_idx,
+                    val_labels,
+                    c,
+                    cfg_ssl.mean,
+                    cfg_ssl.std,
+                    c.seed + m,
+                    normalise,
+                    progress,
+                    params.compute.precision,
+                )
+                member_logits = predict_logits(model, normalise, pixels, precision=params.compute.precision).numpy()
+                io.save_npz(member, logits=member_logits, history=np.array(json.dumps(history)))
+            z = np.load(member)
+            histories += [{"model": m, **h} for h in json.loads(str(z["history"]))]
+            logits.append(z["logits"])
         logits = np.stack(logits)
         mean_logits = logits.mean(0)
         removed = mean_logits.argmax(1) == 1
@@ -312,7 +321,9 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
             },
         )
 
-    return cached_stage(f"classifier_{variant}", params, compute).path
+    path = cached_stage(f"classifier_{variant}", params, compute).path
+    shutil.rmtree(work, ignore_errors=True)
+    return path
 
 
 def filtered_model_stage(params: Params, icutmix: bool | None = None, progress: bool = True) -> Path:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import io
-from .cache import cached_stage
+from .cache import cached_stage, stage_dir
 from .cluster import check_variant, cluster_stage, defense_ids, training_set
 from .compute import device_for_run
 from .data import ImageList
@@ -547,6 +548,62 @@ class Scorer:
         return out
 
 
+class SweepCheckpoint:
+    """The finished part of a search stage's sweep, in ``<stage key>.partial/`` beside the stage: each window
+    side's search once it ends (``window_<w>.npz``), the windows located so far (``located.npz``, written
+    after the side's file) and each side's agreement (``agreement.json``). A search stopped part way (a GPU
+    job at its deadline: ``helpers.runners.gpu`` carries the folder to the next try) resumes after its last
+    finished side with the scorer's state of that moment, so it ends with the result of an uninterrupted run.
+    """
+
+    def __init__(self, work: Path, scorer: Scorer, ids: np.ndarray | None) -> None:
+        self.work, self.scorer, self.ids = Path(work), scorer, ids
+        self.done: list[int] = []
+        self.agreements: dict[str, dict] = {}
+        if (self.work / "located.npz").is_file():
+            z = np.load(self.work / "located.npz")
+            self.done = [int(w) for w in z["done"]]
+            for w in scorer.windows:
+                scorer.corner[w][z["located"]] = z[f"corner_w{w}"]
+            scorer.n_heatmaps = int(z["n_heatmaps"])
+        if (self.work / "agreement.json").is_file():
+            self.agreements = json.loads((self.work / "agreement.json").read_text())
+
+    def result(self, w: int) -> SearchResult | None:
+        """Side ``w``'s finished search, or None where it has not ended yet."""
+        if w not in self.done:
+            return None
+        z = np.load(self.work / f"window_{w}.npz")
+        return SearchResult(z["scores"], z["scored"], json.loads(str(z["rounds"])), z["round_of"], self.ids)
+
+    def save(self, w: int, result: SearchResult) -> None:
+        rounds = np.array(json.dumps(result.rounds))
+        io.save_npz(
+            self.work / f"window_{w}.npz",
+            scores=result.scores,
+            scored=result.scored,
+            round_of=result.round_of,
+            rounds=rounds,
+        )
+        self.done.append(w)
+        corner = self.scorer.corner
+        located = np.flatnonzero(corner[self.scorer.windows[0]][:, 0] >= 0)
+        io.save_npz(
+            self.work / "located.npz",
+            done=np.array(self.done),
+            located=located,
+            n_heatmaps=np.array(self.scorer.n_heatmaps),
+            **{f"corner_w{v}": corner[v][located] for v in self.scorer.windows},
+        )
+
+    def agreement(self, idx: np.ndarray, w: int, draws: int) -> dict[str, float]:
+        """``Scorer.agreement`` of side ``w``, computed once and kept."""
+        if str(w) not in self.agreements:
+            self.agreements[str(w)] = self.scorer.agreement(idx, w, draws)
+            io.write_json(self.work / "agreement.json", self.agreements)
+        return self.agreements[str(w)]
+
+
 def search_stage(params: Params, variant: str = "poisoned", progress: bool = True) -> Path:
     """Iterative search for every window side of ``search.window_sweep`` (and ``search.window_px``); the side
     used is ``search.window_px``, or where that is null the blind pick of ``search.window_rule``: ``rsd`` and
@@ -555,9 +612,11 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
     (``search.window_top_k``) against random windows of the same images
     (``helpers.search.destination_agreement``, ``helpers.search.pooled_agreement``). Every rule's
     statistic and pick is saved (``sweep.csv``) with the ranking, candidate boxes and top patches of the
-    side used, and every side's scores."""
+    side used, and every side's scores. A search stopped part way resumes after its last finished side
+    (``SweepCheckpoint``)."""
     check_variant(variant)
     q = params.search
+    work = stage_dir(params, f"search_{variant}").with_suffix(".partial")
 
     def compute(out: Path, final: Path) -> None:
         start = time.perf_counter()
@@ -565,17 +624,21 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         windows = sorted(set(q.window_sweep) | ({q.window_px} if q.window_px else set()))
         windows = [w for w in windows if w <= ctx.size]
         scorer = Scorer(ctx, q.method, windows)
+        checkpoint = SweepCheckpoint(work, scorer, ctx.ids)
         results: dict[int, SearchResult] = {}
         sweep, rounds = [], []
         for w in tqdm(windows, desc=f"search ({q.method})", disable=not progress):
-            result = iterative_search(
-                ctx.assignment,
-                lambda idx, w=w: scorer.score(idx, w),
-                q.samples_per_cluster,
-                q.prune_fraction,
-                q.seed,
-                ids=ctx.ids,
-            )
+            result = checkpoint.result(w)
+            if result is None:
+                result = iterative_search(
+                    ctx.assignment,
+                    lambda idx, w=w: scorer.score(idx, w),
+                    q.samples_per_cluster,
+                    q.prune_fraction,
+                    q.seed,
+                    ids=ctx.ids,
+                )
+                checkpoint.save(w, result)
             results[w] = result
             rounds += [{"window": w, **r} for r in result.rounds]
             sweep.append(
@@ -597,7 +660,7 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
             table[rule] = table["window"].map(stats)
             table[f"{rule}_pick"] = table["window"] == picks[rule]
         agree = pd.DataFrame(
-            [scorer.agreement(results[w].ranking()[: q.window_top_k], w, q.window_draws) for w in windows]
+            [checkpoint.agreement(results[w].ranking()[: q.window_top_k], w, q.window_draws) for w in windows]
         )
         for column in agree.columns:
             table[column] = agree[column].to_numpy()
@@ -638,7 +701,9 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         }
         io.write_json(out / "summary.json", summary)
 
-    return cached_stage(f"search_{variant}", params, compute).path
+    path = cached_stage(f"search_{variant}", params, compute).path
+    shutil.rmtree(work, ignore_errors=True)
+    return path
 
 
 def load_search(path: Path) -> dict:

@@ -19,10 +19,11 @@ the first job's training time to its own and refuses to start a training that wo
 runs the job's pipeline tasks (``helpers.runners.pipeline``: the same code as on a CPU), rounds new
 backbones to fp16 in place, so that every later stage, there and here, reads the weights that are shipped,
 and writes everything it computed, with the params, cache key, commit and sha256 of each file, as one
-archive split into parts. ``install`` checks the parts, the archive and
-every file, then adds the stages to the shipped manifest, and writes the epochs the warm-up chose into the
-params file. The whole queue runs on a CPU in ``tests/test_gpu_queue.py`` on a tiny version of the
-profile, through the same functions.
+archive split into parts. A job stopped at its deadline also brings back what its unfinished searches and
+classifiers had done (``PARTIAL_STAGES``), kept in ``checkpoints/partial/`` until its next try resumes there.
+``install`` checks the parts, the archive and every file, then adds the stages to the shipped manifest, and
+writes the epochs the warm-up chose into the params file. The whole queue runs on a CPU in
+``tests/test_gpu_queue.py`` on a tiny version of the profile, through the same functions.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ BUDGET_S = 580  # one command may run 600 s (the machine's start and the copies 
 PACK_RESERVE_S = 20  # kept for writing the results after the last task (J1: unpacking, installing, packing 4 s)
 SHIPPED = SHIPPED_STAGES | {"cluster_poisoned", "cluster_clean"}  # and the clustering the shipped searches were made on
 DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
+# Stages that keep what they finished in ``<key>.partial/`` beside the stage (``search.SweepCheckpoint``: each
+# window side; ``classify.classifier_stage``: each member), a few MiB: a job stopped at its deadline brings
+# them back and its next try resumes there. (A training's checkpoints would not come back: a job that trains
+# refuses to start a training that would not end in time.)
+PARTIAL_STAGES = ("search_", "classifier_")
+PARTIAL = "partial"  # figures/<profile>/checkpoints/partial/<stage>/<key>/, until the stage is shipped
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,12 @@ def training_reference(manifest: dict) -> dict | None:
 
 def job_state(record: dict | None) -> str:
     """A job's state from its record in the shipped manifest."""
-    return "not run" if not record else ("done" if record.get("complete") else "ran out of time")
+    if not record:
+        return "not run"
+    if record.get("complete"):
+        return "done"
+    kept = record.get("partial", [])
+    return "ran out of time" + (f" ({len(kept)} unfinished stages kept for its next try)" if kept else "")
 
 
 def need_params(params, need: str):
@@ -308,6 +320,7 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
             )
         shutil.copytree(shipped_dir(params.profile) / stage / key, staging / "stages" / stage / key)
         carried.append(entry)
+    partial = carry_partial(params.profile, manifest.get("jobs", {}).get(job.name, {}), staging)
     info = pack_data(Path(params.data.root), staging / PACK_NAME)
     description = {
         "job": job.name,
@@ -317,6 +330,7 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
         "prepared_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": info,
         "carried": [f"{e['stage']}/{e['key']}" for e in carried],
+        "carried_partial": partial,
     }
     reference = training_reference(manifest)
     if job.trains and not job.sets_epochs and reference:
@@ -480,6 +494,8 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None, given_rat
             problem = _install_stage(staging / "stages" / entry["stage"] / entry["key"], final, entry, params)
             if problem:
                 raise QueueError(f"carried stage {entry['stage']}/{entry['key']}: {problem}")
+    for folder in sorted((staging / PARTIAL).glob("*/*")):  # where an earlier try of the job stopped
+        shutil.copytree(folder, artifacts / folder.parent.name / f"{folder.name}.partial", dirs_exist_ok=True)
     record = {**description, "device": device_description(), "budget_s": budget_s, "phases": []}
     log = work / "job.log"
     run_params_path = work / "params.yaml"
@@ -553,6 +569,7 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
             entry = ship_stage(source, dest, run_params, data_root, str(artifacts), commit, False, DROPPED_ARRAYS)
             entries.append({**entry, "job": job.name})  # backbones: made fp16 on the GPU (_round_to_fp16)
     record["stages"] = [f"{e['stage']}/{e['key']}" for e in entries]
+    record["partial"] = pack_partial(artifacts, bundle / PARTIAL)
     io.write_json(bundle / "entries.json", entries)
     (bundle / "logs").mkdir(parents=True, exist_ok=True)
     for log in [work / "job.log", work / "bench.md", *sorted((work / "runs").rglob("*.log"))]:
@@ -566,6 +583,44 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
         raise QueueError(f"{len(parts)} parts of {PART_BYTES >> 20} MiB: more than the {MAX_PARTS} that come back")
     record["archive"] = {"name": archive.name, "sha256": file_fingerprint(archive), "parts": parts}
     io.write_json(out / "job.json", record)
+
+
+# ------------------------------------------------------------------------------- where a stopped job stopped
+def pack_partial(artifacts: Path, dest: Path) -> list[str]:
+    """Copy into ``dest/<stage>/<key>/`` the ``<key>.partial/`` folder of every stage of ``PARTIAL_STAGES``
+    that did not finish; returns their ``<stage>/<key>``."""
+    packed = []
+    for folder in sorted(Path(artifacts).glob("*/*.partial")):
+        stage, key = folder.parent.name, folder.name.removesuffix(".partial")
+        if stage.startswith(PARTIAL_STAGES) and not (folder.parent / key / "params.yaml").is_file():
+            shutil.copytree(folder, Path(dest) / stage / key)
+            packed.append(f"{stage}/{key}")
+    return packed
+
+
+def keep_partial(source: Path, target: Path, entries: list[dict]) -> None:
+    """Install the parts a job brought back (``pack_partial``) into ``target``, replacing older ones, and drop
+    the part of every stage now shipped (``entries``)."""
+    for folder in sorted(Path(source).glob("*/*")):
+        final = target / folder.parent.name / folder.name
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(folder, final)
+    for entry in entries:
+        shutil.rmtree(target / entry["stage"] / entry["key"], ignore_errors=True)
+    for folder in sorted(target.glob("*"), reverse=True) + [target]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def carry_partial(profile: str, record: dict, staging: Path) -> list[str]:
+    """Copy the parts the job's last try brought back (its record's ``partial``) into ``staging``."""
+    carried = []
+    for stage_key in record.get("partial", []):
+        source = shipped_dir(profile) / PARTIAL / stage_key
+        if source.is_dir():
+            shutil.copytree(source, staging / PARTIAL / stage_key)
+            carried.append(stage_key)
+    return carried
 
 
 def _bench(params, dest: Path) -> bool:
@@ -609,6 +664,7 @@ def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) 
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(source, staged)
             io.replace_dir(staged, final)
+        keep_partial(results / PARTIAL, target / PARTIAL, entries)
         logs = target / "logs" / record["job"]
         if (results / "logs").is_dir():
             shutil.rmtree(logs, ignore_errors=True)
@@ -802,6 +858,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"job {description['job']}: {description['about']}")
             carried = ", ".join(description["carried"]) or "nothing"
             print(f"carried: {carried}; data pack {description['data']['packed_bytes'] / 2**20:.1f} MiB")
+            if description["carried_partial"]:
+                print(f"resumed where its last try stopped: {', '.join(description['carried_partial'])}")
             print(
                 "out of git's index until `python -m helpers.runners.gpu install` (or restore): "
                 f"{', '.join(folders) or 'none'}"
@@ -812,7 +870,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise QueueError("the tree that travels is over 64 MiB: it would be refused")
         elif args.action == "run":
             record = run(Path(args.out), budget_s=args.budget, rate=args.rate)
-            print(json.dumps({k: record[k] for k in ("job", "complete", "seconds", "stages")}, indent=1))
+            print(json.dumps({k: record[k] for k in ("job", "complete", "seconds", "stages", "partial")}, indent=1))
         elif args.action == "warmup":
             print(json.dumps({"images_per_s": warmup_rate(Path(args.params), args.steps, args.threads)}))
         elif args.action == "install":
