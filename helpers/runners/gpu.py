@@ -10,7 +10,7 @@ A lent GPU comes by chance, for 15 minutes in all, one command of at most 10 min
 
 ``prepare`` picks the first job of ``JOBS`` not yet done (the shipped ``MANIFEST.json`` records each job),
 packs CIFAR-10 (its 60,000 JPEG files share a 623-byte header: zlib takes 55 MB to 20 MB, and the files come
-back byte for byte, so the data manifest and every cache key are the same there), copies in the earlier
+back byte for byte, so the data manifest and every cache key are the same there), packs in the earlier
 jobs' results the job reads (``Job.needs``), and takes the shipped checkpoints out of git's index for the
 call (they would not fit in 64 MiB; ``install`` or ``restore`` puts them back). ``run`` unpacks, installs
 the carried results into the cache; the first job times a warm-up of as many SSL trainings at once as it
@@ -149,6 +149,7 @@ class QueueError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- data
 PACK_NAME = "cifar10.pack"
+CARRIED_ARCHIVE = "stages.tar.gz"  # the shipped stages a job reads, gzipped (a search's scores are mostly zeros)
 
 
 def pack_data(root: Path, dest: Path) -> dict:
@@ -336,6 +337,9 @@ def prepare(params_path: Path = PARAMS, staging: Path = STAGING, job_name: str |
     if job.trains and not job.sets_epochs and reference:
         description["training_reference"] = reference
     io.write_json(staging / "stages" / "entries.json", carried)
+    with tarfile.open(staging / CARRIED_ARCHIVE, "w:gz", compresslevel=6) as tar:  # searches: mostly zeros
+        tar.add(staging / "stages", arcname="stages")
+    shutil.rmtree(staging / "stages")
     io.write_json(staging / "job.json", description)
     return description
 
@@ -488,10 +492,13 @@ def _run(out: Path, staging: Path, budget_s: float, work: Path | None, given_rat
     os.environ.update({k: env[k] for k in ("PATCHSEARCH_DATA_ROOT", "PATCHSEARCH_ARTIFACTS", "PATCHSEARCH_FIGURES")})
     params_path = paths.REPO_ROOT / description["params"]
     params = with_resolved_root(load(params_path))
-    for entry in json.loads((staging / "stages" / "entries.json").read_text()):
+    with tarfile.open(staging / CARRIED_ARCHIVE) as tar:
+        tar.extractall(work / "carried", filter="data")
+    carried = work / "carried" / "stages"
+    for entry in json.loads((carried / "entries.json").read_text()):
         final = artifacts / entry["stage"] / entry["key"]
         if not (final / "params.yaml").is_file():
-            problem = _install_stage(staging / "stages" / entry["stage"] / entry["key"], final, entry, params)
+            problem = _install_stage(carried / entry["stage"] / entry["key"], final, entry, params)
             if problem:
                 raise QueueError(f"carried stage {entry['stage']}/{entry['key']}: {problem}")
     for folder in sorted((staging / PARTIAL).glob("*/*")):  # where an earlier try of the job stopped
