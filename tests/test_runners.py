@@ -126,3 +126,18 @@ def test_the_gpu_profile_runs_only_what_the_queue_has_shipped():
     assert 'ONLY="01 02"' in gpu_refusal(j2, ["01", "03"])
     assert gpu_refusal(j2, ["01", "02"]) is None and gpu_refusal(j2, ["02"]) is None
     assert gpu_refusal(j3, None) is None and gpu_refusal(None, None) is None
+
+
+def test_a_kept_rows_commit_is_read_from_either_form_of_the_record(monkeypatch, tmp_path):
+    monkeypatch.setattr(generality.paths, "published_dir", lambda profile: tmp_path)
+    record = tmp_path / "07_generality_RECORD.md"
+    record.write_text(
+        "- published at commit `abc1` by `python -m helpers.studies.generality --publish p --run a-1 --run b`\n"
+    )
+    assert generality.row_commits("p", "generality") == {"a-1": "abc1", "b": "abc1"}
+    record.write_text(
+        "- published at commit `ccc3` by `... --run b --keep`\n- `a-1`: computed at commit `abc1`\n"
+        "- `b`: computed at commit `ccc3`\n"
+    )
+    assert generality.row_commits("p", "generality") == {"a-1": "abc1", "b": "ccc3"}
+    assert generality.row_commits("p", "other") == {}

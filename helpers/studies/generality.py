@@ -2,6 +2,7 @@
 
     python -m helpers.studies.generality --run NAME [--run NAME ...] [--retrain]   # compute (cached stages)
     python -m helpers.studies.generality --publish cifar10 [--run NAME ...]         # one table in figures/cifar10/
+    python -m helpers.studies.generality --publish cifar10 --run NAME --keep        # its row added or replaced
     python -m helpers.studies.generality --list
 
 Every configuration is the base profile (``--base``, default ``params/cifar10.yaml``) with the attack
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -265,14 +267,45 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
     return out
 
 
-def publish(profile: str, names: list[str], base: Path, table_name: str = "generality") -> pd.DataFrame:
+def row_commits(profile: str, table_name: str) -> dict[str, str]:
+    """The commit each published row of the table was computed at, from its record (``publish``)."""
+    record = paths.published_dir(profile) / f"07_{table_name}_RECORD.md"
+    if not record.is_file():
+        return {}
+    text = record.read_text()
+    rows = dict(re.findall(r"^- `([\w-]+)`: computed at commit `([0-9a-f]+)`", text, flags=re.M))
+    if not rows:  # a record written before rows were kept: one commit for the rows its command names
+        commit = re.search(r"published at commit `([0-9a-f]+)`", text)
+        rows = dict.fromkeys(re.findall(r"--run ([\w-]+)", text), commit.group(1)) if commit else {}
+    return rows
+
+
+def publish(
+    profile: str, names: list[str], base: Path, table_name: str = "generality", keep: bool = False
+) -> pd.DataFrame:
+    """Write the table of ``names`` (every stage cached) into ``figures/<profile>/``. ``keep``: also keep the
+    published rows of the other configurations as they are (each with the commit it was computed at, in
+    the record), for a checkout whose cache holds only the configurations just run."""
     from ..plotting import save_table
+    from ..runners.reproduce import git_commit
     from ..search import WINDOW_RULES
 
     table = pd.DataFrame([config_row(name, base) for name in names]).round(1)
+    sweep = pd.DataFrame([row for name in names for row in window_sweep_rows(name, base)]).round(3)
+    commits = dict.fromkeys(names, git_commit())
+    if keep:
+        folder = paths.published_dir(profile)
+        old_table, old_sweep = (pd.read_csv(folder / f"07_{table_name}{end}.csv") for end in ("", "_window_sweep"))
+        kept = [name for name in old_table["configuration"] if name not in names]
+        commits = {name: commit for name, commit in row_commits(profile, table_name).items() if name in kept}
+        if missing := [name for name in kept if name not in commits]:
+            raise ValueError(f"07_{table_name}_RECORD.md: no commit for the published rows {missing}")
+        commits |= dict.fromkeys(names, git_commit())
+        table = pd.concat([old_table[old_table["configuration"].isin(kept)], table], ignore_index=True)
+        sweep = pd.concat([old_sweep[old_sweep["configuration"].isin(kept)], sweep], ignore_index=True)
+        names = kept + names
     save_table(table, profile, "07", table_name, published=True)
-    sweep = pd.DataFrame([row for name in names for row in window_sweep_rows(name, base)])
-    save_table(sweep.round(3), profile, "07", f"{table_name}_window_sweep", published=True)
+    save_table(sweep, profile, "07", f"{table_name}_window_sweep", published=True)
     picks = []
     for (name, label), t in sweep.groupby(["configuration", "method"], sort=False):
         best = t["top-20 (%)"].max()
@@ -295,15 +328,16 @@ def publish(profile: str, names: list[str], base: Path, table_name: str = "gener
     for name in names:  # the params of every configuration, beside the table
         target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
         io.write_text(target, params_mod.dump(config_params(base, name)))  # the params the row was read with
-    from ..runners.reproduce import git_commit
-
+    computed = [name for name in names if commits[name] == git_commit()]
     record = [
         "# Generality tables: record",
         "",
         f"- published at commit `{git_commit()}` by `python -m helpers.studies.generality --publish {profile}"
         + (f" --table {table_name}" if table_name != "generality" else "")
-        + "".join(f" --run {name}" for name in names)
+        + "".join(f" --run {name}" for name in computed)
+        + (" --keep" if keep else "")
         + "`",
+        *(f"- `{name}`: computed at commit `{commits[name]}`" for name in names),
         "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
         "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
     ]
@@ -320,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--publish", metavar="PROFILE", help="write the table to figures/PROFILE/")
+    parser.add_argument("--keep", action="store_true", help="publish: keep the other published rows as they are")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-clean-defense", action="store_true", help="skip the defense on the clean set")
@@ -330,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {overrides or 'the profile'}")
         return
     if args.publish:
-        print(publish(args.publish, names, Path(args.base), args.table).to_string())
+        print(publish(args.publish, names, Path(args.base), args.table, args.keep).to_string())
         return
     run(names, Path(args.base), args.retrain, args.workers, args.threads, args.methods, not args.no_clean_defense)
 
