@@ -65,3 +65,19 @@ def test_bf16_features_and_cluster_assignments_agree_with_fp32():
     targets = logits["fp32"].argmax(1)
     maps = {p: grad_cam(m, x, targets) for p, m in models.items()}
     assert maps["bf16"].dtype == torch.float32 and (maps["fp32"] - maps["bf16"]).abs().mean() < 0.05
+
+
+def test_onednn_is_capped_below_amx_unless_the_caller_chose():
+    """bf16 through AMX rounds unlike the CPU the shipped results were made on (helpers/__init__.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import helpers, os; print(os.environ['ONEDNN_MAX_CPU_ISA'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "AVX512_CORE_BF16"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "AVX2"
