@@ -82,6 +82,21 @@ def cached_stage(stage: str, params: Params, compute: Callable[[Path, Path], Non
         return found or _compute(stage, key, material, params, final, compute)
 
 
+def partial_dir(final: Path) -> Path:
+    """Where a resumable stage keeps its finished parts: ``<stage>/<key>.partial/`` beside its result."""
+    return final.with_suffix(".partial")
+
+
+def resumable_stage(stage: str, params: Params, compute: Callable[[Path, Path, Path], None]) -> StageResult:
+    """``cached_stage`` for a stage that keeps its finished parts as it goes (an SSL training's checkpoints,
+    each window side of a search, each member of a classifier ensemble): ``compute(tmp_dir, final_dir, work)``
+    writes them in ``work`` (``partial_dir``), which outlives a stopped run, so the next one resumes there
+    (``helpers.runners.gpu`` carries it to a GPU job's next try). It is removed once the stage is complete."""
+    result = cached_stage(stage, params, lambda out, final: compute(out, final, partial_dir(final)))
+    shutil.rmtree(partial_dir(result.path), ignore_errors=True)
+    return result
+
+
 @contextlib.contextmanager
 def stage_lock(final: Path):
     """An exclusive lock on one stage result (``artifacts/.locks/<stage>-<key>``, held by ``flock``, so a

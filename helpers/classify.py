@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .augment import AugmentConfig, BatchAugment
-from .cache import cached_stage, stage_dir
+from .cache import resumable_stage
 from .cluster import check_variant, cluster_stage, defense_ids, training_set
 from .compute import autocast, check_finite, device_for_run, fp32_region
 from .data import write_file_list
@@ -254,9 +253,8 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
     check_variant(variant)
     c = params.classifier
     search_dir = search_stage(params, variant, progress)
-    work = stage_dir(params, f"classifier_{variant}").with_suffix(".partial")
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         start = time.perf_counter()
         found = load_search(search_dir)
         pixels, images = training_set(params, variant, progress)
@@ -321,9 +319,7 @@ def classifier_stage(params: Params, variant: str = "poisoned", progress: bool =
             },
         )
 
-    path = cached_stage(f"classifier_{variant}", params, compute).path
-    shutil.rmtree(work, ignore_errors=True)
-    return path
+    return resumable_stage(f"classifier_{variant}", params, compute).path
 
 
 def filtered_model_stage(params: Params, icutmix: bool | None = None, progress: bool = True) -> Path:

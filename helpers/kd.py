@@ -15,7 +15,6 @@ linear probe reads. The student trains with the SSL profile's optimiser, schedul
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import cached_stage, stage_dir
+from .cache import resumable_stage
 from .compute import fp32_region
 from .data import load_data
 from .models import backbone_for
@@ -98,9 +97,8 @@ def kd_stage(params: Params, progress: bool = True) -> Path:
     params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=False))
     teacher_dir = train_stage(params, "poisoned", progress=progress)
     k, c = params.kd, params.compute
-    work = stage_dir(params, "kd_student").with_suffix(".partial")
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
         data = load_data(params, progress=progress)
@@ -118,6 +116,4 @@ def kd_stage(params: Params, progress: bool = True) -> Path:
         write_model(out, model.backbone, history, c.ssl_precision)
         np.save(out / "trusted.npy", trusted)
 
-    result = cached_stage("kd_student", params, compute)
-    shutil.rmtree(work, ignore_errors=True)
-    return result.path
+    return resumable_stage("kd_student", params, compute).path

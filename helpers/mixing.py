@@ -19,7 +19,6 @@ trigger and how often it pastes a trigger into another image (ground truth: for 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch import nn
 
 from .attack import poisoned_train_pixels, run_attack
 from .augment import BatchAugment
-from .cache import cached_stage, stage_dir
+from .cache import resumable_stage
 from .data import load_data
 from .params import Params, SSLParams
 from .ssl import augment_config, build_model, cutmix_box, train_ssl, write_model
@@ -97,10 +96,9 @@ def mix_stage(params: Params, progress: bool = True) -> Path:
     """The cached ``ssl_mix`` stage: MoCo-v2 trained on the poisoned set with ``params.mix``'s box and loss
     (``backbone.safetensors``, ``history.json`` / ``.csv``, as ``ssl_*`` stages). Resumable."""
     params = with_mix(params, params.mix.fill, params.mix.loss)
-    work = stage_dir(params, "ssl_mix").with_suffix(".partial")
     c = params.compute
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
         data = load_data(params, progress=progress)
@@ -110,9 +108,7 @@ def mix_stage(params: Params, progress: bool = True) -> Path:
         _, history = train_ssl(pixels, params.ssl, work, progress, precision=c.ssl_precision, model=model, desc=desc)
         write_model(out, model.backbone, history, c.ssl_precision)
 
-    result = cached_stage("ssl_mix", params, compute)
-    shutil.rmtree(work, ignore_errors=True)
-    return result.path
+    return resumable_stage("ssl_mix", params, compute).path
 
 
 def trigger_masks(n: int, boxes: np.ndarray, idx: np.ndarray, size: int) -> torch.Tensor:

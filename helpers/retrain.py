@@ -7,13 +7,12 @@ there is none.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache import cached_stage, stage_dir
+from .cache import resumable_stage
 from .classify import classifier_stage
 from .data import load_data
 from .params import Params
@@ -33,10 +32,9 @@ def retrain_clean_stage(params: Params, progress: bool = True) -> Path:
     what the defense removed (``backbone.safetensors``, ``kept.npy``, the history). Resumable."""
     params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=False))
     kept = clean_kept(params, progress)
-    work = stage_dir(params, "ssl_clean_filtered").with_suffix(".partial")
     c = params.compute
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
         pixels = load_data(params, progress=progress).train.tensor()[torch.as_tensor(kept)]
@@ -44,6 +42,4 @@ def retrain_clean_stage(params: Params, progress: bool = True) -> Path:
         write_model(out, model.backbone, history, c.ssl_precision)
         np.save(out / "kept.npy", kept)
 
-    result = cached_stage("ssl_clean_filtered", params, compute)
-    shutil.rmtree(work, ignore_errors=True)
-    return result.path
+    return resumable_stage("ssl_clean_filtered", params, compute).path

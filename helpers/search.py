@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import io
-from .cache import cached_stage, stage_dir
+from .cache import resumable_stage
 from .cluster import check_variant, cluster_stage, defense_ids, training_set
 from .compute import device_for_run
 from .data import ImageList
@@ -616,9 +615,8 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
     (``SweepCheckpoint``)."""
     check_variant(variant)
     q = params.search
-    work = stage_dir(params, f"search_{variant}").with_suffix(".partial")
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         start = time.perf_counter()
         ctx = defense_context(params, variant, progress)
         windows = sorted(set(q.window_sweep) | ({q.window_px} if q.window_px else set()))
@@ -701,9 +699,7 @@ def search_stage(params: Params, variant: str = "poisoned", progress: bool = Tru
         }
         io.write_json(out / "summary.json", summary)
 
-    path = cached_stage(f"search_{variant}", params, compute).path
-    shutil.rmtree(work, ignore_errors=True)
-    return path
+    return resumable_stage(f"search_{variant}", params, compute).path
 
 
 def load_search(path: Path) -> dict:

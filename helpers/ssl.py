@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 from . import io
 from .attack import poisoned_train_pixels, run_attack
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, BatchAugment
-from .cache import cached_stage, stage_dir
+from .cache import partial_dir, resumable_stage, stage_dir
 from .compute import autocast, check_finite, device_for_run, fp32_region, resolve_precision
 from .data import load_data
 from .models import backbone_for
@@ -491,7 +490,6 @@ def train_stage(
     if icutmix is not None:
         params = dataclasses.replace(params, ssl=dataclasses.replace(params.ssl, icutmix=icutmix))
     stage = f"ssl_{variant}"
-    work = stage_dir(params, stage).with_suffix(".partial")
     rank, _ = dist_info()
 
     def training_pixels() -> torch.Tensor:
@@ -508,10 +506,11 @@ def train_stage(
     c = params.compute
     if rank > 0:  # other DDP ranks train alongside rank 0, which alone writes the stage folder
         if not (stage_dir(params, stage) / "params.yaml").is_file():
+            work = partial_dir(stage_dir(params, stage))
             train_ssl(training_pixels(), params.ssl, work, progress=False, precision=c.ssl_precision, compile=c.compile)
         return stage_dir(params, stage)
 
-    def compute(out: Path, final: Path) -> None:
+    def compute(out: Path, final: Path, work: Path) -> None:
         if c.threads:
             torch.set_num_threads(c.threads)
         model, history = train_ssl(
@@ -525,9 +524,7 @@ def train_stage(
         )
         write_model(out, model.backbone, history, c.ssl_precision)
 
-    result = cached_stage(stage, params, compute)
-    shutil.rmtree(work, ignore_errors=True)
-    return result.path
+    return resumable_stage(stage, params, compute).path
 
 
 def write_model(out: Path, backbone: torch.nn.Module, history: list[dict], precision: str) -> None:

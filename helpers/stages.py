@@ -61,7 +61,7 @@ STAGES: tuple[Stage, ...] = (
         for variant in ("poisoned", "clean")
         for stage in (
             Stage(f"cluster_{variant}", ("cluster",), (f"ssl_{variant}",), DEFENSE_CODE, "cluster.cluster_stage",
-                  shipped=False, smoke_task=f"defense_patchsearch_{variant}", retired=DEFENSE),
+                  smoke_task=f"defense_patchsearch_{variant}", retired=DEFENSE),
             Stage(f"search_{variant}", ("search",), (f"cluster_{variant}",), DEFENSE_CODE, "search.search_stage",
                   smoke_task=f"defense_{'poisoncam' if variant == 'poisoned' else 'patchsearch'}_{variant}"),
             Stage(f"classifier_{variant}", ("classifier",), (f"search_{variant}",), DEFENSE_CODE,

@@ -40,6 +40,28 @@ def test_failed_compute_leaves_nothing_behind(tiny_params):
     assert cache.cached_stage("data", tiny_params, lambda out, final: None).hit is False
 
 
+def test_a_resumable_stage_keeps_its_parts_when_stopped_and_drops_them_once_complete(tiny_params):
+    """``resumable_stage``: what a stopped run finished stays in ``<key>.partial/``, the next run starts from
+    it, and the folder goes once the stage is in place."""
+    seen = []
+
+    def compute(out, final, work):
+        seen.append(sorted(p.name for p in work.glob("*")) if work.is_dir() else [])
+        work.mkdir(exist_ok=True)
+        if not (work / "part_0").exists():
+            (work / "part_0").write_text("done")
+            raise KeyboardInterrupt  # stopped after its first part
+        (out / "result.txt").write_text((work / "part_0").read_text())
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.resumable_stage("data", tiny_params, compute)
+    work = cache.partial_dir(cache.stage_dir(tiny_params, "data"))
+    assert work.name.endswith(".partial") and (work / "part_0").read_text() == "done"
+    result = cache.resumable_stage("data", tiny_params, compute)
+    assert seen == [[], ["part_0"]] and (result.path / "result.txt").read_text() == "done"
+    assert not work.exists() and cache.resumable_stage("data", tiny_params, compute).hit and len(seen) == 2
+
+
 def test_incomplete_folder_from_a_crash_is_recomputed(tiny_params):
     stale = cache.stage_dir(tiny_params, "data")
     stale.mkdir(parents=True)

@@ -146,7 +146,7 @@ def test_sigterm_stops_every_worker_and_a_rerun_finishes(tiny_params, tmp_path):
     for line in run.stderr:
         if "started ssl_clean" in line:
             break
-    partial = cache.stage_dir(p, "ssl_clean").with_suffix(".partial")
+    partial = cache.partial_dir(cache.stage_dir(p, "ssl_clean"))
     deadline = time.time() + 60
     while not (partial / "last.pt").exists() and time.time() < deadline:  # training, epochs checkpointed
         time.sleep(0.2)

@@ -73,7 +73,7 @@ def test_a_stopped_search_resumes_after_its_last_side_with_the_same_result(small
     calls = stop_on_call(monkeypatch, search, "iterative_search", 3)  # stopped in the third side's search
     with pytest.raises(Stop):
         search.search_stage(p, progress=False)
-    work = cache.stage_dir(p, "search_poisoned").with_suffix(".partial")
+    work = cache.partial_dir(cache.stage_dir(p, "search_poisoned"))
     assert not cache.stage_dir(p, "search_poisoned").exists()
     assert sorted(f.name for f in work.glob("window_*.npz")) == ["window_3.npz", "window_5.npz"]
     calls.clear()
@@ -105,7 +105,7 @@ def test_a_stopped_classifier_ensemble_resumes_with_the_same_members(small, tmp_
     calls = stop_on_call(monkeypatch, classify, "train_classifier", 2)
     with pytest.raises(Stop):
         classify.classifier_stage(small, progress=False)
-    work = cache.stage_dir(small, "classifier_poisoned").with_suffix(".partial")
+    work = cache.partial_dir(cache.stage_dir(small, "classifier_poisoned"))
     assert [f.name for f in work.iterdir()] == ["member_0.npz"]
     monkeypatch.setattr(classify, "train_classifier", real)
     calls = stop_on_call(monkeypatch, classify, "train_classifier", 0)  # counted, never stopped

@@ -15,9 +15,14 @@
                             - absolute paths in text files (file lists, scores, params) are written as
                               ``@DATA_ROOT@`` and ``@ARTIFACTS@`` and restored for this machine on install.
 
-Only what the notebooks need to skip training is shipped: the SSL models, the searches, the poison
-classifiers, the evaluations, the potency scores and notebook 08's finetunings (``SHIPPED_STAGES``). The
-data, the attack and the clustering are recomputed on the spot in seconds.
+Only what the notebooks need to skip training is shipped: the SSL models, the clusterings the searches were
+made on, the searches, the poison classifiers, the evaluations, the potency scores and notebook 08's
+finetunings (``SHIPPED_STAGES``). The data and the attack are recomputed on the spot in seconds. The
+clustering is cheap too, but recomputed it would be the shipped one only where the features are bit-equal,
+and bf16 features are not across CPUs (oneDNN's AMX kernels round otherwise, ``helpers/__init__.py``) nor
+between a CPU and a GPU: a notebook replaying a shipped search on another clustering would score other
+images. Its features are left out (``DROPPED_ARRAYS``: 10,000 x 256 floats a clustering; notebook 03
+extracts them itself).
 
 **Install** (``install``, which ``make reproduce`` and every notebook's ``setup`` call): for each shipped
 stage, the key is recomputed from *your* params, code and data. If it equals the shipped key, every file's
@@ -66,6 +71,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 SHIPPED_STAGES = frozenset(s.name for s in stages.STAGES if s.shipped)  # helpers.stages says which
 LEFT_OUT = frozenset({"features.npz"})  # evaluation features: 29 MB each, read by nothing
+DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # a clustering's features: notebook 03 extracts them itself
 HALF_PRECISION = frozenset({"backbone.safetensors"})  # except for the EXACT_MODELS
 EXACT_MODELS = ("ssl_clean", "ssl_poisoned")  # with the profile's own params (no variant): run live by 02-05
 TEXT_SUFFIXES = frozenset({".txt", ".csv", ".yaml", ".json"})
@@ -462,6 +468,7 @@ def ship(record_path: Path, out_dir: Path | None = None, half: bool = True) -> d
                     artifacts,
                     record["commit"],
                     half,
+                    DROPPED_ARRAYS,
                     previous=out_dir / stage / key,
                 )
             )

@@ -46,7 +46,7 @@ from pathlib import Path
 from .. import io, paths
 from ..cache import stages_used
 from ..fingerprint import file_fingerprint
-from .checkpoints import SHIPPED_STAGES, ship_stage
+from .checkpoints import DROPPED_ARRAYS, SHIPPED_STAGES, ship_stage
 
 PARAMS = paths.PARAMS_DIR / "cifar10-gpu.yaml"
 STAGING = paths.REPO_ROOT / ".gpu"
@@ -54,8 +54,6 @@ PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 MAX_PARTS = 7  # and at most 8 files: the parts and job.json
 BUDGET_S = 580  # one command may run 600 s (the machine's start and the copies are not counted in it)
 PACK_RESERVE_S = 20  # kept for writing the results after the last task (J1: unpacking, installing, packing 4 s)
-SHIPPED = SHIPPED_STAGES | {"cluster_poisoned", "cluster_clean"}  # and the clustering the shipped searches were made on
-DROPPED_ARRAYS = {"clustering.npz": ("features",)}  # 50,000 x 512 floats; notebook 03 extracts them itself
 # Stages that keep what they finished in ``<key>.partial/`` beside the stage (``search.SweepCheckpoint``: each
 # window side; ``classify.classifier_stage``: each member), a few MiB: a job stopped at its deadline brings
 # them back and its next try resumes there. (A training's checkpoints would not come back: a job that trains
@@ -571,7 +569,7 @@ def _write_results(out: Path, work: Path, artifacts: Path, run_params, data_root
     entries = []
     for stage_key in stages_used(work / "stages.log", computed_only=True):
         source = artifacts / stage_key
-        if stage_key.split("/")[0] in SHIPPED and (source / "params.yaml").is_file():
+        if stage_key.split("/")[0] in SHIPPED_STAGES and (source / "params.yaml").is_file():
             dest = bundle / "stages" / stage_key
             entry = ship_stage(source, dest, run_params, data_root, str(artifacts), commit, False, DROPPED_ARRAYS)
             entries.append({**entry, "job": job.name})  # backbones: made fp16 on the GPU (_round_to_fp16)
