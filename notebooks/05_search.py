@@ -352,6 +352,7 @@ for m, f in found.items():
             "scored images": int(f["scored"].sum()),
             "poisons among scored": int(poison[f["scored"]].sum()),
             "top-20 acc": search.top_k_accuracy(ranking, poison, 20),
+            "top-20 acc, ties at random": search.tie_fair_top_k_accuracy(f["scores"], f["scored"], poison, 20),
             "top-100 acc": search.top_k_accuracy(ranking, poison, 100),
             "heatmaps": f["summary"]["heatmaps"],
             "seconds": round(f["summary"]["seconds"], 1),
@@ -360,10 +361,44 @@ for m, f in found.items():
 summary = pd.DataFrame(rows)
 plotting.save_table(summary, P.profile, NB, "search_summary")
 notebook.show_table(
-    summary.assign(**{c: 100 * summary[c] for c in ("top-20 acc", "top-100 acc")}).rename(
-        columns={"top-20 acc": "top-20 acc (%)", "top-100 acc": "top-100 acc (%)"}
+    summary.assign(**{c: 100 * summary[c] for c in ("top-20 acc", "top-20 acc, ties at random", "top-100 acc")}).rename(
+        columns={c: f"{c} (%)" for c in ("top-20 acc", "top-20 acc, ties at random", "top-100 acc")}
     )
 )
+
+# %% [markdown]
+# ## Ties, and the order of the files
+# Poison scores are small counts of flip images, so many candidates tie. The ranking breaks ties in the order of
+# `cluster.order`'s ids: `file` is the index in the file list, which is sorted by class, so the first classes
+# win every tie for the top-k and the last ones every tie for the proxy negatives; `content` is a seeded hash
+# of each image's pixels, which no order of the files can move. "Ties at random" above is the top-20 accuracy
+# expected when the ties at the 20th place are broken at random: what the search found, whatever the order.
+# `python -m helpers.studies.order` runs the whole defense again with the other order on the same model
+# (`figures/<profile>/05_search_order.md`; shown here when it exists).
+
+# %% tags=["hide-input"]
+order_path = notebook.figure_path(P.profile, "05_search_order.csv")
+if order_path.is_file():
+    by_order = pd.read_csv(order_path)
+    notebook.show_markdown(
+        f"This profile breaks ties by `cluster.order: {P.cluster.order}`. "
+        + " ".join(
+            f"{METHODS[m]}: "
+            + "; ".join(
+                f"with `{r['order']}` order w = {r['w']} px, top-20 {r['top-20 (%)']:.0f}% "
+                f"({r['top-20, ties at random (%)']:.0f}% with the ties at random), "
+                f"{r['poisons among the proxy negatives']} poisons among the 20 proxy negatives "
+                f"(from {r['classes of the proxy negatives']} classes), recall {r['recall (%)']:.1f}% with "
+                f"{r['clean removed (%)']:.1f}% of the clean images removed"
+                for _, r in t.iterrows()
+            )
+            + "."
+            for m, t in by_order.groupby("method", sort=False)
+        )
+    )
+    notebook.show_table(by_order)
+else:
+    print(f"no order study for profile {P.profile} yet: python -m helpers.studies.order --run --publish {P.profile}")
 
 # %% [markdown]
 # ## Poison scores of scored images

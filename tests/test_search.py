@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import search
 from helpers.cluster import flip_set
 from helpers.localize import ClusterClassifier, best_windows, cut_patches
 from helpers.models import Normaliser, ResNet
@@ -203,6 +204,25 @@ def test_rsd_and_top_k():
     mask = np.array([True, False, True, True])
     assert top_k_accuracy(np.array([0, 2, 1, 3]), mask, k=2) == 1.0
     assert top_k_accuracy(np.array([1, 0, 2, 3]), mask, k=2) == 0.5
+
+
+def test_tie_fair_top_k_is_the_mean_over_every_order_of_the_ties():
+    scores = np.array([3, 2, 2, 2, 0, 0, 5])
+    scored = np.array([1, 1, 1, 1, 1, 0, 1], bool)
+    poison = np.array([1, 1, 0, 0, 0, 1, 1], bool)
+    # k = 3: 5 and 3 ahead (both poisons), one place among the three tied at 2 (one poison): (2 + 1/3) / 3
+    assert search.tie_fair_top_k_accuracy(scores, scored, poison, 3) == pytest.approx(7 / 9)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 4, 5, 6, 7):  # against ranking.ranking() over many random tie orders
+        draws = [
+            search.top_k_accuracy(search.SearchResult(scores, scored, ids=rng.permutation(7)).ranking(), poison, k)
+            for _ in range(400)
+        ]
+        expected = search.tie_fair_top_k_accuracy(scores, scored, poison, k)
+        assert abs(np.mean(draws) - expected) < 0.04, k
+    # the scored image at 0 ranks ahead of the unscored one at 0: no tie between them
+    assert search.tie_fair_top_k_accuracy(scores, scored, poison, 6) == pytest.approx(3 / 6)
+    assert search.tie_fair_top_k_accuracy(scores, scored, ~poison, 2) == 0.0  # no tie at the 2nd place
 
 
 def test_window_rules():

@@ -1,0 +1,127 @@
+"""How much do a profile's detection numbers owe to the order of its files? (issue 22, item 2)
+
+    python -m helpers.studies.order --params P.yaml --run          # the defense again, cluster.order: content
+    python -m helpers.studies.order --params P.yaml --publish PROFILE
+
+The defense draws images and breaks ties in the order of ``cluster.order``'s ids. ``file`` is the index in the
+file list, which is sorted by class: the first classes win every tie for the top-k and the last ones every
+tie for the proxy negatives (the bottom of the scored images). ``content`` is a seeded hash of each image's
+pixels, the same whatever the order of the files (``tests/test_order.py``). A profile that ran with one
+order is run with the other on the same SSL model (clustering, both searches, both classifiers), and the
+table sets them side by side, per method: the window picked, top-20 accuracy as ranked and with the ties at
+the 20th place broken at random (``search.tie_fair_top_k_accuracy``, which no order can move), the images
+tied there, the poisons among the proxy negatives, and the classifier's removals under both ensemble rules.
+The ground truth is used for evaluation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import io, paths
+from .. import params as params_mod
+
+ORDERS = ("file", "content")
+METHODS = ("patchsearch", "poisoncam")
+
+
+def with_order(params: params_mod.Params, order: str) -> params_mod.Params:
+    return dataclasses.replace(params, cluster=dataclasses.replace(params.cluster, order=order))
+
+
+def run(params: params_mod.Params, methods: list[str]) -> None:
+    from ..classify import classifier_stage
+    from ..search import with_method
+
+    for order in ORDERS:
+        for method in methods:
+            print(f"== {order} / {method}", flush=True)
+            classifier_stage(with_method(with_order(params, order), method), "poisoned")
+
+
+def rows(params: params_mod.Params, methods: list[str], k: int = 20) -> tuple[pd.DataFrame, list[str]]:
+    """The table, and the ``stage/key`` of every classifier it reads (a row per order and method run)."""
+    from ..attack import run_attack
+    from ..cache import MARKER, stage_dir
+    from ..classify import ensemble_removed, proxy_validation
+    from ..data import load_data
+    from ..search import load_search, tie_fair_top_k_accuracy, top_k_accuracy, with_method
+
+    data = load_data(params, progress=False)
+    labels = np.asarray(data.train.labels)
+    poison = run_attack(params, data, progress=False).poison_mask(len(labels))
+    out, used = [], []
+    for method in methods:
+        for order in ORDERS:
+            p = with_method(with_order(params, order), method)
+            search_dir, clf_dir = stage_dir(p, "search_poisoned"), stage_dir(p, "classifier_poisoned")
+            if not ((search_dir / MARKER).is_file() and (clf_dir / MARKER).is_file()):
+                continue
+            used += [f"search_poisoned/{search_dir.name}", f"classifier_poisoned/{clf_dir.name}"]
+            found = load_search(search_dir)
+            ranking, scores, scored = found["ranking"], found["scores"], found["scored"]
+            kth = ranking[k - 1]
+            tied = (scores == scores[kth]) & (scored == scored[kth])
+            negatives = proxy_validation(ranking[scored[ranking]], k)[0][k:]
+            logits = np.load(clf_dir / "classifier.npz")["logits"]
+            row = {
+                "method": method,
+                "order": order,
+                "w": found["window"],
+                f"top-{k} (%)": 100 * top_k_accuracy(ranking, poison, k),
+                f"top-{k}, ties at random (%)": 100 * tie_fair_top_k_accuracy(scores, scored, poison, k),
+                f"tied at the {k}th place": int(tied.sum()),
+                "of them poisons": int((tied & poison).sum()),
+                "poisons among the proxy negatives": int(poison[negatives].sum()),
+                "classes of the proxy negatives": int(len(np.unique(labels[negatives]))),
+            }
+            for rule in ("mean", "unanimous"):
+                removed = ensemble_removed(logits, rule)
+                suffix = "" if rule == "mean" else ", unanimous"
+                row[f"recall{suffix} (%)"] = 100 * removed[poison].mean()
+                row[f"clean removed{suffix} (%)"] = 100 * removed[~poison].mean()
+            out.append(row)
+    return pd.DataFrame(out), used
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser.add_argument("--method", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--run", action="store_true", help="compute what is missing (both orders)")
+    parser.add_argument("--publish", metavar="PROFILE", help="write figures/PROFILE/05_search_order.*")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    params = params_mod.with_resolved_root(params_mod.load(Path(args.params)))
+    if args.run:
+        run(params, args.method)
+    table, used = rows(params, args.method)
+    table = table.round(1)
+    if args.publish:
+        from ..plotting import save_table
+        from ..runners.reproduce import git_commit
+
+        save_table(table, args.publish, "05", "search_order", published=True)
+        record = [
+            "# The order of the files: record",
+            "",
+            f"- published at commit `{git_commit()}` by `python -m helpers.studies.order --params {args.params}"
+            f" --publish {args.publish}`; the profile's own order: `cluster.order: {params.cluster.order}`",
+            "- every row is read from cached stages (each `stage.json` holds its params and code fingerprint):",
+            *(f"  - {s}" for s in used),
+        ]
+        io.write_text(paths.published_dir(args.publish) / "05_search_order_RECORD.md", "\n".join(record) + "\n")
+    print(table.to_string())
+
+
+if __name__ == "__main__":
+    main()
