@@ -72,7 +72,8 @@ def test_what_names_stages_is_derived_from_the_registry():
     assert {"loop", "kd"} <= set(fingerprint.STAGE_CODE["eval_kd"]) and "kd" not in fingerprint.STAGE_CODE["eval_mix"]
     assert {"ssl", "train"} <= set(fingerprint.STAGE_CODE["ssl_clean"])  # train.py merged into ssl.py: kept
     assert "defense" in fingerprint.STAGE_CODE["search_clean"] and "defense" not in fingerprint.STAGE_CODE["eval_clean"]
-    assert {"cluster_poisoned", "ssl_poisoned"} <= checkpoints.SHIPPED_STAGES and "data" not in checkpoints.SHIPPED_STAGES
+    assert {"cluster_poisoned", "ssl_poisoned"} <= checkpoints.SHIPPED_STAGES
+    assert "data" not in checkpoints.SHIPPED_STAGES
     assert params.PRETRAINING_STAGES == {"ssl_clean", "ssl_poisoned", "ssl_mix"}
 
 
