@@ -111,10 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         from ..runners.reproduce import git_commit
 
         save_table(table, args.publish, "05", "search_order", published=True)
+        given = Path(args.params).resolve()
+        shown = given.relative_to(paths.REPO_ROOT) if given.is_relative_to(paths.REPO_ROOT) else given
         record = [
             "# The order of the files: record",
             "",
-            f"- published at commit `{git_commit()}` by `python -m helpers.studies.order --params {args.params}"
+            f"- published at commit `{git_commit()}` by `python -m helpers.studies.order --params {shown}"
             f" --publish {args.publish}`; the profile's own order: `cluster.order: {params.cluster.order}`",
             "- every row is read from cached stages (each `stage.json` holds its params and code fingerprint):",
             *(f"  - {s}" for s in used),
