@@ -15,9 +15,10 @@
                             - absolute paths in text files (file lists, scores, params) are written as
                               ``@DATA_ROOT@`` and ``@ARTIFACTS@`` and restored for this machine on install.
 
-Only what the notebooks need to skip training is shipped: the SSL models, the clusterings the searches were
-made on, the searches, the poison classifiers, the evaluations, the potency scores and notebook 08's
-finetunings (``SHIPPED_STAGES``). The data and the attack are recomputed on the spot in seconds. The
+Only what the notebooks need to skip training is shipped: the SSL models, the clustering the notebooks read
+(03 draws it, 05 replays the search on it), the searches, the poison classifiers, the evaluations, the
+potency scores and notebook 08's finetunings (``SHIPPED_STAGES``). The data and the attack are recomputed
+on the spot in seconds. The
 clustering is cheap too, but recomputed it would be the shipped one only where the features are bit-equal,
 and bf16 features are not across CPUs (oneDNN's AMX kernels round otherwise, ``helpers/__init__.py``) nor
 between a CPU and a GPU: a notebook replaying a shipped search on another clustering would score other
