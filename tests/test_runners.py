@@ -141,3 +141,46 @@ def test_a_kept_rows_commit_is_read_from_either_form_of_the_record(monkeypatch, 
     )
     assert generality.row_commits("p", "generality") == {"a-1": "abc1", "b": "ccc3"}
     assert generality.row_commits("p", "other") == {}
+
+
+def test_a_study_record_names_its_commit_and_is_read_back_by_the_generality_table(monkeypatch, tmp_path):
+    from helpers import studies
+    from helpers.runners import reproduce
+
+    monkeypatch.setattr(studies.paths, "published_dir", lambda profile: tmp_path / profile)
+    monkeypatch.setattr(reproduce, "git_commit", lambda: "feed1")
+    command = "python -m helpers.studies.generality --publish p --run b --keep"
+    target = studies.write_record(
+        "p",
+        "07_generality",
+        "Generality tables",
+        command,
+        ["- `a-1`: computed at commit `abc1`", "- `b`: computed at commit `feed1`"],
+    )
+    assert target == tmp_path / "p" / "07_generality_RECORD.md"
+    assert target.read_text().splitlines() == [
+        "# Generality tables: record",
+        "",
+        f"- published at commit `feed1` by `{command}`",
+        "- `a-1`: computed at commit `abc1`",
+        "- `b`: computed at commit `feed1`",
+    ]
+    assert generality.row_commits("p", "generality") == {"a-1": "abc1", "b": "feed1"}
+
+
+def test_a_studys_options_set_the_threads_and_load_the_params(monkeypatch):
+    import torch
+
+    from helpers import studies
+
+    before = torch.get_num_threads()
+    try:
+        parser = studies.parser("doc", threads=1)
+        parser.add_argument("--run", action="store_true")
+        args, params = studies.parse(parser, ["--params", "params/smoke.yaml", "--run"])
+        assert torch.get_num_threads() == 1 and args.run and args.publish is None
+        assert params.profile == "smoke"
+        with pytest.raises(SystemExit):
+            studies.parse(parser, ["--threads", "two"])
+    finally:
+        torch.set_num_threads(before)

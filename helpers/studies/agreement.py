@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import io, paths
 from .. import params as params_mod
+from .. import paths, studies
 
 TOP_K = 20  # the top-k patches compared: the paper's top-20 accuracy looks at the same ones
 MIN_OVERLAP = 0.5  # shifts where the two windows overlap on at least half of their area
@@ -101,7 +101,6 @@ def rows(names: list[str], base: Path, k: int = TOP_K) -> list[dict]:
 
 def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     from ..plotting import save_table
-    from ..runners.reproduce import git_commit
 
     table = pd.DataFrame(rows(names, base))
     general = pd.read_csv(paths.published_dir(profile) / "07_generality.csv")
@@ -109,16 +108,17 @@ def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
     table["backdoor present"] = [planted.get(name, False) for name in table["training set"]]
     table["agreement"] = table["agreement"].round(3)
     save_table(table, profile, "06_poison_classifier", "topk_agreement", published=True)
-    record = [
-        "# Top-k agreement of the cached searches: record",
-        "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.studies.agreement {' '.join(sys.argv[1:])}`",
-        f"- the top {TOP_K} patches of each search; the median over pairs of the best normalised "
-        f"cross-correlation over shifts with at least {MIN_OVERLAP:.0%} overlap",
-        "- exploratory: every configuration here was in view when the measure was first made; no rule is taken from it",
-    ]
-    io.write_text(
-        paths.published_dir(profile) / "06_poison_classifier_topk_agreement_RECORD.md", "\n".join(record) + "\n"
+    studies.write_record(
+        profile,
+        "06_poison_classifier_topk_agreement",
+        "Top-k agreement of the cached searches",
+        f"python -m helpers.studies.agreement {' '.join(sys.argv[1:])}",
+        [
+            f"- the top {TOP_K} patches of each search; the median over pairs of the best normalised "
+            f"cross-correlation over shifts with at least {MIN_OVERLAP:.0%} overlap",
+            "- exploratory: every configuration here was in view when the measure was first made; no rule is taken"
+            " from it",
+        ],
     )
     return table
 

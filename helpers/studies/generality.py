@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import evaluate, io, paths
+from .. import evaluate, io, paths, studies
 from .. import params as params_mod
 from ..classify import ensemble_removed
 
@@ -329,19 +329,20 @@ def publish(
         target = paths.published_dir(profile) / f"07_{table_name}_params_{name}.yaml"
         io.write_text(target, params_mod.dump(config_params(base, name)))  # the params the row was read with
     computed = [name for name in names if commits[name] == git_commit()]
-    record = [
-        "# Generality tables: record",
-        "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.studies.generality --publish {profile}"
+    studies.write_record(
+        profile,
+        f"07_{table_name}",
+        "Generality tables",
+        f"python -m helpers.studies.generality --publish {profile}"
         + (f" --table {table_name}" if table_name != "generality" else "")
         + "".join(f" --run {name}" for name in computed)
-        + (" --keep" if keep else "")
-        + "`",
-        *(f"- `{name}`: computed at commit `{commits[name]}`" for name in names),
-        "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
-        "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
-    ]
-    io.write_text(paths.published_dir(profile) / f"07_{table_name}_RECORD.md", "\n".join(record) + "\n")
+        + (" --keep" if keep else ""),
+        [
+            *(f"- `{name}`: computed at commit `{commits[name]}`" for name in names),
+            "- every number is read from the cached stages of each configuration (`07_generality_params_*.yaml`);",
+            "  each stage's `stage.json` holds its key material (params, code fingerprint) and compute seconds",
+        ],
+    )
     return table
 
 

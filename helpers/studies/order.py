@@ -16,15 +16,13 @@ The ground truth is used for evaluation only.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import io, paths
 from .. import params as params_mod
+from .. import studies
 
 ORDERS = ("file", "content")
 METHODS = ("patchsearch", "poisoncam")
@@ -90,38 +88,29 @@ def rows(params: params_mod.Params, methods: list[str], k: int = 20) -> tuple[pd
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser = studies.parser(__doc__)
     parser.add_argument("--method", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--run", action="store_true", help="compute what is missing (both orders)")
-    parser.add_argument("--publish", metavar="PROFILE", help="write figures/PROFILE/05_search_order.*")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    params = params_mod.with_resolved_root(params_mod.load(Path(args.params)))
+    args, params = studies.parse(parser, argv)
     if args.run:
         run(params, args.method)
     table, used = rows(params, args.method)
     table = table.round(1)
     if args.publish:
         from ..plotting import save_table
-        from ..runners.reproduce import git_commit
 
         save_table(table, args.publish, "05", "search_order", published=True)
-        given = Path(args.params).resolve()
-        shown = given.relative_to(paths.REPO_ROOT) if given.is_relative_to(paths.REPO_ROOT) else given
-        record = [
-            "# The order of the files: record",
-            "",
-            f"- published at commit `{git_commit()}` by `python -m helpers.studies.order --params {shown}"
-            f" --publish {args.publish}`; the profile's own order: `cluster.order: {params.cluster.order}`",
-            "- every row is read from cached stages (each `stage.json` holds its params and code fingerprint):",
-            *(f"  - {s}" for s in used),
-        ]
-        io.write_text(paths.published_dir(args.publish) / "05_search_order_RECORD.md", "\n".join(record) + "\n")
+        studies.write_record(
+            args.publish,
+            "05_search_order",
+            "The order of the files",
+            f"python -m helpers.studies.order --params {studies.shown_path(args.params)} --publish {args.publish}",
+            [
+                f"- the profile's own order: `cluster.order: {params.cluster.order}`",
+                "- every row is read from cached stages (each `stage.json` holds its params and code fingerprint):",
+                *(f"  - {s}" for s in used),
+            ],
+        )
     print(table.to_string())
 
 

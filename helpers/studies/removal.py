@@ -13,15 +13,14 @@ ensemble trained (iterations, last proxy F1).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import io, paths
 from .. import params as params_mod
+from .. import studies
 from ..classify import ENSEMBLES, ensemble_removed
 
 VARIANTS: dict[str, dict] = {
@@ -108,20 +107,12 @@ def rows(params: params_mod.Params, variants: list[str], methods: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser = studies.parser(__doc__)
     parser.add_argument("--variant", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--data", nargs="*", default=["poisoned", "clean"], choices=["poisoned", "clean"])
     parser.add_argument("--method", nargs="*", default=["patchsearch", "poisoncam"])
     parser.add_argument("--run", action="store_true")
-    parser.add_argument("--publish", metavar="PROFILE")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    params = params_mod.with_resolved_root(params_mod.load(Path(args.params)))
+    args, params = studies.parse(parser, argv)
     from ..cache import stage_dir
     from ..search import with_method
 
@@ -132,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
         from ..plotting import save_table
 
         save_table(table, args.publish, "06", "false_removals", published=True)
-        from ..runners.reproduce import git_commit
 
         def folder(method: str, variant: str, stage: str) -> Path:
             return stage_dir(variant_params(with_method(params, method), variant), stage)
@@ -144,15 +134,18 @@ def main(argv: list[str] | None = None) -> None:
             for variant in args.variant
             if (folder(method, variant, data) / "classifier.npz").is_file()
         ]
-        record = [
-            "# Poison-classifier variants: record",
-            "",
-            f"- published at commit `{git_commit()}` by `python -m helpers.studies.removal --publish {args.publish}"
-            + f" --variant {' '.join(args.variant)} --method {' '.join(args.method)}`",
-            "- every row is read from a cached classifier stage (its `stage.json` holds params and code fingerprint):",
-            *(f"  - {s}" for s in stages),
-        ]
-        io.write_text(paths.published_dir(args.publish) / "06_false_removals_RECORD.md", "\n".join(record) + "\n")
+        studies.write_record(
+            args.publish,
+            "06_false_removals",
+            "Poison-classifier variants",
+            f"python -m helpers.studies.removal --publish {args.publish}"
+            f" --variant {' '.join(args.variant)} --method {' '.join(args.method)}",
+            [
+                "- every row is read from a cached classifier stage (its `stage.json` holds params and code"
+                " fingerprint):",
+                *(f"  - {s}" for s in stages),
+            ],
+        )
     print(table.to_string())
 
 

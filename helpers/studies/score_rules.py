@@ -21,14 +21,13 @@ judge that choice.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import io, paths
+from .. import io, paths, studies
 from .. import params as params_mod
 
 PER_CLUSTER = 4  # sampled images per cluster: 400 of the cifar10 profile's 10,000 (about 10% poisons)
@@ -152,31 +151,24 @@ def publish(base: params_mod.Params, names: list[str], method: str) -> pd.DataFr
     save_table(table, base.profile, "05_search", "score_rules_long", published=True)
     wide = wide[["configuration", "seen", "window", *COUNTS]]
     save_table(wide, base.profile, "05_search", "score_rules", published=True)
-    from ..runners.reproduce import git_commit
-
-    record = [
-        "# Flip-test counts on one sample: record",
-        "",
-        f"- published at commit `{git_commit()}` by `python -m helpers.studies.score_rules {' '.join(sys.argv[1:])}`",
-        f"- {method}'s heatmaps; {PER_CLUSTER} images per cluster; configurations seen while choosing a count: "
-        f"{', '.join(SEEN)}",
-    ]
-    io.write_text(paths.published_dir(base.profile) / "05_search_score_rules_RECORD.md", "\n".join(record) + "\n")
+    studies.write_record(
+        base.profile,
+        "05_search_score_rules",
+        "Flip-test counts on one sample",
+        f"python -m helpers.studies.score_rules {' '.join(sys.argv[1:])}",
+        [
+            f"- {method}'s heatmaps; {PER_CLUSTER} images per cluster; configurations seen while choosing a count: "
+            f"{', '.join(SEEN)}"
+        ],
+    )
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(paths.PARAMS_DIR / "cifar10.yaml"))
+    parser = studies.parser(__doc__, threads=1)
     parser.add_argument("--run", action="append", default=[], metavar="NAME")
     parser.add_argument("--method", default="poisoncam", choices=["patchsearch", "poisoncam"])
-    parser.add_argument("--publish", metavar="PROFILE")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    base = params_mod.with_resolved_root(params_mod.load(args.params))
+    args, base = studies.parse(parser, argv)
     if args.publish:
         print(publish(base, args.run or ["default"], args.method).to_string())
         return
