@@ -378,16 +378,24 @@ def top_k_accuracy(ranking: np.ndarray, poison_mask: np.ndarray, k: int = 20) ->
     return float(poison_mask[ranking[:k]].mean())
 
 
-def tie_fair_top_k_accuracy(scores: np.ndarray, scored: np.ndarray, poison_mask: np.ndarray, k: int = 20) -> float:
-    """``top_k_accuracy`` with the ties at the ``k``-th place broken at random, in expectation: the images
-    ranked equal to the ``k``-th (same score, scored alike) fill the places left in proportion to the poisons
-    among them. A ranking's own tie order (``SearchResult.ranking``: the ids of ``cluster.order``) cannot move
-    it (ground truth: for evaluation only)."""
-    scores, scored, poison_mask = np.asarray(scores), np.asarray(scored, bool), np.asarray(poison_mask, bool)
-    k = min(k, len(scores))
-    kth = np.lexsort((~scored, -scores))[k - 1]
+def kth_place(scores: np.ndarray, scored: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """The images ranked before the ``k``-th place whatever the tie order (``ahead``), and those ranked equal
+    to the ``k``-th (``tied``: the same score, scored alike), as masks; scored images come first."""
+    scores, scored = np.asarray(scores), np.asarray(scored, bool)
+    kth = np.lexsort((~scored, -scores))[min(k, len(scores)) - 1]
     tied = (scores == scores[kth]) & (scored == scored[kth])
     ahead = (scores > scores[kth]) | ((scores == scores[kth]) & scored & ~scored[kth])
+    return ahead, tied
+
+
+def tie_fair_top_k_accuracy(scores: np.ndarray, scored: np.ndarray, poison_mask: np.ndarray, k: int = 20) -> float:
+    """``top_k_accuracy`` with the ties at the ``k``-th place broken at random, in expectation: the images
+    ranked equal to the ``k``-th (``kth_place``) fill the places left in proportion to the poisons among them.
+    A ranking's own tie order (``SearchResult.ranking``: the ids of ``cluster.order``) cannot move it (ground
+    truth: for evaluation only)."""
+    poison_mask = np.asarray(poison_mask, bool)
+    k = min(k, len(poison_mask))
+    ahead, tied = kth_place(scores, scored, k)
     places = k - int(ahead.sum())
     return float((poison_mask[ahead].sum() + places * poison_mask[tied].mean()) / k)
 

@@ -223,6 +223,10 @@ def test_tie_fair_top_k_is_the_mean_over_every_order_of_the_ties():
     # the scored image at 0 ranks ahead of the unscored one at 0: no tie between them
     assert search.tie_fair_top_k_accuracy(scores, scored, poison, 6) == pytest.approx(3 / 6)
     assert search.tie_fair_top_k_accuracy(scores, scored, ~poison, 2) == 0.0  # no tie at the 2nd place
+    ahead, tied = search.kth_place(scores, scored, 3)  # the masks the order study counts the ties with
+    assert ahead.nonzero()[0].tolist() == [0, 6] and tied.nonzero()[0].tolist() == [1, 2, 3]
+    ahead, tied = search.kth_place(scores, scored, 6)
+    assert ahead.sum() == 5 and tied.nonzero()[0].tolist() == [4]
 
 
 def test_window_rules():

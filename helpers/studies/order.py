@@ -48,7 +48,7 @@ def rows(params: params_mod.Params, methods: list[str], k: int = 20) -> tuple[pd
     from ..cache import MARKER, stage_dir
     from ..classify import ensemble_removed, proxy_validation
     from ..data import load_data
-    from ..search import load_search, tie_fair_top_k_accuracy, top_k_accuracy, with_method
+    from ..search import kth_place, load_search, tie_fair_top_k_accuracy, top_k_accuracy, with_method
 
     data = load_data(params, progress=False)
     labels = np.asarray(data.train.labels)
@@ -63,8 +63,7 @@ def rows(params: params_mod.Params, methods: list[str], k: int = 20) -> tuple[pd
             used += [f"search_poisoned/{search_dir.name}", f"classifier_poisoned/{clf_dir.name}"]
             found = load_search(search_dir)
             ranking, scores, scored = found["ranking"], found["scores"], found["scored"]
-            kth = ranking[k - 1]
-            tied = (scores == scores[kth]) & (scored == scored[kth])
+            tied = kth_place(scores, scored, k)[1]
             negatives = proxy_validation(ranking[scored[ranking]], k)[0][k:]
             logits = np.load(clf_dir / "classifier.npz")["logits"]
             row = {
