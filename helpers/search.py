@@ -210,11 +210,13 @@ class SearchResult:
     scored: np.ndarray  # N, bool
     rounds: list[dict] = field(default_factory=list)  # per round: clusters alive, images scored
     round_of: np.ndarray | None = None  # N, the round that scored each image (-1: unscored)
-    ids: np.ndarray | None = None  # N, the order ties are broken in (``cluster.content_ids``); None: index
+    ids: np.ndarray | None = None  # N, the order ties are broken in (``cluster.defense_ids``); None: index
 
     def ranking(self) -> np.ndarray:
         """All image indices, most poisonous first: scored before unscored at equal score, then by ``ids``
-        (a seeded order of the images' content, so no class or file wins the ties), then by index."""
+        (``cluster.order``'s: under ``content`` a seeded order of the images' content, so that no class or file
+        wins the ties; under ``file`` the index in the file list, sorted by class, so the first classes win
+        them), then by index."""
         ids = np.arange(len(self.scores)) if self.ids is None else self.ids
         return np.lexsort((np.arange(len(self.scores)), ids, ~self.scored, -self.scores))
 

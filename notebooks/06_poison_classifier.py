@@ -25,7 +25,10 @@
 #
 # - a small ResNet (one block per stage, few channels) trained from scratch for two classes;
 # - training pool: all images except the top `classifier.exclude_top` by poison score (likely poisons, which would be noisy
-#   "clean" labels) and the proxy-validation images;
+#   "clean" labels) and the proxy-validation images. The search scores only a few percent of the images, so
+#   most of that top and the whole bottom are ties (unscored, or at the lowest score), broken in the order of
+#   `cluster.order`'s ids: under `file`, the index in the class-sorted file list, so the first classes fill
+#   the top and the last the bottom (notebook 05, "Ties, and the order of the files", measures what it moves);
 # - each training image gets, with probability `classifier.paste_p`, one of the top-k (`classifier.top_k`) patches pasted at a random
 #   place and size (label *poisonous*), else stays as it is (label *clean*); MoCo-v2 augmentations. The
 #   pasted side follows the window the search chose blind, never the trigger: the paper's range is
@@ -256,6 +259,20 @@ for m, path in stages.items():
 by_class = pd.DataFrame(rows).round(2)
 plotting.save_table(by_class, P.profile, NB, "clean_removed_by_class")
 notebook.show_table(by_class.set_index("method").T.reset_index(names="clean images removed"))  # a class a row
+lines = []
+for _, r in by_class.iterrows():
+    counts = r[list(D.train.classes)].astype(int)
+    counts = counts[[c for i, c in enumerate(D.train.classes) if ((D.train.labels == i) & ~poison).any()]]
+    counts = counts.sort_values(ascending=False)
+    lines.append(
+        f"- {r['method']}: {r['clean removed']} clean images removed, most from {counts.index[0]} ({counts.iloc[0]}) "
+        f"and {counts.index[1]} ({counts.iloc[1]}), fewest from {counts.index[-1]} ({counts.iloc[-1]}); spread evenly "
+        f"over the {len(counts)} classes with clean images it would be about {r['clean removed'] / len(counts):.0f} each."
+    )
+for i, c in enumerate(D.train.classes):  # a class with no clean image: its column is 0 by construction
+    if not ((D.train.labels == i) & ~poison).any():
+        lines.append(f"- The {c} column is 0 by construction: every {c} image of the training set carries the trigger.")
+notebook.show_markdown("\n".join(lines))
 
 # %% [markdown]
 # ## How the ensemble decides: the paper's mean, or unanimity

@@ -190,7 +190,30 @@ for name in [m for m in MODELS if m not in ("Clean", "Backdoored", "Clean + i-Cu
     lines.append(
         f"- **{name}**: ASR {asr_text(name)} (its clean reference, {clean_ref}: {asr_text(clean_ref)}), clean "
         f"accuracy {acc[name]:.1f}% ({acc[name] - acc[clean_ref]:+.1f} points): "
-        + ("at the clean level." if near else "**not** at the clean level.")
+        + (
+            "**not** at the clean level."
+            if not near
+            else "at the clean level."
+            if planted
+            else "at the clean level, but with no backdoor planted by the rule there was little to remove: the row "
+            "shows mainly what the defense costs."
+        )
+    )
+low = min(P.eval.label_fractions)
+if low != top:  # the fewest labels: does the probe still carry the backdoor?
+    few = per_seed[np.isclose(per_seed["labels"], low)].groupby("model", sort=False)["asr"]
+    few = pd.DataFrame({"mean": few.mean(), "std": few.std(ddof=0)}) * 100
+    lines.append(
+        f"- **With {100 * low:.0f}% of the labels**: the backdoored model's ASR is {few.loc['Backdoored', 'mean']:.1f} ± "
+        f"{few.loc['Backdoored', 'std']:.1f}% against the clean model's {few.loc['Clean', 'mean']:.1f} ± "
+        f"{few.loc['Clean', 'std']:.1f}%"
+        + (
+            ": a backdoor by the rule."
+            if evaluate.backdoor_planted(few.loc["Backdoored", "mean"] / 100, few.loc["Clean", "mean"] / 100)
+            else ": **below the rule**; with so few labels the probe's spread over seeds is as large as the gap."
+            if abs(few.loc["Backdoored", "mean"] - few.loc["Clean", "mean"]) <= few[["std"]].max().item()
+            else ": **below the rule**."
+        )
     )
 headline = "\n".join(lines)
 io.write_text(plotting.figure_path(P.profile, NB, "headline", ".md"), headline + "\n")  # for the book's first page
@@ -366,10 +389,29 @@ for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
     ax.get_xticklabels()[A.target_index].set_color("red")
     ax.get_xticklabels()[A.target_index].set_fontweight("bold")
 plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
+lines = []
+for name in ["Clean", "Backdoored"]:
+    cm = np.load(results[name][0] / "probe_confusion_patched.npy").astype(float)
+    cm = cm[np.arange(len(cm)) != A.target_index]
+    share = 100 * cm / cm.sum(1, keepdims=True)
+    off = share.copy()  # the share each wrong column takes, the true class's own cell left out
+    off[np.arange(len(off)), [i for i in range(len(D.val.classes)) if i != A.target_index]] = np.nan
+    column = np.nanmean(off, axis=0)
+    others = column.copy()
+    others[A.target_index] = np.nan
+    brightest = int(np.nanargmax(others))
+    lines.append(
+        f"- {name} model: its {A.target_class} column takes {column[A.target_index]:.1f}% of the other classes' "
+        f"patched images on average; the brightest other wrong column is {D.val.classes[brightest]} "
+        f"({column[brightest]:.1f}%)."
+    )
+notebook.show_markdown("\n".join(lines))
 
 # %% [markdown]
 # ## The defenses: poison detection (paper Table 1)
-# Top-20 acc: the share of poisons among the search's top-ranked images, $k = 20$ (chance: the poison rate). Recall,
+# Top-20 acc: the share of poisons among the search's top-ranked images, $k = 20$ (chance: the poison rate);
+# beside it, the same with the images tied at the 20th place drawn at random, in expectation, which no order
+# of the files can move (notebook 05). Recall,
 # precision, total removed and clean removed (share of the clean images): of the poison classifier's
 # removals, under the paper's ensemble rule (mean logits) and a unanimous ensemble (notebook 06; the
 # filtered lists retrained on above follow the paper's). Trigger hit: the candidate window of a scored
@@ -393,20 +435,31 @@ for label, pm in DEFENDERS.items():
     for rule in classify.ENSEMBLES:
         r = classify.ensemble_removed(logits, rule)
         metrics = classify.detection_metrics(found[label], r, poison, boxes, D.train.pixels.shape[-1])
+        fair = search.tie_fair_top_k_accuracy(found[label]["scores"], found[label]["scored"], poison, 20)
+        metrics["top-20, ties at random (%)"] = 100 * fair  # no tie order can move it (notebook 05)
+        metrics["scored poisons"] = len(boxes)  # the trigger hits' denominator
         rows.append({"method": label, "count": search.score_rule(pm), "ensemble": rule, **metrics})
 table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
 lines = []
 for _, r in table1.iterrows():
     beats = r["trigger hit, scored poisons (%)"] > max(r["centre window hit (%)"], r["random window hit (%)"])
+    margin = (
+        (r["trigger hit, scored poisons (%)"] - max(r["centre window hit (%)"], r["random window hit (%)"]))
+        * r["scored poisons"]
+        / 100
+    )  # how many more of the scored poisons' triggers its windows hit than the better baseline's
     lines.append(
-        f"- {r['method']} ({r['count']} count), {r['ensemble']} ensemble (w = {r['w']} px): top-20 {r['top-20 acc (%)']:.0f}% (chance "
+        f"- {r['method']} ({r['count']} count), {r['ensemble']} ensemble (w = {r['w']} px): top-20 {r['top-20 acc (%)']:.0f}% "
+        f"({r['top-20, ties at random (%)']:.1f}% with the ties at the 20th place broken at random; chance "
         f"{100 * poison.mean():.0f}%), recall {r['recall (%)']:.1f}%, {r['clean removed (%)']:.1f}% of the clean "
         f"images removed (goal: at most 2% at recall at least 95%: "
         f"{'met' if r['clean removed (%)'] <= 2 and r['recall (%)'] >= 95 else 'missed'}); its windows hit "
-        f"{r['trigger hit, scored poisons (%)']:.1f}% of the triggers, a centre window {r['centre window hit (%)']:.1f}% "
+        f"{r['trigger hit, scored poisons (%)']:.1f}% of the triggers of its {r['scored poisons']:.0f} scored poisons "
+        f"({r['trigger hit, scored poisons (%)'] * r['scored poisons'] / 100:.0f}), a centre window "
+        f"{r['centre window hit (%)']:.1f}% "
         f"and a random one {r['random window hit (%)']:.1f}%: the localization claim "
-        f"{'holds' if beats else 'does not hold'}."
+        + (f"holds, by {margin:.0f} images." if beats else "does not hold.")
     )
 ids = cluster.defense_ids(P, cluster.training_set(P, "poisoned")[0])  # the search's tie order (notebook 05)
 for label, pm in DEFENDERS.items():  # the caveat of every w above: which rule chose it, what the paper's picks
@@ -431,7 +484,8 @@ for label, pm in DEFENDERS.items():  # the caveat of every w above: which rule c
     )
 notebook.show_markdown("\n".join(lines))
 io.write_text(plotting.figure_path(P.profile, NB, "detection", ".md"), "\n".join(lines) + "\n")  # the book's first page
-columns = ["method", "count", "ensemble", "w", "top-20 acc (%)", "recall (%)", "precision (%)", "clean removed (%)"]
+columns = ["method", "count", "ensemble", "w", "top-20 acc (%)", "top-20, ties at random (%)", "recall (%)"]
+columns += ["precision (%)", "clean removed (%)"]
 plotting.save_table(table1[columns], P.profile, NB, "table1_headline")
 table1
 
@@ -449,6 +503,7 @@ def pr_curve(order):
 
 
 fig, axes = plt.subplots(1, len(DEFENDERS), figsize=(3.6 * len(DEFENDERS), 4.4), sharey=True)
+precision_at = {}
 for ax, (label, pm) in zip(axes, DEFENDERS.items(), strict=True):
     scores = pd.read_csv(classify.classifier_stage(pm, "poisoned") / "scores.csv")
     ranking = found[label]["ranking"]
@@ -460,6 +515,7 @@ for ax, (label, pm) in zip(axes, DEFENDERS.items(), strict=True):
     ):
         rec, prec = pr_curve(order)
         ax.plot(100 * rec, 100 * prec, label=name)
+        precision_at[label, name] = 100 * prec[poison[order]].mean()  # average precision over the poisons
     r = removed[label]
     ax.plot(
         100 * (r & poison).sum() / poison.sum(),
@@ -473,6 +529,16 @@ axes[0].set_ylabel("precision (%)")
 axes[0].legend(fontsize=8)
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "precision_recall", dpi=P.figures.dpi)
+notebook.show_markdown(
+    "\n".join(
+        f"- {label}: average precision {precision_at[label, 'poison score (search)']:.1f}% for the search's "
+        f"ranking, {precision_at[label, 'poison classifier']:.1f}% for the classifier's (chance "
+        f"{100 * poison.mean():.0f}%)."
+        for label in DEFENDERS
+    )
+    + "\nThe search ranks only what it scored; the classifier ranks every image, so where its curve lies above "
+    "the search's, the classifier has learned more than the few patches it was given."
+)
 
 # %% [markdown]
 # ## The most and the least poisonous images (paper Figure 2)
@@ -544,11 +610,14 @@ if general_path.is_file():
     LABELS = tuple(c.removesuffix(" w") for c in general if c.endswith(" w"))  # each method, a classifier variant
     lines = []
     for _, r in general.iterrows():
-        backdoor = "a backdoor" if r["backdoor present"] else "**no backdoor**"
+        ratio = r["probe ASR (%)"] / r["clean model ASR (%)"]
+        backdoor = (
+            f"a backdoor by the rule ({ratio:.1f}x)" if r["backdoor present"] else f"**not planted** ({ratio:.1f}x)"
+        )
         parts = [
-            f"{m} (w = {r[f'{m} w']:.0f} px): top-20 {r[f'{m} top-20 (%)']:.0f}%, recall {r[f'{m} recall (%)']:.0f}%, "
+            f"{m} (w = {r[f'{m} w']:.0f} px): top-20 {r[f'{m} top-20 (%)']:.0f}%, recall {r[f'{m} recall (%)']:.1f}%, "
             f"{r[f'{m} clean removed (%)']:.1f}% of clean images removed (unanimous ensemble: recall "
-            f"{r[f'{m} recall, unanimous (%)']:.0f}%, {r[f'{m} clean removed, unanimous (%)']:.1f}%), trigger hit "
+            f"{r[f'{m} recall, unanimous (%)']:.1f}%, {r[f'{m} clean removed, unanimous (%)']:.1f}%), trigger hit "
             f"{r[f'{m} trigger hit (%)']:.0f}% (centre {r[f'{m} centre hit (%)']:.0f}%, random "
             f"{r[f'{m} random hit (%)']:.0f}%)"
             for m in LABELS
@@ -599,6 +668,48 @@ if general_path.is_file():
 else:
     print(
         f"no generality table for profile {P.profile} yet: python -m helpers.studies.generality --publish {P.profile}"
+    )
+
+# %% [markdown]
+# ### The same attack, other SSL trainings
+# Every detection number above comes from one SSL training (Table 2 over SSL seeds shows how much the backdoor
+# itself varies between trainings). `07_generality_seeds` runs PatchSearch, set exactly as the profile sets it,
+# on the backdoored models that the other SSL seeds trained on the same poisoned set
+# (`python -m helpers.studies.generality --table generality_seeds`).
+
+# %% tags=["hide-input"]
+seeds_path = notebook.figure_path(P.profile, "07_generality_seeds.csv")
+if seeds_path.is_file():
+    from helpers.studies import generality
+
+    other = pd.read_csv(seeds_path)
+    other = other[np.isfinite(other["PatchSearch w"])]
+    mine = table1[(table1["method"] == "PatchSearch") & (table1["ensemble"] == "mean")].iloc[0]
+    low, high = other["PatchSearch top-20 (%)"].min(), other["PatchSearch top-20 (%)"].max()
+    commits = sorted(set(generality.row_commits(P.profile, "generality_seeds").values()))
+    notebook.show_markdown(
+        f"On the backdoored models of {len(other)} other SSL trainings ({int(other['backdoor present'].sum())} of "
+        f"them planted by the rule), PatchSearch's top-20 accuracy is {low:.0f}-{high:.0f}% (chance "
+        f"{100 * poison.mean():.0f}%) and its recall {other['PatchSearch recall (%)'].min():.1f}-"
+        f"{other['PatchSearch recall (%)'].max():.1f}%, against {mine['top-20 acc (%)']:.0f}% and "
+        f"{mine['recall (%)']:.1f}% on SSL seed {P.ssl.seed} above. "
+        + (
+            "The detection shown above is not what another training of the same setting gets: it rests on one training."
+            if mine["top-20 acc (%)"] > high + 5
+            else "The detection shown above is within the range of the other trainings."
+        )
+        + (f" These rows were computed at commit {', '.join(c[:7] for c in commits)}." if commits else "")
+    )
+    notebook.show_table(
+        other[
+            [
+                "configuration",
+                "probe ASR (%)",
+                "clean model ASR (%)",
+                "backdoor present",
+                *[c for c in other if c.startswith("PatchSearch ") and "unanimous" not in c and "clean set" not in c],
+            ]
+        ].dropna(axis=1, how="all")
     )
 
 # %% [markdown]

@@ -259,3 +259,24 @@ def test_a_reship_keeps_the_bytes_of_an_unchanged_backbone(tiny_params, shipped)
     used = [f"ssl_filtered/{result.key}"]
     checkpoints.ship(write_record(tiny_params, used))
     assert path.read_bytes() == before
+
+
+def test_a_cached_clustering_with_its_features_counts_as_the_shipped_one_only_where_the_rest_is_equal(tmp_path):
+    source, final = tmp_path / "shipped", tmp_path / "cache"
+    source.mkdir()
+    final.mkdir()
+    assignment = np.arange(10) % 3
+    np.savez(source / "clustering.npz", assignment=assignment, centroids=np.eye(3))  # shipped: no features
+    entry = {"files": {"clustering.npz": "sha", "params.yaml": "sha"}}
+    np.savez(final / "clustering.npz", assignment=assignment, centroids=np.eye(3), features=np.ones((10, 4)))
+    assert checkpoints._damaged_copy(source, final, entry) is None  # computed here, features kept: served
+    np.savez(final / "clustering.npz", assignment=assignment[::-1], centroids=np.eye(3), features=np.ones((10, 4)))
+    assert (
+        checkpoints._damaged_copy(source, final, entry) == "clustering.npz differs from the shipped file in assignment"
+    )
+    np.savez(final / "clustering.npz", assignment=assignment)
+    assert "in centroids" in checkpoints._damaged_copy(source, final, entry)
+    (final / "clustering.npz").write_bytes(b"PK\x03\x04 truncated")
+    assert "unreadable" in checkpoints._damaged_copy(source, final, entry)
+    (final / "clustering.npz").unlink()
+    assert checkpoints._damaged_copy(source, final, entry) == "clustering.npz missing"

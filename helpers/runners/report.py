@@ -352,6 +352,12 @@ def _within(rows: list[dict[str, str]]) -> str:
     return re.search(r"within [^,]+", next(c for c in rows[0] if " within " in c)).group(0)
 
 
+def _spread(rows: list[dict[str, str]], column: str) -> str:
+    """The range of a published column over ``rows``, in %."""
+    values = sorted(float(r[column]) for r in rows)
+    return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
+
+
 def _percent(share: float) -> str:
     return f"{100 * share:.3g}%"
 
@@ -367,8 +373,8 @@ def _window_caveat(figures: Path, rule: str) -> str:
     top = "top-20 acc (ground truth)"
     chosen = ", ".join(f"{m} {u['window']} px (top-20 accuracy {_percent(float(u[top]))})" for m, u, _ in picks)
     text = (
-        "- **Which window.** The side w of the window each defense cuts around a heatmap's peak was chosen from "
-        f"the data, without the ground truth, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
+        "- **Which window.** Each defense's window side w (the square it cuts around a heatmap's peak) was chosen "
+        f"from the data, without the ground truth, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
     )
     if rule != "rsd":
         paper = " and ".join(f"{r['window']} px for {m} ({_percent(float(r[top]))})" for m, _, r in picks)
@@ -448,10 +454,6 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
     def removes(row: dict[str, str]) -> str:
         return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
 
-    def spread(rows: list[dict[str, str]], column: str) -> str:
-        values = sorted(float(r[column]) for r in rows)
-        return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
-
     removals = [r for r in _rows(figures, "06_false_removals") if r["ensemble"] == "mean"]
     general: list[dict[str, str]] | None = None  # the generality table, read where a variant is published
     head, parts = "", []
@@ -473,8 +475,8 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
             text += (
                 f"; from the clean set, {clean[variant]:.1f}% against {clean[own]:.1f}%"
                 if parts
-                else f"; from the clean training set, where no trigger exists, it removes {clean[variant]:.1f}% "
-                f"against the profile's {clean[own]:.1f}% (paper Table 10)"
+                else f"; from the clean set (no trigger: paper Table 10), {clean[variant]:.1f}% "
+                f"against the profile's {clean[own]:.1f}%"
             )
         seen = [f"`{n}`" for n in generality.CHOSEN_ON[variant]]
         text += ". Tried after seeing " + (", ".join(seen[:-1]) + " and " if len(seen) > 1 else "") + seen[-1]
@@ -489,8 +491,8 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         fewer = sum(float(r[f"{label} clean removed (%)"]) < float(r[f"{base} clean removed (%)"]) for r in held)
         parts.append(
             text + f"; on the {len(held)} configurations run after that, fewer clean images removed on {fewer} "
-            f"({spread(held, f'{label} clean removed (%)')} against {spread(held, f'{base} clean removed (%)')}), "
-            f"recall {spread(held, f'{label} recall (%)')} against {spread(held, f'{base} recall (%)')} "
+            f"({_spread(held, f'{label} clean removed (%)')} against {_spread(held, f'{base} clean removed (%)')}), "
+            f"recall {_spread(held, f'{label} recall (%)')} against {_spread(held, f'{base} recall (%)')} "
             f"({_link(figures, '07_generality.md')})."
         )
     return head + "".join(parts) + "\n" if parts else ""
@@ -528,7 +530,20 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         f"({_link(figures, '07_generality.md')})"
         + (f"; where one is planted: {defended}. " if defended else ". ")
         + f"Every table above comes from one SSL training (seed {seed}): "
-        "the claim that a defense removes the backdoor rests on that training.\n"
+        "the claim that a defense removes the backdoor rests on that training." + _other_seeds_detection(figures) + "\n"
+    )
+
+
+def _other_seeds_detection(figures: Path) -> str:
+    """PatchSearch's detection on the backdoored models of the other SSL seeds (``07_generality_seeds``)."""
+    rows = [r for r in _rows(figures, "07_generality_seeds") if r.get("PatchSearch w")]
+    if not rows:
+        return ""
+    planted = sum(r["backdoor present"] == "True" for r in rows)
+    return (
+        f" On {len(rows)} other SSL trainings ({planted} planted), PatchSearch's top-20 accuracy is "
+        f"{_spread(rows, 'PatchSearch top-20 (%)')}, recall {_spread(rows, 'PatchSearch recall (%)')} "
+        f"({_link(figures, '07_generality_seeds.md')})."
     )
 
 
