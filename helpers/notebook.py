@@ -200,7 +200,7 @@ def opening(params: Params, notebook: str) -> str:
     shipped = {f"{e['stage']}/{e['key']}": e for e in manifest["stages"]}
     heavy = [shipped[name] for name in used if name in shipped]
     text = (
-        f"**Cost:** {seconds:.0f} s in the last `make reproduce` of this profile (commit "
+        f"**Cost:** {seconds:.0f} s in the published `make reproduce` of this profile before this one (commit "
         f"`{record['commit'][:7]}`), reading {len(used)} cached stage results"
     )
     if heavy:
@@ -216,7 +216,7 @@ def opening(params: Params, notebook: str) -> str:
             f". {len(heavy)} of them are shipped in `{where}/`, so a fresh clone computes only the rest, in "
             f"seconds. Without the shipped checkpoints they take {sum(e['seconds'] for e in heavy) / 60:.0f} min "
             f"of compute, one core each ({each}), as measured when they were made, plus what they need from "
-            f"earlier notebooks; `make reproduce RETRAIN=1` computes all {len(shipped)} shipped stages, "
+            f"earlier notebooks; `make reproduce RETRAIN=1` computes every shipped stage ({len(shipped)} then), "
             f"{total / 3600:.1f} h of compute (at least {total / 7200:.1f} h on two cores)."
         )
     else:

@@ -174,7 +174,8 @@ def test_the_opening_states_the_cost_with_and_without_the_shipped_checkpoints(ti
     text = notebook.opening(tiny_params, "02_ssl_training")
     seconds = manifest["stages"][0]["seconds"]
     assert "attack → **SSL training** → clustering" in text
-    assert "12 s in the last `make reproduce` of this profile (commit `0123456`), reading 2 cached stage" in text
+    before = "12 s in the published `make reproduce` of this profile before this one (commit `0123456`)"
+    assert f"{before}, reading 2 cached stage" in text
     assert "1 of them are shipped" in text and f"ssl_filtered {seconds:.0f} s" in text
     assert "no published run" in notebook.opening(tiny_params, "05_search")
 
