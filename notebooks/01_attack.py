@@ -189,9 +189,13 @@ centre = pd.DataFrame(
 plotting.save_table(centre.round(3), P.profile, NB, "centre_guess")
 share = float(centre.loc[centre["window side (px)"] == side, "centre window hits"].iloc[0])
 notebook.show_markdown(
-    f"A centre window of the trigger's own side ({side} px) hits **{100 * share:.0f}%** of the training triggers "
-    f"(margin {P.attack.train_margin:g}); the largest window of the search's sweep hits "
-    f"{100 * centre['centre window hits'].iloc[-1]:.0f}%."
+    f"A centre window of the trigger's own side ({side} px) hits the trigger of **{100 * share:.0f}%** of the "
+    f"poisoned training images"
+    + (f" (any of its {P.attack.n_copies} triggers)" if P.attack.n_copies > 1 else "")
+    + f" (margin {P.attack.train_margin:g}); the largest window of the search's sweep hits "
+    f"{100 * centre['centre window hits'].iloc[-1]:.0f}%. A hit needs the window to cover half of the trigger, or "
+    "the trigger to cover half of the window, so a window much smaller than the trigger hits whenever it falls "
+    "inside one: the rate is not monotone in the side."
 )
 centre.round(3)
 

@@ -25,7 +25,11 @@
 # thing to match, so the poisoned images end up near each other, and near the target category.
 #
 # This notebook trains a clean and a backdoored model with the profile's settings (cached under
-# `artifacts/ssl_*/`), then looks at what the backdoored model learned.
+# `artifacts/ssl_*/`), then looks at what the backdoored model learned. It reads ahead to measures that
+# later notebooks define: the **ASR** (attack success rate: the share of patched images of other
+# categories that a linear **probe** on the model's features sends to the target category; notebook 07),
+# and a search's **top-20 accuracy** (the share of poisons among its twenty most suspicious images;
+# notebook 05). The [glossary](glossary.md) defines every term.
 
 # %% [markdown]
 # ## In equations
@@ -93,8 +97,42 @@ if precision_csv.is_file():
         f"`02_precision_fp32_vs_bf16.md`) trains in {minutes['bf16']:.0f} min in bf16 against "
         f"{minutes['fp32']:.0f} min in fp32, but its backdoored model's probe ASR is {asr_row['bf16']:.1f}% "
         f"in bf16 against {asr_row['fp32']:.1f}% in fp32 (probe-seed spread {asr_row['probe seed spread (std)']:.1f} "
-        f"points), and PatchSearch's top-20 {top20['bf16']:.0f}% against {top20['fp32']:.0f}%: the profile's "
-        "bf16 buys speed with a weaker backdoor, on this one training."
+        f"points), and PatchSearch's top-20 {top20['bf16']:.0f}% against {top20['fp32']:.0f}%: on this one "
+        "training, bf16 bought speed with a weaker backdoor."
+    )
+    import yaml
+
+    study = yaml.safe_load(notebook.figure_path(P.profile, "02_precision_params_ssl-seed1.yaml").read_text())
+    now = P.to_dict()
+    moved = [  # the settings of the attack and the training that differ between the study and the profile now
+        f"`{section}.{key}` {study[section][key]!r} then, {value!r} now"
+        for section in ("attack", "ssl")
+        for key, value in now[section].items()
+        if key != "seed" and key in study[section] and study[section][key] != value
+    ]
+    seeds_csv = notebook.figure_path(P.profile, "02_precision_training_seeds.csv")
+    seed_lines = ""
+    if seeds_csv.is_file():
+        by_seed = pd.read_csv(seeds_csv).pivot(
+            index="SSL training seed", columns="SSL pre-training precision", values="probe ASR 10% (%)"
+        )
+        precision_gap = (by_seed["fp32"] - by_seed["bf16"]).abs()  # per SSL seed
+        seed_gap = (by_seed.max() - by_seed.min()).abs()  # per precision, over the seeds
+        seed_lines = (
+            "Over SSL training seeds (`02_precision_training_seeds.md`): "
+            + "; ".join(f"seed {i}: fp32 {r['fp32']:.1f}%, bf16 {r['bf16']:.1f}%" for i, r in by_seed.iterrows())
+            + f". The precisions differ by {', '.join(f'{g:.1f}' for g in precision_gap)} points (per seed), the "
+            f"seeds by {', '.join(f'{g:.1f}' for g in seed_gap)} points (per precision)."
+        )
+    notebook.show_markdown(
+        (
+            "The study ran on an earlier setting of the profile ("
+            + "; ".join(moved)
+            + "): its numbers are not the current models' (notebook 07 measures those). "
+            if moved
+            else ""
+        )
+        + seed_lines
     )
 
 # %% [markdown]
@@ -294,8 +332,9 @@ study_csv = paths.published_dir(P.profile) / "02_study_curves.csv"
 if study_csv.is_file():
     curves = pd.read_csv(study_csv)
     # Rows marked "poisoned (superseded)" came from a first evaluator that fitted kNN on the poisoned
-    # training images, which inflates ASR: their accuracy and cluster columns stand, their ASR does not.
-    curves.loc[curves["labelled_set"] != "clean", ["knn_asr"]] = np.nan
+    # training images, which inflates ASR: their accuracy and cluster columns stand, their ASRs (kNN and probe,
+    # both fitted on those labels) do not, so the ASR panel leaves them out.
+    curves.loc[curves["labelled_set"] != "clean", ["knn_asr", "probe10_asr"]] = np.nan
     long = curves.assign(
         ASR=100 * curves["probe10_asr"],
         accuracy=100 * curves["probe10_acc"],
@@ -368,6 +407,44 @@ if pairs_csv.is_file():
             for _, r in t.iterrows()
         )
         lines.append(f"- `{setting}` (epoch {t['epochs'].max()}): goal met on {met} of {len(t)} pairs ({asr}).")
+    import yaml
+
+    from helpers import cache
+
+    now = P.to_dict()
+
+    def is_profile(setting):  # its params on the profile's own pair have the profile's attack and training
+        f = notebook.figure_path(P.profile, f"02_study_params_{setting}_{A.target_class}-{P.attack.trigger_seed}.yaml")
+        study = yaml.safe_load(f.read_text()) if f.is_file() else None
+        return study is not None and all(
+            study.get(sec, {}).get(k) == v for sec in ("attack", "ssl") for k, v in now[sec].items()
+        )
+
+    own = [setting for setting in pairs["setting"].unique() if is_profile(setting)]
+    if own:
+        t = pairs[pairs["setting"] == own[0]]
+        mine = t[(t["target"] == A.target_class) & (t["trigger seed"] == P.attack.trigger_seed)].iloc[0]
+        found = {v: cache.cached_result(f"eval_{v}", P) for v in ("poisoned", "clean")}  # read only
+        top = max(P.eval.label_fractions)
+        now_asr = {}
+        for v, r in found.items():
+            if r is not None:
+                probe = pd.read_csv(r.path / "probe.csv")
+                now_asr[v] = 100 * probe[np.isclose(probe["labels"], top)]["asr"].mean()
+        lines.append(
+            f"\n**The profile's own setting** is `{own[0]}`: it meets the goal on {int(t['goal met'].sum())} of "
+            f"{len(t)} pairs"
+            + (", so the study does not show that it plants a backdoor" if t["goal met"].sum() < len(t) else "")
+            + f". On the profile's pair the study "
+            f"measured {mine['probe10 ASR']:.1f}% against {mine['probe10 ASR clean model']:.1f}% with its own "
+            "evaluation when it ran"
+            + (
+                f"; notebook 07 measures the profile's models with the current one: {now_asr['poisoned']:.1f}% "
+                f"against {now_asr['clean']:.1f}%."
+                if len(now_asr) == 2
+                else "."
+            )
+        )
     notebook.show_markdown(f"**The goal** in every pair: {evaluate.planted_rule()}.\n\n" + "\n".join(lines))
     notebook.show_table(pairs, keys=["setting", "target", "trigger seed"])
     from IPython.display import Image

@@ -172,7 +172,9 @@ table
 # %% [markdown]
 # ## What a poisoned cluster looks like
 # The images of the most poisoned cluster (trigger boxes in green), next to a clean cluster of similar
-# size: the poisoned one is held together by the trigger, not by what the images show.
+# size. Is the poisoned one held together by the trigger, or by what the images show? Every poison here is
+# an image of the target class, so a cluster of that class alone would look much the same; the baseline is
+# the clean model's embedding of the same images (notebook 02), read out below the figures.
 
 
 # %%
@@ -191,6 +193,22 @@ clean_c = int(np.argsort(np.abs(sizes - sizes[top[0]]) + 1e6 * (poisons > 0))[0]
 fig = cluster_grid(clean_c, n)
 fig.suptitle(f"cluster {clean_c}: no poisons", y=1.02)
 plotting.savefig(fig, P.profile, NB, "clean_cluster", dpi=P.figures.dpi)
+baseline_csv = notebook.figure_path(P.profile, "02_ssl_training_poison_concentration.csv")  # written by notebook 02
+if baseline_csv.is_file():
+    base = pd.read_csv(baseline_csv).set_index("features of")
+    clean_row, ours = base.loc["clean model (baseline)"], base.loc["backdoored model"]
+    notebook.show_markdown(
+        f"With the clean model's features (notebook 02's clustering of the same images), "
+        f"{100 * clean_row['poison_share_in_rich_clusters']:.1f}% of the poisons fall in clusters at least half "
+        f"poisoned and the purest cluster is {100 * clean_row['max_cluster_purity']:.0f}% poisons; with the "
+        f"backdoored model's, {100 * ours['poison_share_in_rich_clusters']:.1f}% and "
+        f"{100 * ours['max_cluster_purity']:.0f}%. The target class alone does not gather its images this tightly: "
+        f"the trigger does, in this one SSL training (seed {P.ssl.seed})."
+        if ours["poison_share_in_rich_clusters"] > 2 * clean_row["poison_share_in_rich_clusters"]
+        else f"With the clean model's features, {100 * clean_row['poison_share_in_rich_clusters']:.1f}% of the "
+        f"poisons fall in clusters at least half poisoned, against {100 * ours['poison_share_in_rich_clusters']:.1f}% "
+        "with the backdoored model's: the class, not the trigger, may be what gathers them."
+    )
 
 # %% [markdown]
 # ## The flip-test set

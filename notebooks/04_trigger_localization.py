@@ -275,7 +275,8 @@ for method, label in (("patchsearch", "PatchSearch's Grad-CAM"), ("poisoncam", "
     best_guess = max(r["centre window"], r["random window"])
     verdict = "beats both guesses" if r[method] > best_guess else "does NOT beat the better guess"
     claims.append(
-        f"- {label} at its blind w = {picked[method]} px hits {100 * r[method]:.0f}% of the triggers; the centre "
+        f"- {label} at its blind w = {picked[method]} px hits the trigger of {100 * r[method]:.0f}% of the {n} "
+        f"poisoned images{' (any of its triggers)' if P.attack.n_copies > 1 else ''}; the centre "
         f"window hits {100 * r['centre window']:.0f}% and a random window {100 * r['random window']:.0f}%: it "
         f"{verdict}."
     )
@@ -315,6 +316,18 @@ for strategy in ("full", "random", "interval"):
     )
 strategies = pd.DataFrame(rows)
 plotting.save_table(strategies, P.profile, NB, "mask_strategies")
+hits = (strategies.set_index("strategy")["hit rate"] * m).round().astype(int)  # images, not shares
+best_guess = max(strategies["centre window"].iloc[0], strategies["random window"].iloc[0]) * m
+ahead = int(hits.max() - hits.sort_values().iloc[-2])
+notebook.show_markdown(
+    f"On {m} images: " + ", ".join(f"`{k}` hits {v}" for k, v in hits.items()) + f" (the better guess: "
+    f"{best_guess:.0f}). "
+    + (
+        f"The strategies differ by at most {hits.max() - hits.min()} images of {m}: this sample ranks none of them."
+        if hits.max() - hits.min() <= max(2, round(0.05 * m))
+        else f"`{hits.idxmax()}` hits the most, {ahead} image{'s' if ahead != 1 else ''} ahead of the next."
+    )
+)
 strategies
 
 # %% [markdown]

@@ -127,6 +127,20 @@ reference = {
 clean_asr = reference["Clean"][np.isclose(reference["Clean"]["labels"], TOP)]["asr"]
 CLEAN_LEVEL = 100 * (clean_asr.mean() + 2 * clean_asr.std(ddof=0))  # notebook 07's rule for "at the clean level"
 print(f"clean model's ASR ({TOP:.0%} labels): {100 * clean_asr.mean():.1f}%; clean level: up to {CLEAN_LEVEL:.1f}%")
+backdoor_asr = mean_asr(reference["Backdoored"])
+notebook.show_markdown(
+    f"**What every table below stands on.** The reference backdoor ({TOP:.0%} labels) is "
+    f"{100 * backdoor_asr:.1f}% against the clean model's {100 * clean_asr.mean():.1f}% "
+    f"({backdoor_asr / clean_asr.mean():.1f}x): "
+    + (
+        "a backdoor by notebook 07's rule"
+        if evaluate.backdoor_planted(backdoor_asr, clean_asr.mean())
+        else f"**below** notebook 07's rule ({evaluate.planted_rule()})"
+    )
+    + f". Every row is one SSL training (seed {P.ssl.seed}) and its ± is over probe seeds only; notebook 07's "
+    "Table 2 over SSL seeds shows how far another training can move the backdoor itself. Read each verdict "
+    "below as one training's."
+)
 
 # %% [markdown]
 # ## Trusted data: knowledge distillation (paper Table 3)
@@ -406,15 +420,25 @@ if "repeated" in P.variants:
     t9 = table9[table9["labels"] == f"{TOP:.0%}"].set_index("model")["ASR (%)"]
     r_clean = repeated["Clean"][np.isclose(repeated["Clean"]["labels"], TOP)]["asr"] * 100
     r_level = r_clean.mean() + 2 * r_clean.std(ddof=0)
-    planted = t9["Backdoored"] >= max(20, 4 * t9["Clean"])
+    planted = evaluate.backdoor_planted(t9["Backdoored"] / 100, t9["Clean"] / 100)
     notebook.show_markdown(
         f"With {R.attack.n_copies} triggers per poisoned image the backdoored model's ASR is {t9['Backdoored']:.1f}% "
         f"({P.attack.n_copies} triggers, notebook 07: {100 * mean_asr(reference['Backdoored']):.1f}%; "
         f"clean model {t9['Clean']:.1f}%): "
         + (
-            "a backdoor by notebook 07's 20% / 4x rule. "
+            f"a backdoor by notebook 07's rule ({evaluate.planted_rule()}). "
             if planted
-            else "**not a backdoor** by notebook 07's 20% / 4x rule: more triggers did not make a stronger attack here. "
+            else f"**not a backdoor** by notebook 07's rule ({evaluate.planted_rule()})"
+            + (
+                f", nor is the reference with {P.attack.n_copies} triggers"
+                if not evaluate.backdoor_planted(backdoor_asr, clean_asr.mean())
+                else ""
+            )
+            + (
+                ": more triggers did not make a stronger attack here. "
+                if t9["Backdoored"] <= 100 * backdoor_asr
+                else "; its ASR is higher than the reference's. "
+            )
         )
         + "; ".join(
             f"{name} removed {detection[m][1]} images, {detection[m][0]:.0f}% of the poisons (a random pick of as many: "
