@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -293,3 +294,17 @@ def training_settings(params: Params, train_shape: tuple[int, int, int, int]) ->
          f"{params.compute.precision} (losses and scores in fp32)"),
     ]  # fmt: skip
     return _table(rows, ("setting", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
+
+
+def row_commits(profile: str, table_name: str) -> dict[str, str]:
+    """The commit each published row of a generality table was computed at, from its record
+    (``figures/<profile>/07_<table_name>_RECORD.md``, written by ``helpers.studies.generality.publish``)."""
+    record = paths.published_dir(profile) / f"07_{table_name}_RECORD.md"
+    if not record.is_file():
+        return {}
+    text = record.read_text()
+    rows = dict(re.findall(r"^- `([\w-]+)`: computed at commit `([0-9a-f]+)`", text, flags=re.M))
+    if not rows:  # a record written before rows were kept: one commit for the rows its command names
+        commit = re.search(r"published at commit `([0-9a-f]+)`", text)
+        rows = dict.fromkeys(re.findall(r"--run ([\w-]+)", text), commit.group(1)) if commit else {}
+    return rows

@@ -175,7 +175,7 @@ axes[0].set_ylabel("y of top-left corner")
 fig.tight_layout()
 plotting.savefig(fig, P.profile, NB, "trigger_locations", dpi=P.figures.dpi)
 
-# %%
+# %% tags=["hide-input"]
 from helpers import localize
 
 side = int(A.poison_boxes[0, 0, 2])

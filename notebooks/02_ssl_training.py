@@ -395,7 +395,7 @@ else:
 # printed below; the clean model measured with the same pair's trigger) in every pair. Settings whose curve showed no backdoor
 # were stopped early; their last evaluated epoch is in the table.
 
-# %%
+# %% tags=["hide-input"]
 pairs_csv = paths.published_dir(P.profile) / "02_study_pairs.csv"
 if pairs_csv.is_file():
     pairs = pd.read_csv(pairs_csv)

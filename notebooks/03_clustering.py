@@ -177,7 +177,7 @@ table
 # the clean model's embedding of the same images (notebook 02), read out below the figures.
 
 
-# %%
+# %% tags=["hide-input"]
 def cluster_grid(c, n):
     members = np.flatnonzero(assignment == c)[:n]
     boxes = A.boxes_of(members)

@@ -445,7 +445,7 @@ auc
 # of the sweep on `default` alone, at an earlier commit ([history](history.md)); the two controlled counts
 # were not compared then, and the last line below compares them on this table.
 
-# %%
+# %% tags=["hide-input"]
 rules_path = notebook.figure_path(P.profile, "05_search_score_rules_long.csv")
 if rules_path.is_file():
     rules = pd.read_csv(rules_path)

@@ -247,7 +247,7 @@ outputs
 # removes colourful objects (vehicles, for instance). `python -m helpers.studies.removal` compares variants
 # of the classifier on the same search (`figures/<profile>/06_false_removals.md`).
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for m, path in stages.items():
     removed = np.load(path / "classifier.npz")["removed"]

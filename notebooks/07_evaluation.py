@@ -680,13 +680,11 @@ else:
 # %% tags=["hide-input"]
 seeds_path = notebook.figure_path(P.profile, "07_generality_seeds.csv")
 if seeds_path.is_file():
-    from helpers.studies import generality
-
     other = pd.read_csv(seeds_path)
     other = other[np.isfinite(other["PatchSearch w"])]
     mine = table1[(table1["method"] == "PatchSearch") & (table1["ensemble"] == "mean")].iloc[0]
     low, high = other["PatchSearch top-20 (%)"].min(), other["PatchSearch top-20 (%)"].max()
-    commits = sorted(set(generality.row_commits(P.profile, "generality_seeds").values()))
+    commits = sorted(set(notebook.row_commits(P.profile, "generality_seeds").values()))
     notebook.show_markdown(
         f"On the backdoored models of {len(other)} other SSL trainings ({int(other['backdoor present'].sum())} of "
         f"them planted by the rule), PatchSearch's top-20 accuracy is {low:.0f}-{high:.0f}% (chance "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ import pandas as pd
 from .. import evaluate, io, paths, studies
 from .. import params as params_mod
 from ..classify import ensemble_removed
+from ..notebook import row_commits
 
 # name -> overrides of the base profile's attack section. "default" is the profile itself. None of these is
 # a configuration the defaults were chosen on except "default" (the study chose the setting on the pairs
@@ -265,19 +265,6 @@ def window_sweep_rows(name: str, base: Path) -> list[dict]:
                 }
             )
     return out
-
-
-def row_commits(profile: str, table_name: str) -> dict[str, str]:
-    """The commit each published row of the table was computed at, from its record (``publish``)."""
-    record = paths.published_dir(profile) / f"07_{table_name}_RECORD.md"
-    if not record.is_file():
-        return {}
-    text = record.read_text()
-    rows = dict(re.findall(r"^- `([\w-]+)`: computed at commit `([0-9a-f]+)`", text, flags=re.M))
-    if not rows:  # a record written before rows were kept: one commit for the rows its command names
-        commit = re.search(r"published at commit `([0-9a-f]+)`", text)
-        rows = dict.fromkeys(re.findall(r"--run ([\w-]+)", text), commit.group(1)) if commit else {}
-    return rows
 
 
 def publish(
