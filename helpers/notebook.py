@@ -296,15 +296,21 @@ def training_settings(params: Params, train_shape: tuple[int, int, int, int]) ->
     return _table(rows, ("setting", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))
 
 
+def short_commit(commit: str) -> str:
+    """A commit's first 7 digits, marked where it was published from a tree with uncommitted changes."""
+    return commit[:7] + (" (with uncommitted changes)" if commit.endswith("-dirty") else "")
+
+
 def row_commits(profile: str, table_name: str) -> dict[str, str]:
     """The commit each published row of a generality table was computed at, from its record
-    (``figures/<profile>/07_<table_name>_RECORD.md``, written by ``helpers.studies.generality.publish``)."""
+    (``figures/<profile>/07_<table_name>_RECORD.md``, written by ``helpers.studies.generality.publish``); a
+    commit published from a changed tree keeps its ``-dirty`` mark."""
     record = paths.published_dir(profile) / f"07_{table_name}_RECORD.md"
     if not record.is_file():
         return {}
     text = record.read_text()
-    rows = dict(re.findall(r"^- `([\w-]+)`: computed at commit `([0-9a-f]+)`", text, flags=re.M))
+    rows = dict(re.findall(r"^- `([\w-]+)`: computed at commit `([0-9a-f]+(?:-dirty)?)`", text, flags=re.M))
     if not rows:  # a record written before rows were kept: one commit for the rows its command names
-        commit = re.search(r"published at commit `([0-9a-f]+)`", text)
+        commit = re.search(r"published at commit `([0-9a-f]+(?:-dirty)?)`", text)
         rows = dict.fromkeys(re.findall(r"--run ([\w-]+)", text), commit.group(1)) if commit else {}
     return rows

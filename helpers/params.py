@@ -114,7 +114,8 @@ class ClusterParams:
     order: str = "content"
 
 
-SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat")  # helpers.search counts them (its SCORE_RULES)
+# helpers.search counts them (its SCORE_RULES)
+SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat", "toward_vs_flat")
 
 
 @dataclass(frozen=True)

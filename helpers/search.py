@@ -2,7 +2,7 @@
 
 - Flip-test set: for every cluster, the training image nearest its centre (hard to flip).
 - Poison score of a candidate trigger from an image of cluster y: paste it at a uniformly random place
-  on every flip-test image and count flip-test images, by one of four rules (``SCORE_RULES``):
+  on every flip-test image and count flip-test images, by one of five rules (``SCORE_RULES``):
   * ``into`` (PatchSearch, Sec. 3: "the number of images in X^f whose cluster assignments flipped to that
     of x_i"): images not in y before pasting and in y after. A count, never negative. (The official code
     counts the flip images in y after minus before, which is -1 for a candidate that pushes y's own flip
@@ -19,6 +19,12 @@
     the literal ``changed`` count ranks almost blank squares above the trigger. A flat square has the same
     size, place and colour as the candidate and none of its pattern, so what it moves too is discounted.
     It doubles the flip test's forward passes.
+  * ``toward_vs_flat``: ``into_vs_flat`` widened from y to its neighbourhood. A flip image counts if the
+    candidate moves it to a cluster whose centre is nearer y's centre (cosine) than both the cluster it was
+    in and the one the flat square sends it to; a move into y itself is the nearest of all. k-means splits
+    the poisons of one target into several clusters (nine on the cifar10 profile's ``automobile-21``), and a
+    trigger drags the flip images towards all of them, not only into the candidate's own: ``into`` counts a
+    ninth of that pull, ``toward_vs_flat`` all of it. No parameter: the centres say what is near.
   The assignment is the argmax of the cosine logits; with L2-normalised centres that argmax does not
   depend on the feature's norm, so the official code's quirk (patched features left unnormalised) does
   not arise here.
@@ -79,7 +85,7 @@ from .models import Normaliser
 from .params import Params
 from .ssl import augment_config, load_backbone, train_stage
 
-SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat")
+SCORE_RULES = ("into", "changed", "into_vs_flat", "changed_vs_flat", "toward_vs_flat")
 
 
 def _check_rule(rule: str) -> None:
@@ -94,10 +100,24 @@ def flat_patches(patches: torch.Tensor) -> torch.Tensor:
 
 
 def _flip_hits(
-    before: torch.Tensor, after: torch.Tensor, clusters: torch.Tensor, rule: str, flat: torch.Tensor | None = None
+    before: torch.Tensor,
+    after: torch.Tensor,
+    clusters: torch.Tensor,
+    rule: str,
+    flat: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 where a flip image counts towards its candidate's score (``before``/``after``/``clusters``, and
-    ``flat``, the destinations under the flat control, broadcast)."""
+    ``flat``, the destinations under the flat control, broadcast; ``centres``, the L2-normalised cluster
+    centres, for ``toward_vs_flat``)."""
+    if rule == "toward_vs_flat":
+        near = (centres @ centres.T).cpu()  # cosine between cluster centres
+        own = clusters.expand_as(after)
+
+        def nearness(dest: torch.Tensor) -> torch.Tensor:
+            return near[dest.expand_as(after), own]
+
+        return ((nearness(after) > nearness(before)) & (nearness(after) > nearness(flat))).long()
     if rule.startswith("into"):
         hit = (after == clusters) & (before != clusters)
         return (hit & (flat != clusters) if rule == "into_vs_flat" else hit).long()
@@ -152,7 +172,7 @@ def flip_test(
     rule: str = "into",
 ) -> np.ndarray:
     """Poison scores of ``C`` candidate patches (``C x 3 x w x w`` uint8) from images of ``clusters``,
-    batched over candidates and flip images together; ``rule`` is ``into`` or ``changed`` (module text)."""
+    batched over candidates and flip images together; ``rule``: one of ``SCORE_RULES`` (module text)."""
     _check_rule(rule)
     if len(patches) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -160,7 +180,8 @@ def flip_test(
     flat = None
     if rule.endswith("_vs_flat"):
         flat = flip_destinations(model, normalise, flip_pixels, flat_patches(patches), locations, batch_size)
-    hits = _flip_hits(flip_before.long().cpu()[None], after, clusters.long().cpu()[:, None], rule, flat)
+    before, own = flip_before.long().cpu()[None], clusters.long().cpu()[:, None]
+    hits = _flip_hits(before, after, own, rule, flat, model.centroids.float())
     return hits.sum(1).numpy()
 
 
@@ -188,11 +209,14 @@ def flip_test_loop(
         return assign(model, normalise(pasted), len(pasted)).cpu().tolist()
 
     before = flip_before.long().cpu().tolist()
+    near = (model.centroids.float() @ model.centroids.float().T).cpu().tolist()
     for c in range(len(patches)):
         after, target = destinations(patches[c], c), int(clusters[c])
         flat = destinations(patches[c].float().mean((1, 2), keepdim=True).round().to(torch.uint8), c)
         for a, b, f in zip(after, before, flat, strict=True):
-            if rule.startswith("into"):
+            if rule == "toward_vs_flat":
+                scores[c] += near[a][target] > near[b][target] and near[a][target] > near[f][target]
+            elif rule.startswith("into"):
                 scores[c] += a == target and b != target and (rule == "into" or f != target)
             else:
                 scores[c] += a != b and (rule == "changed" or a != f)

@@ -474,6 +474,75 @@ else:
     print(f"no score-rule study for profile {P.profile} yet: python -m helpers.studies.score_rules --run default")
 
 # %% [markdown]
+# ## Poisons split over several clusters: what PatchSearch's count misses
+# k-means splits one target's poisons into several clusters, not one: the next cell counts them for this
+# profile. A trigger drags the flip images towards all of them, but PatchSearch's `into` count credits a
+# candidate only with the images it moves into its *own* cluster, a part of the pull; meanwhile a clean
+# candidate from a cluster that takes in whatever image is covered scores as much. Where a backdoor is
+# planted outside the default (`automobile-21`, notebook 07's generality table), PatchSearch's top-20 falls
+# short for this reason. Two changes to the flip test are measured by `python -m helpers.studies.flip_test`,
+# each with PatchSearch's search run again on the same model and clustering (`figures/<profile>/05_search_flip_test.md`;
+# shown here when it exists):
+# - **`toward_vs_flat`**: a flip image counts if the candidate moves it to a cluster whose centre is nearer
+#   the candidate's cluster centre than the cluster it was in and than where a flat square of the
+#   candidate's mean colour sends it. A move into the candidate's own cluster is the nearest of all, so this
+#   widens `into_vs_flat` (the occlusion control above) from one cluster to its neighbourhood, with no
+#   parameter: the cluster centres say what is near.
+# - **A larger flip set**: the paper's flip set is also one image per cluster, but of many more clusters, so
+#   its scores count out of many more images than this profile's. The study takes the several images nearest
+#   each centre (`--per-cluster`) to see whether a finer count helps.
+#
+# `toward_vs_flat` was written after looking at one side of `automobile-21`'s search ("seen"); every other
+# configuration judges it.
+
+# %% tags=["hide-input"]
+share = pd.Series(poison).groupby(assignment).mean()
+rich = share[share > 0.5]
+notebook.show_markdown(
+    f"This profile's poisons: {poison.sum()} images, {100 * np.isin(assignment[poison], rich.index).mean():.0f}% "
+    f"of them in the {len(rich)} clusters that are more than half poisons."
+)
+flip_path = notebook.figure_path(P.profile, "05_search_flip_test.csv")
+if flip_path.is_file():
+    flips = pd.read_csv(flip_path)
+    one = flips[flips["flip images per cluster"] == 1]
+    lines = []
+    for (name, seen), t in one.groupby(["configuration", "seen"], sort=False):
+        fair = t.pivot(index="w", columns="count", values="top-20, ties at random (%)")
+        auc = t.pivot(index="w", columns="count", values="AUC")
+        lines.append(
+            f"- **{name}** ({'seen' if seen else 'unseen'}), top-20 with the ties at random at "
+            f"{', '.join(f'{w}' for w in fair.index)} px: "
+            + "; ".join(
+                f"`{c}` {' / '.join(f'{v:.0f}' for v in fair[c])}% (AUC {auc[c].min():.2f}-{auc[c].max():.2f})"
+                for c in fair.columns
+            )
+        )
+    both = one.pivot_table(index=["configuration", "w"], columns="count", values="top-20, ties at random (%)")
+    both = both.dropna(subset=["into", "toward_vs_flat"])
+    unseen = both[~both.index.get_level_values(0).isin(flips.loc[flips["seen"], "configuration"])]
+    lines.append(
+        f"- Unseen configurations and sides where `toward_vs_flat` ranks more poisons into the top-20 than `into`: "
+        f"{int((unseen['toward_vs_flat'] > unseen['into']).sum())} of {len(unseen)}, fewer on "
+        f"{int((unseen['toward_vs_flat'] < unseen['into']).sum())}."
+    )
+    for _, r in flips[flips["flip images per cluster"] > 1].iterrows():
+        base = one[(one["configuration"] == r["configuration"]) & (one["count"] == r["count"]) & (one["w"] == r["w"])]
+        if len(base):
+            lines.append(
+                f"- {r['configuration']}, `{r['count']}` at {r['w']} px with {r['flip images']} flip images: top-20 "
+                f"{r['top-20, ties at random (%)']:.0f}% (AUC {r['AUC']:.2f}) against "
+                f"{base['top-20, ties at random (%)'].iloc[0]:.0f}% (AUC {base['AUC'].iloc[0]:.2f}) with "
+                f"{base['flip images'].iloc[0]}; the search took {r['CPU min']:.0f} CPU minutes."
+            )
+    notebook.show_markdown("\n".join(lines))
+    display(flips)  # noqa: F821
+else:
+    print(
+        f"no flip-test study for profile {P.profile} yet: python -m helpers.studies.flip_test --compute --run default"
+    )
+
+# %% [markdown]
 # ## The top-ranked candidate triggers
 # The top-ranked patches of each method (red title: cut from a poisoned image). These are what the poison
 # classifier of notebook 06 learns to find.

@@ -366,10 +366,13 @@ if len(by_seed):
 # %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), constrained_layout=True)
 rows = [c for i, c in enumerate(D.val.classes) if i != A.target_index]  # patched data: no target images
-for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
-    cm = np.load(results[name][0] / "probe_confusion_patched.npy")
+shares = {}  # per model, each true class's patched images by predicted class (%)
+for name in ["Clean", "Backdoored"]:
+    cm = np.load(results[name][0] / "probe_confusion_patched.npy").astype(float)
     cm = cm[np.arange(len(cm)) != A.target_index]
-    share = pd.DataFrame(100 * cm / cm.sum(1, keepdims=True), index=rows, columns=D.val.classes)
+    shares[name] = pd.DataFrame(100 * cm / cm.sum(1, keepdims=True), index=rows, columns=D.val.classes)
+for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
+    share = shares[name]
     sns.heatmap(
         share,
         ax=ax,
@@ -390,11 +393,8 @@ for k, (ax, name) in enumerate(zip(axes, ["Clean", "Backdoored"], strict=True)):
     ax.get_xticklabels()[A.target_index].set_fontweight("bold")
 plotting.savefig(fig, P.profile, NB, "confusion_patched", dpi=P.figures.dpi)
 lines = []
-for name in ["Clean", "Backdoored"]:
-    cm = np.load(results[name][0] / "probe_confusion_patched.npy").astype(float)
-    cm = cm[np.arange(len(cm)) != A.target_index]
-    share = 100 * cm / cm.sum(1, keepdims=True)
-    off = share.copy()  # the share each wrong column takes, the true class's own cell left out
+for name, share in shares.items():
+    off = share.to_numpy().copy()  # the share each wrong column takes, the true class's own cell left out
     off[np.arange(len(off)), [i for i in range(len(D.val.classes)) if i != A.target_index]] = np.nan
     column = np.nanmean(off, axis=0)
     others = column.copy()
@@ -696,7 +696,11 @@ if seeds_path.is_file():
             if mine["top-20 acc (%)"] > high + 5
             else "The detection shown above is within the range of the other trainings."
         )
-        + (f" These rows were computed at commit {', '.join(c[:7] for c in commits)}." if commits else "")
+        + (
+            f" These rows were computed at commit {', '.join(notebook.short_commit(c) for c in commits)}."
+            if commits
+            else ""
+        )
     )
     notebook.show_table(
         other[

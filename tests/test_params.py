@@ -163,7 +163,7 @@ def test_poisoncams_count_enters_only_poisoncams_stages():
     assert (
         "poisoncam_score" not in params.stage_params(poisoncam, "search_poisoned")["search"]
     )  # its paper's: as before
-    with pytest.raises(ParamsError, match="'search.poisoncam_score' = 'into_flat'.*into_vs_flat or changed_vs_flat"):
+    with pytest.raises(ParamsError, match="'search.poisoncam_score' = 'into_flat'.*changed_vs_flat or toward_vs_flat"):
         params.from_dict({"profile": "x", "search": {"poisoncam_score": "into_flat"}}, "src")
     with pytest.raises(ParamsError, match="'search.score_rule' = 'all'"):
         params.from_dict({"profile": "x", "search": {"score_rule": "all"}}, "src")

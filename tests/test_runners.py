@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from helpers import params
+from helpers import notebook, params
 from helpers.attack import sample_boxes
 from helpers.localize import localization_baselines
 from helpers.studies import generality, removal, strength
@@ -141,6 +141,9 @@ def test_a_kept_rows_commit_is_read_from_either_form_of_the_record(monkeypatch, 
     )
     assert generality.row_commits("p", "generality") == {"a-1": "abc1", "b": "ccc3"}
     assert generality.row_commits("p", "other") == {}
+    record.write_text("- published at commit `ce7a808f-dirty` by `... --run a-1`\n")
+    assert generality.row_commits("p", "generality") == {"a-1": "ce7a808f-dirty"}
+    assert notebook.short_commit("ce7a808f-dirty") == "ce7a808 (with uncommitted changes)"
 
 
 def test_a_study_record_names_its_commit_and_is_read_back_by_the_generality_table(monkeypatch, tmp_path):
@@ -184,3 +187,26 @@ def test_a_studys_options_set_the_threads_and_load_the_params(monkeypatch):
             studies.parse(parser, ["--threads", "two"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_flip_set_of_n_per_cluster_takes_the_n_nearest_its_centre_and_one_is_the_profiles():
+    from helpers.cluster import flip_set
+    from helpers.studies.flip_test import nearest_per_cluster
+
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(3, 8))
+    assignment = np.repeat([0, 1, 2], [5, 4, 2])
+    features = centroids[assignment] + rng.normal(scale=0.5, size=(11, 8))
+    assert set(nearest_per_cluster(features, assignment, centroids, 1)) == set(
+        flip_set(features, assignment, centroids)
+    )
+    chosen = nearest_per_cluster(features, assignment, centroids, 3)
+    assert len(chosen) == 3 + 3 + 2  # the cluster of two gives both
+    cos = (features / np.linalg.norm(features, axis=1, keepdims=True)) @ (
+        centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    ).T
+    for k in range(3):
+        members = np.flatnonzero(assignment == k)
+        picked = np.intersect1d(chosen, members)
+        rest = np.setdiff1d(members, picked)
+        assert not len(rest) or cos[picked, k].min() > cos[rest, k].max()

@@ -122,7 +122,7 @@ def test_the_occlusion_control_ranks_the_trigger_above_blank_squares():
     clusters = torch.tensor([0, 1, 3])
     loc = paste_locations([0, 1, 2], len(flips), 16, 16, 8, seed=0)
     scores = {}
-    for rule in ("changed", "into", "into_vs_flat", "changed_vs_flat"):
+    for rule in search.SCORE_RULES:
         scores[rule] = flip_test(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist()
         assert flip_test_loop(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist() == scores[rule]
     # PoisonCAM's literal count: the teal square changes 6 assignments (to green and to blue), the trigger 5
@@ -131,6 +131,33 @@ def test_the_occlusion_control_ranks_the_trigger_above_blank_squares():
     assert scores["into"] == [0, 5, 5]
     # with the control, a flat square's moves are its own flat square's: only the trigger's pattern counts
     assert scores["into_vs_flat"] == scores["changed_vs_flat"] == [0, 0, 5]
+    # orthogonal centres: no cluster is nearer a candidate's than another, so "toward" is "into"
+    assert scores["toward_vs_flat"] == scores["into_vs_flat"]
+
+
+def test_toward_counts_the_pull_into_the_clusters_near_the_candidates_and_not_a_blank_squares():
+    # two pattern clusters near each other (3 and 4: one target's poisons split in two by k-means); a
+    # checkerboard trigger cut from a cluster-3 image moves reddish images into 3 and greenish ones into 4
+    centres = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.3, 0, 0, 1], [0, 0.3, 0, 1]])
+    model, norm = ClusterClassifier(ColourPatternNet(), centres), Normaliser((0, 0, 0), (1, 1, 1))
+    colours = [(0.6, 0, 0), (0.5, 0.1, 0), (0, 0.6, 0), (0.1, 0.5, 0), (0, 0, 0.7), (0.3, 0.3, 0.3), (0.2, 0.5, 0.1)]
+    flips = (torch.tensor(colours) * 255).round().to(torch.uint8)[:, :, None, None].repeat(1, 1, 16, 16)
+    before = model(norm(flips)).argmax(1)
+    assert before.tolist() == [0, 0, 1, 1, 2, 0, 1]
+    patches = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    patches[0] = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 255).to(torch.uint8)  # the trigger
+    patches[1, 2] = 255  # a blank blue square from a cluster-2 image
+    patches[2, 1] = 200  # a blank green square from a cluster-1 image
+    clusters = torch.tensor([3, 2, 1])
+    loc = paste_locations([0, 1, 2], len(flips), 16, 16, 8, seed=0)
+    after = flip_destinations(model, norm, flips, patches, loc)
+    assert after[0].tolist() == [3, 3, 4, 4, 3, 3, 4]  # every flip image pulled to the pattern clusters
+    scores = {}
+    for rule in search.SCORE_RULES:
+        scores[rule] = flip_test(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist()
+        assert flip_test_loop(model, norm, flips, before, patches, clusters, loc, rule=rule).tolist() == scores[rule]
+    assert scores["into"] == [4, 1, 1]  # the trigger's pull into 4 is lost; each blank square moves one image
+    assert scores["toward_vs_flat"] == [7, 0, 0]  # all seven; a blank square's moves are its flat square's
 
 
 def test_batched_flip_test_equals_the_loop_on_a_network():

@@ -34,6 +34,9 @@ VARIANTS: dict[str, dict] = {
     # the clusters of the top-k candidates left out of the pool too: there the unscored poisons gather, and in
     # the pool half of them are drawn as clean samples carrying the real trigger (issue 22, item 6)
     "exclude-top-clusters": {"paste_scale": [2 / 3, 4 / 3], "exclude_top_clusters": True},
+    # not a classifier's variant but its search's: the flip test counts the moves towards the clusters near the
+    # candidate's, where k-means split the poisons (helpers.search, toward_vs_flat; helpers.studies.flip_test)
+    "toward-count": {"search": {"score_rule": "toward_vs_flat"}},
 }
 
 # What each variant that is not the profile's does, in the words the README's caveat uses.
@@ -42,11 +45,16 @@ DESCRIPTIONS = {
     "paste-2/3": "pasted sides from 2w/3",
     "natural-negatives": "half the samples labelled clean get a window of another image pasted like the top-k patches",
     "exclude-top-clusters": "the top-k candidates' clusters left out of the pool too",
+    "toward-count": "the search's flip test counting the moves towards the clusters near the candidate's",
 }
 
 
 def variant_params(params: params_mod.Params, name: str) -> params_mod.Params:
-    return dataclasses.replace(params, classifier=dataclasses.replace(params.classifier, **VARIANTS[name]))
+    """The profile with variant ``name``'s overrides: of ``classifier``, and of ``search`` under that key."""
+    overrides = dict(VARIANTS[name])
+    search = overrides.pop("search", {})
+    found = dataclasses.replace(params, classifier=dataclasses.replace(params.classifier, **overrides))
+    return dataclasses.replace(found, search=dataclasses.replace(found.search, **search))
 
 
 def run(params: params_mod.Params, variants: list[str], datasets: list[str], methods: list[str]) -> None:

@@ -100,7 +100,7 @@ def counts(z, w: int) -> dict[str, np.ndarray]:
 
     after, flat, grey = (torch.from_numpy(z[f"{label}_w{w}"]) for label in ("after", "flat", "grey"))
     before, own = torch.from_numpy(z["before"])[None], torch.from_numpy(z["cluster"])[:, None]
-    out = {rule: _flip_hits(before, after, own, rule, flat).sum(1).numpy() for rule in SCORE_RULES}
+    out = {rule: _flip_hits(before, after, own, rule, flat).sum(1).numpy() for rule in SCORE_RULES if rule in COUNTS}
     out["changed_vs_grey"] = _flip_hits(before, after, own, "changed_vs_flat", grey).sum(1).numpy()
     return {count: out[count] for count in COUNTS}
 
