@@ -514,7 +514,8 @@ if flip_path.is_file():
             f"- **{name}** ({'seen' if seen else 'unseen'}), top-20 with the ties at random at "
             f"{', '.join(f'{w}' for w in fair.index)} px: "
             + "; ".join(
-                f"`{c}` {' / '.join(f'{v:.0f}' for v in fair[c])}% (AUC {auc[c].min():.2f}-{auc[c].max():.2f})"
+                f"`{c}` {' / '.join('-' if np.isnan(v) else f'{v:.0f}' for v in fair[c])}% "
+                f"(AUC {auc[c].min():.2f}-{auc[c].max():.2f})"
                 for c in fair.columns
             )
         )
