@@ -213,7 +213,9 @@ notebook.show_markdown("\n".join(lines))
 # drawn for that candidate and counts the images that move: *into* the candidate's cluster for
 # PatchSearch, *anywhere* for PoisonCAM's paper. The `_vs_flat` counts paste a second square at the same
 # place, flat, of the candidate's mean colour, and count an image only where that square does not move it
-# the same way: what any occluder of that size and colour does is not the candidate's doing. A round takes the next `s` images of every alive cluster (each
+# the same way: what any occluder of that size and colour does is not the candidate's doing; `toward_vs_flat`
+# (section "Poisons split over several clusters" below) counts a move to any cluster nearer the
+# candidate's. A round takes the next `s` images of every alive cluster (each
 # cluster's images are shuffled once, at the start), raises each cluster's score to its best image so
 # far, and prunes the `ceil(r x alive)` lowest-scored clusters (ties: the lower index first); a cluster
 # with no unscored image left drops out too.
@@ -232,7 +234,10 @@ def flip_score_readable(model, normalise, flip_pixels, flip_before, patch, clust
         after = int(model(normalise(pasted[None])).argmax())  # the cluster it goes to now
         pasted[:, y : y + w, x : x + w] = patch.float().mean((1, 2), keepdim=True).round().to(torch.uint8)
         flat = int(model(normalise(pasted[None])).argmax())  # where a flat square of its colour sends it
-        if rule.startswith("into"):
+        if rule == "toward_vs_flat":  # nearer the candidate's cluster than where it was and where flat sends it
+            near = model.centroids @ model.centroids[cluster]  # every centre's cosine to the candidate's
+            score += int(near[after] > near[before] and near[after] > near[flat])
+        elif rule.startswith("into"):
             moved = after == cluster and before != cluster
             score += int(moved and (rule == "into" or flat != cluster))
         else:
