@@ -49,16 +49,14 @@ COUNTS = ("into", "into_vs_flat", "toward_vs_flat")
 
 
 def nearest_per_cluster(features: np.ndarray, assignment: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarray:
-    """Per non-empty cluster, its ``n`` members of largest cosine to its centre (all, if fewer), nearest first;
-    ``n = 1`` is ``helpers.cluster.flip_set``."""
-    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    c = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    cos = (f * c[assignment]).sum(1)
-    chosen = []
-    for k in np.unique(assignment):
-        members = np.flatnonzero(assignment == k)
-        chosen.append(members[np.argsort(-cos[members], kind="stable")[:n]])
-    return np.concatenate(chosen).astype(np.int64)
+    """Per non-empty cluster, its ``n`` members of largest cosine to its centre (all, if fewer), clusters in
+    order and nearest first; ``n = 1`` is ``helpers.cluster.flip_set``."""
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    centres = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    order = np.lexsort((-(unit * centres[assignment]).sum(1), assignment))  # by cluster, then nearest first
+    grouped = assignment[order]
+    place = np.arange(len(order)) - np.searchsorted(grouped, grouped)  # each image's place within its cluster
+    return order[place < n].astype(np.int64)
 
 
 def _config(base: Path, name: str):
