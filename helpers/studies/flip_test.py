@@ -83,25 +83,27 @@ def _features(ctx) -> np.ndarray:
     return torch.cat(batches).cpu().numpy()
 
 
-def _from_search_stage(params, work: Path, w: int) -> bool:
-    """Keep ``into`` with the profile's flip set at side ``w`` from the cached search stage, where it has it."""
+def _from_search_stage(params, work: Path, sides: list[int]) -> list[int]:
+    """Keep ``into`` with the profile's flip set from the cached search stage at each of ``sides`` it has;
+    returns those sides."""
     from ..cache import MARKER, stage_dir
     from ..cluster import defense_ids, training_set
     from ..search import SearchResult
 
     found = stage_dir(params, "search_poisoned")
     if not (found / MARKER).is_file():
-        return False
+        return []
     with np.load(found / "search.npz") as z:
-        if f"scores_w{w}" not in z.files:
-            return False
-        scores, scored = z[f"scores_w{w}"], z[f"scored_w{w}"]
-    pixels, _ = training_set(params, "poisoned", progress=False)
-    ranking = SearchResult(scores, scored, ids=defense_ids(params, pixels)).ranking()
+        kept = {w: (z[f"scores_w{w}"], z[f"scored_w{w}"]) for w in sides if f"scores_w{w}" in z.files}
+    if not kept:
+        return []
+    ids = defense_ids(params, training_set(params, "poisoned", progress=False)[0])  # the pixels, read once
     flip = np.load(stage_dir(params, "cluster_poisoned") / "clustering.npz")["flip_idx"]
-    io.save_npz(work / f"into_n1_w{w}.npz", scores=scores, scored=scored, ranking=ranking, flip=flip)
-    io.write_json(work / f"into_n1_w{w}.json", {"seconds": None, "from": f"search_poisoned/{found.name}"})
-    return True
+    for w, (scores, scored) in kept.items():
+        ranking = SearchResult(scores, scored, ids=ids).ranking()
+        io.save_npz(work / f"into_n1_w{w}.npz", scores=scores, scored=scored, ranking=ranking, flip=flip)
+        io.write_json(work / f"into_n1_w{w}.json", {"seconds": None, "from": f"search_poisoned/{found.name}"})
+    return list(kept)
 
 
 def run(name: str, base: Path, counts: list[str], per_cluster: list[int], sides: list[int]) -> None:
@@ -115,7 +117,9 @@ def run(name: str, base: Path, counts: list[str], per_cluster: list[int], sides:
     todo = [
         (c, n, w) for c in counts for n in per_cluster for w in sides if not (work / f"{c}_n{n}_w{w}.npz").is_file()
     ]
-    todo = [(c, n, w) for c, n, w in todo if not (c == "into" and n == 1 and _from_search_stage(params, work, w))]
+    if ("into", 1) in {(c, n) for c, n, _ in todo}:
+        read = _from_search_stage(params, work, [w for c, n, w in todo if (c, n) == ("into", 1)])
+        todo = [(c, n, w) for c, n, w in todo if not ((c, n) == ("into", 1) and w in read)]
     if not todo:
         return
     ctx = defense_context(params, progress=False)
