@@ -61,6 +61,13 @@ CONFIGS_AFTER_RULES: dict[str, dict] = {
     "checker-png": {"trigger": "params/triggers/checker_blue_yellow.png", "target_class": "ship"},
 }
 CONFIGS |= CONFIGS_AFTER_RULES
+# Made after PatchSearch's ``toward_vs_flat`` count was fixed (f6eabeb), before anything was run on them: they
+# judge it (removal variant ``toward-count``) and the profile's defenses: a trigger seed no earlier
+# configuration has, and 14 px (the side of size-14px, which planted a backdoor) on a target only tried at 12 px.
+CONFIGS_AFTER_TOWARD: dict[str, dict] = {
+    "cat-14px": {"trigger_size": 0.4375, "target_class": "cat", "trigger_seed": 141},
+}
+CONFIGS |= CONFIGS_AFTER_TOWARD
 
 # name -> overrides of other sections: the same attack, another SSL training. Made after the pooled window
 # rule was fixed (issue 22): they judge it blind (``python -m helpers.studies.generality --table generality_seeds``).
