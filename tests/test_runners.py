@@ -57,13 +57,24 @@ def test_configurations_made_after_the_rules_were_seen_by_no_rule():
     assert len(after) >= 4
     for rule in ("agreement", "pooled", "natural-negatives"):  # fixed before those were made
         assert not set(generality.CHOSEN_ON[rule]) & set(after), rule
-    earlier = [c for name, c in generality.CONFIGS.items() if name not in after]
+    earlier = [c for name, c in generality.CONFIGS.items() if name not in after | generality.CONFIGS_AFTER_TOWARD]
     targets = {c.get("target_class", "bird") for c in earlier}
     for name, config in after.items():
         new = config.get("target_class") not in targets or any(
             config.get(k) not in {c.get(k) for c in earlier} for k in ("trigger_size", "trigger") if k in config
         )
         assert new, name
+
+
+def test_configurations_made_after_the_toward_count_judge_it_on_a_new_trigger():
+    """Made after ``toward_vs_flat`` was fixed: none was in view when it was written, and each draws a trigger
+    (its seed) no earlier configuration drew."""
+    after = generality.CONFIGS_AFTER_TOWARD
+    assert after and not set(generality.CHOSEN_ON["toward-count"]) & set(after)
+    base = params.load(params.paths.PARAMS_DIR / "cifar10.yaml").attack.trigger_seed
+    earlier_seeds = {c.get("trigger_seed", base) for n, c in generality.CONFIGS.items() if n not in after}
+    for name, config in after.items():
+        assert config.get("trigger", "random") == "random" and config["trigger_seed"] not in earlier_seeds, name
 
 
 def test_profile_spreads_its_triggers():
@@ -210,3 +221,19 @@ def test_a_flip_set_of_n_per_cluster_takes_the_n_nearest_its_centre_and_one_is_t
         picked = np.intersect1d(chosen, members)
         rest = np.setdiff1d(members, picked)
         assert not len(rest) or cos[picked, k].min() > cos[rest, k].max()
+
+
+def test_a_study_publishes_its_table_and_the_record_that_names_commit_and_command():
+    import pandas as pd
+
+    from helpers import paths, studies
+
+    csv = studies.publish_table(
+        pd.DataFrame({"side": [12, 14], "top-20 (%)": [85.0, 100.0]}), "tiny", "05", "x", "A study", "cmd --a", ["- L"]
+    )
+    folder = paths.published_dir("tiny")
+    assert csv == folder / "05_x.csv" and pd.read_csv(csv)["top-20 (%)"].tolist() == [85.0, 100.0]
+    assert "| 14 | 100 |" in (folder / "05_x.md").read_text()
+    record = (folder / "05_x_RECORD.md").read_text().splitlines()
+    assert record[0] == "# A study: record" and record[-1] == "- L"
+    assert "by `cmd --a`" in record[2] and "published at commit `" in record[2]

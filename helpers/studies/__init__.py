@@ -1,7 +1,7 @@
 """Side studies: each answers one question on cached stages and publishes one table with its record.
 
 This module holds what their command lines share: the options (``parser``), reading them (``parse``: torch's
-threads, the params) and the record beside a published table (``write_record``).
+threads, the params), the record beside a published table (``write_record``) and both at once (``publish_table``).
 """
 
 from __future__ import annotations
@@ -46,3 +46,12 @@ def write_record(profile: str, stem: str, title: str, command: str, lines: list[
     target = paths.published_dir(profile) / f"{stem}_RECORD.md"
     io.write_text(target, "\n".join(record) + "\n")
     return target
+
+
+def publish_table(table, profile: str, notebook: str, name: str, title: str, command: str, lines: list[str]) -> Path:
+    """``figures/PROFILE/NOTEBOOK_NAME.{csv,md}`` and its record ``NOTEBOOK_NAME_RECORD.md`` (``write_record``)."""
+    from ..plotting import save_table
+
+    csv = save_table(table, profile, notebook, name, published=True)
+    write_record(profile, f"{notebook}_{name}", title, command, lines)
+    return csv

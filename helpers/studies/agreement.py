@@ -100,17 +100,16 @@ def rows(names: list[str], base: Path, k: int = TOP_K) -> list[dict]:
 
 
 def publish(profile: str, names: list[str], base: Path) -> pd.DataFrame:
-    from ..plotting import save_table
-
     table = pd.DataFrame(rows(names, base))
     general = pd.read_csv(paths.published_dir(profile) / "07_generality.csv")
     planted = dict(zip(general["configuration"], general["backdoor present"], strict=True))
     table["backdoor present"] = [planted.get(name, False) for name in table["training set"]]
     table["agreement"] = table["agreement"].round(3)
-    save_table(table, profile, "06_poison_classifier", "topk_agreement", published=True)
-    studies.write_record(
+    studies.publish_table(
+        table,
         profile,
-        "06_poison_classifier_topk_agreement",
+        "06_poison_classifier",
+        "topk_agreement",
         "Top-k agreement of the cached searches",
         f"python -m helpers.studies.agreement {' '.join(sys.argv[1:])}",
         [

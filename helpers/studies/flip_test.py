@@ -191,12 +191,11 @@ def main(argv: list[str] | None = None) -> None:
             run(name, base, args.count, args.per_cluster, args.sides)
     table = rows(args.run, base).round(3)
     if args.publish:
-        from ..plotting import save_table
-
-        save_table(table, args.publish, "05", "search_flip_test", published=True)
-        studies.write_record(
+        studies.publish_table(
+            table,
             args.publish,
-            "05_search_flip_test",
+            "05",
+            "search_flip_test",
             "PatchSearch's flip test at 32 px",
             f"python -m helpers.studies.flip_test --publish {args.publish} " + " ".join(f"--run {n}" for n in args.run),
             [

@@ -96,12 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     table, used = rows(params, args.method)
     table = table.round(1)
     if args.publish:
-        from ..plotting import save_table
-
-        save_table(table, args.publish, "05", "search_order", published=True)
-        studies.write_record(
+        studies.publish_table(
+            table,
             args.publish,
-            "05_search_order",
+            "05",
+            "search_order",
             "The order of the files",
             f"python -m helpers.studies.order --params {studies.shown_path(args.params)} --publish {args.publish}",
             [

@@ -128,9 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         run(params, args.variant, args.data, args.method)
     table = rows(params, args.variant, args.method).round(2)
     if args.publish:
-        from ..plotting import save_table
-
-        save_table(table, args.publish, "06", "false_removals", published=True)
 
         def folder(method: str, variant: str, stage: str) -> Path:
             return stage_dir(variant_params(with_method(params, method), variant), stage)
@@ -142,9 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             for variant in args.variant
             if (folder(method, variant, data) / "classifier.npz").is_file()
         ]
-        studies.write_record(
+        studies.publish_table(
+            table,
             args.publish,
-            "06_false_removals",
+            "06",
+            "false_removals",
             "Poison-classifier variants",
             f"python -m helpers.studies.removal --publish {args.publish}"
             f" --variant {' '.join(args.variant)} --method {' '.join(args.method)}",
