@@ -45,7 +45,9 @@
 # $$\mathrm{FP} = \big|\{x \in V_{\lnot t} : \hat y(x \oplus p) = t\}\big|, \qquad
 # \mathrm{ASR} = \frac{\mathrm{FP}}{|V_{\lnot t}|};$$
 #
-# on clean data FP counts the same predictions without the trigger: the rate the attack must beat.
+# on clean data FP counts the same predictions without the trigger. A model trained without any poison
+# also calls some patched images the target, so a backdoor is judged against the **clean model's** ASR on the
+# same patched images (the planted rule, below).
 
 # %% tags=["parameters"]
 params_path = "params/cifar10.yaml"
@@ -258,18 +260,36 @@ if "byol" in P.variants:
     b_asr, b_std, b_acc = b_top["asr"].mean() * 100, b_top["asr"].std(ddof=0) * 100, b_top["clean_acc"].mean() * 100
     b_planted = evaluate.backdoor_planted(b_asr["Backdoored"] / 100, b_asr["Clean"] / 100)
     b_near = b_asr["PatchSearch"] <= b_asr["Clean"] + 2 * b_std["Clean"]
+    b_probes = b_top.get_group("Backdoored")["asr"] * 100  # one ASR per probe seed
+    b_low = int((b_probes < 100 * evaluate.PLANTED_ASR).sum())
+    b_knn = {name: knn["patched"]["asr"] * 100 for name, (_, _, knn) in byol.items()}
+    b_spread = (
+        f" ± {b_std['Backdoored']:.1f} over {len(b_probes)} probe seeds ({b_probes.min():.1f} to "
+        f"{b_probes.max():.1f}%; kNN ASR {b_knn['Backdoored']:.1f}% against {b_knn['Clean']:.1f}%)"
+    )
     notebook.show_markdown(
         f"With BYOL ({100 * top:.0f}% labels) the clean model reaches {b_acc['Clean']:.1f}% accuracy (MoCo-v2: "
-        f"{acc['Clean']:.1f}%). The backdoored model's ASR is {b_asr['Backdoored']:.1f}% against the clean "
-        f"model's {b_asr['Clean']:.1f}%: "
+        f"{acc['Clean']:.1f}%). The backdoored model's ASR is {b_asr['Backdoored']:.1f}%{b_spread} against the "
+        f"clean model's {b_asr['Clean']:.1f}%: "
         + (
-            f"**a backdoor** by the rule ({evaluate.planted_rule()}), "
+            f"**a backdoor** by the rule ({evaluate.planted_rule()}) on the mean over probe seeds, "
             if b_planted
             else f"**no backdoor** by the rule ({evaluate.planted_rule()}; the paper: "
             f"{PAPER_BYOL['Backdoored'][1]}% against {PAPER_BYOL['Clean'][1]}%), "
         )
         + f"so on this one training (SSL seed {B.ssl.seed}) the paper's claim that the attack works on BYOL "
-        f"{'holds' if b_planted else '**does not hold**'}; whether it holds over SSL seeds is the next section's "
+        + (
+            "holds on the mean"
+            + (
+                f", not on every probe ({b_low} of {len(b_probes)} probe seeds below the rule's "
+                f"{evaluate.PLANTED_ASR:.0%})"
+                if b_low
+                else ""
+            )
+            if b_planted
+            else "**does not hold**"
+        )
+        + "; whether it holds over SSL seeds is the next section's "
         f"question. PatchSearch's retrained model: ASR {b_asr['PatchSearch']:.1f}% "
         + ("(at the clean level)" if b_near else "(**not** at the clean level)")
         + f", clean accuracy {b_acc['PatchSearch']:.1f}%"
@@ -405,6 +425,10 @@ for name, share in shares.items():
         f"patched images on average; the brightest other wrong column is {D.val.classes[brightest]} "
         f"({column[brightest]:.1f}%)."
     )
+lines.append(
+    "These matrices are one probe seed's, so their target column differs from Table 2's ASR, a mean over the "
+    "probe seeds (whose sd Table 2 gives)."
+)
 notebook.show_markdown("\n".join(lines))
 
 # %% [markdown]
@@ -415,8 +439,10 @@ notebook.show_markdown("\n".join(lines))
 # precision, total removed and clean removed (share of the clean images): of the poison classifier's
 # removals, under the paper's ensemble rule (mean logits) and a unanimous ensemble (notebook 06; the
 # filtered lists retrained on above follow the paper's). Trigger hit: the candidate window of a scored
-# poisoned image covers at least half of its trigger (or the trigger half of the window), beside the same
-# rate for a window of the same side at the image centre and at a random place (notebook 04). The count
+# poisoned image overlaps one of its image's triggers by at least half the area of the smaller of the two
+# (window or trigger), beside the same rate for a window of the same side at the image centre and at a
+# random place (notebook 04); the localization claim holds where the hits exceed the better of the two by more
+# than twice the binomial noise of that many images at that rate. The count
 # column names the flip test's count (notebook 05); PoisonCAM runs under the profile's count and, where
 # that is not its paper's, under the paper's count too.
 
@@ -443,12 +469,17 @@ table1 = pd.DataFrame(rows).round(1)
 plotting.save_table(table1, P.profile, NB, "table1")
 lines = []
 for _, r in table1.iterrows():
-    beats = r["trigger hit, scored poisons (%)"] > max(r["centre window hit (%)"], r["random window hit (%)"])
-    margin = (
-        (r["trigger hit, scored poisons (%)"] - max(r["centre window hit (%)"], r["random window hit (%)"]))
-        * r["scored poisons"]
-        / 100
-    )  # how many more of the scored poisons' triggers its windows hit than the better baseline's
+    base = max(r["centre window hit (%)"], r["random window hit (%)"]) / 100  # the better trivial window
+    hit, n = r["trigger hit, scored poisons (%)"] / 100, r["scored poisons"]
+    margin = (hit - base) * n  # how many more of the scored poisons' triggers its windows hit than that window's
+    z = (hit - base) / np.sqrt(max(base * (1 - base), 1e-9) / max(n, 1))  # binomial noise of n draws at that rate
+    verdict = (
+        f"holds, by {margin:.0f} images (z = {z:.1f} against the better baseline's rate)."
+        if z >= 2
+        else f"is within noise ({margin:+.0f} images, z = {z:.1f} < 2)."
+        if margin > 0
+        else "does not hold."
+    )
     lines.append(
         f"- {r['method']} ({r['count']} count), {r['ensemble']} ensemble (w = {r['w']} px): top-20 {r['top-20 acc (%)']:.0f}% "
         f"({r['top-20, ties at random (%)']:.1f}% with the ties at the 20th place broken at random; chance "
@@ -458,8 +489,7 @@ for _, r in table1.iterrows():
         f"{r['trigger hit, scored poisons (%)']:.1f}% of the triggers of its {r['scored poisons']:.0f} scored poisons "
         f"({r['trigger hit, scored poisons (%)'] * r['scored poisons'] / 100:.0f}), a centre window "
         f"{r['centre window hit (%)']:.1f}% "
-        f"and a random one {r['random window hit (%)']:.1f}%: the localization claim "
-        + (f"holds, by {margin:.0f} images." if beats else "does not hold.")
+        f"and a random one {r['random window hit (%)']:.1f}%: the localization claim {verdict}"
     )
 ids = cluster.defense_ids(P, cluster.training_set(P, "poisoned")[0])  # the search's tie order (notebook 05)
 for label, pm in DEFENDERS.items():  # the caveat of every w above: which rule chose it, what the paper's picks
@@ -482,6 +512,15 @@ for label, pm in DEFENDERS.items():  # the caveat of every w above: which rule c
         + f"; the search's top-20 there is {top20(f['window']):.0f}%. The paper's rule (RSD) picks w = {rsd_w} px "
         f"here, where the search's top-20 is {top20(rsd_w):.0f}%."
     )
+assignment = np.load(cluster.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
+for label in DEFENDERS:  # the trivial removal a recall must beat: no classifier, the top-20's whole clusters
+    cut = np.isin(assignment, assignment[found[label]["ranking"][:20]])
+    lines.append(
+        f"- Without a classifier, {label}: removing every image of the {len(np.unique(assignment[cut]))} clusters of "
+        f"its top-20 gives recall {100 * (cut & poison).sum() / poison.sum():.1f}% with "
+        f"{100 * (cut & ~poison).sum() / (~poison).sum():.1f}% of the clean images removed; the classifier's recall "
+        "above is worth what it adds to that."
+    )
 notebook.show_markdown("\n".join(lines))
 io.write_text(plotting.figure_path(P.profile, NB, "detection", ".md"), "\n".join(lines) + "\n")  # the book's first page
 columns = ["method", "count", "ensemble", "w", "top-20 acc (%)", "top-20, ties at random (%)", "recall (%)"]
@@ -502,13 +541,28 @@ def pr_curve(order):
     return hits / poison.sum(), hits / np.arange(1, len(order) + 1)
 
 
+def average_precision(order):
+    """Mean precision at each poison's rank (%), over the images ``order`` ranks."""
+    hit = poison[order]
+    return 100 * (np.cumsum(hit) / np.arange(1, len(order) + 1))[hit].mean()
+
+
 fig, axes = plt.subplots(1, len(DEFENDERS), figsize=(3.6 * len(DEFENDERS), 4.4), sharey=True)
-precision_at = {}
+precision_at, on_scored = {}, {}
 for ax, (label, pm) in zip(axes, DEFENDERS.items(), strict=True):
     scores = pd.read_csv(classify.classifier_stage(pm, "poisoned") / "scores.csv")
     ranking = found[label]["ranking"]
     n_scored = int(found[label]["scored"].sum())
     ranking = np.r_[ranking[:n_scored], np.random.default_rng(0).permutation(ranking[n_scored:])]
+    scored = ranking[:n_scored]  # the same images ranked both ways: a fair comparison
+    logit = scores["classifier_logit"].to_numpy()
+    on_scored[label] = (
+        n_scored,
+        100 * poison[scored].sum() / poison.sum(),  # the most recall the search's ranking reaches before its tail
+        100 * poison[scored].mean(),
+        average_precision(scored),
+        average_precision(scored[np.argsort(-logit[scored], kind="stable")]),
+    )
     for name, order in (
         ("poison score (search)", ranking),
         ("poison classifier", np.argsort(-scores["classifier_logit"].to_numpy(), kind="stable")),
@@ -533,11 +587,16 @@ notebook.show_markdown(
     "\n".join(
         f"- {label}: average precision {precision_at[label, 'poison score (search)']:.1f}% for the search's "
         f"ranking, {precision_at[label, 'poison classifier']:.1f}% for the classifier's (chance "
-        f"{100 * poison.mean():.0f}%)."
+        f"{100 * poison.mean():.0f}%). The search scored {on_scored[label][0]} images holding "
+        f"{on_scored[label][1]:.1f}% of the poisons: past that recall its curve is the random tail's. On those "
+        f"scored images alone (chance "
+        f"{on_scored[label][2]:.0f}%): {on_scored[label][3]:.1f}% for the search, {on_scored[label][4]:.1f}% for "
+        "the classifier."
         for label in DEFENDERS
     )
-    + "\nThe search ranks only what it scored; the classifier ranks every image, so where its curve lies above "
-    "the search's, the classifier has learned more than the few patches it was given."
+    + "\nThe search ranks only what it scored; the classifier ranks every image. The fair comparison is on the "
+    "scored images: where the classifier's precision is higher there too, it ranks the same images better than "
+    "the flip test that taught it."
 )
 
 # %% [markdown]
@@ -561,7 +620,8 @@ for name, idx in (("most_poisonous", order[:n]), ("least_poisonous", order[-n:])
 # ## The defense on clean data (paper Table 10)
 # A defender does not know whether the data is poisoned. The same defenses run on the clean training set
 # with the clean model, choosing their window blind as before; every image they remove is a false removal
-# (the paper's Table 10 removes about `tables.table10.removed_share` of its clean set: `params/paper.yaml`).
+# (the paper's Table 10 removes a small share of its clean set, read from `params/paper.yaml` and printed
+# below). A defense that finds few poisons on the poisoned set removes little here too: that is no merit.
 
 # %% tags=["hide-input"]
 rows = []
@@ -585,11 +645,17 @@ for label, pm in DEFENDERS.items():
 table10 = pd.DataFrame(rows)
 plotting.save_table(table10, P.profile, NB, "table10_clean_data")
 paper_removed = 100 * paper.entry("table10")["removed_share"]  # the paper removes about this share (%)
+recall_of = table1.set_index(["method", "ensemble"])["recall (%)"]  # Table 1: on the poisoned set
 notebook.show_markdown(
     "\n".join(
         f"- {r['method']} ({r['ensemble']} ensemble) picks w = {r['w (blind)']} px on the clean set and removes "
         f"{r['removed (%)']:.1f}% of it ({'within' if r['removed (%)'] <= paper_removed else 'above'} the paper's "
-        f"{paper_removed:.0f}%)."
+        f"{paper_removed:.0f}%)"
+        + (
+            f"; on the poisoned set it finds only {found_share:.1f}% of the poisons, so this says little."
+            if (found_share := recall_of[r["method"], r["ensemble"]]) < 95
+            else "."
+        )
         for _, r in table10.iterrows()
     )
 )
@@ -627,6 +693,37 @@ if general_path.is_file():
             f"- **{r['configuration']}** ({r['target']}, {r['trigger px']} px): {backdoor} (probe ASR "
             f"{r['probe ASR (%)']:.1f}% vs {r['clean model ASR (%)']:.1f}% for the clean model); " + "; ".join(parts)
         )
+    planted = general[general["backdoor present"]]
+
+    def meets(r, m):  # issue 22's goal for a defense on one configuration
+        return bool(
+            r[f"{m} top-20 (%)"] >= 90
+            and r[f"{m} recall (%)"] >= 95
+            and r[f"{m} clean removed (%)"] <= 2
+            and r[f"{m} trigger hit (%)"] > max(r[f"{m} centre hit (%)"], r[f"{m} random hit (%)"])
+        )
+
+    summary = [
+        f"**In short.** {len(general)} configurations, {len(planted)} of them planting a backdoor by the rule "
+        f"({', '.join(f'`{c}`' for c in planted['configuration']) or 'none'})."
+    ]
+    for m in ("PatchSearch", "PoisonCAM"):
+        ran = general[np.isfinite(general[f"{m} w"])]
+        high = ran[ran[f"{m} top-20 (%)"] >= 90]
+        summary.append(
+            f"{m}: top-20 at least 90% on {len(high)} of {len(ran)}, of which {int(high['backdoor present'].sum())} "
+            f"planted; the goal (top-20 at least 90%, recall at least 95%, at most 2% of the clean images removed, "
+            f"trigger hit above the centre and random windows) met on "
+            f"{sum(meets(r, m) for _, r in ran[ran['backdoor present']].iterrows())} of "
+            f"{int(ran['backdoor present'].sum())} planted."
+        )
+    summary.append(
+        "The search reads the SSL model's clusters, not the probe: a trigger that gathers its images into "
+        "clusters is found even where the probe shows no backdoor, so top-20 can be high on a configuration "
+        "that plants none. The clean-set columns repeat from row to row: the clean set and the clean model do "
+        "not depend on the attack.\n"
+    )
+    lines.insert(0, " ".join(summary))
     import yaml
 
     used = yaml.safe_load(notebook.figure_path(P.profile, "07_generality_params_default.yaml").read_text())

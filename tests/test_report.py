@@ -152,8 +152,12 @@ def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
         csv.writer(f).writerows([header, *rows])
     text = report._classifier_caveat(tmp_path, record)
     assert "`exclude-top-clusters` (the top-k candidates' clusters left out of the pool too)" in text
-    assert "on the 2 configurations run after that, fewer clean images removed on 1 (3.0-6.0% against 4.8-5.0%)" in text
-    assert "recall 95.0-99.0% against 82.9-90.0%" in text
+    assert "on the 2 configurations run after that, the clean images removed differ from the profile's " in text
+    assert (
+        "classifier's by -0.4 points in the median (-1.8 to +1.0; lower on 1 of 2)" in text
+    )  # paired: 3.0-4.8, 6.0-5.0
+    assert "and recall by" in text and "(+9.0 to +12.1; lower on 0 of 2)" in text
+    assert "pasted sides drawn from [2w/3, 4w/3) where the paper draws them from [w/3, 4w/3)" in text
 
 
 def test_readme_block_is_rewritten_in_place_and_only_there(tmp_path, published):
@@ -197,3 +201,34 @@ def test_readme_cites_the_papers_of_paper_yaml():
     text = paths.README.read_text()
     for name, source in paper.load()["sources"].items():
         assert source["url"] in text, f"README.md does not link {name}'s paper ({source['url']})"
+
+
+def test_paste_ranges_read_as_fractions_of_the_window():
+    assert [report._fraction(x) for x in (2 / 3, 4 / 3, 0.3333, 1.0, 0.45)] == ["2w/3", "4w/3", "w/3", "w", "0.45w"]
+
+
+def test_the_backdoor_caveat_names_only_planted_trainings_that_were_retrained(tmp_path):
+    """A removed backdoor is claimed only where one was planted and the filtered list was trained again."""
+    (tmp_path / "07_evaluation_table2_byol.md").write_text("| |\n")
+    byol = "model,labels,ASR (%)\nClean,10%,5.2 ± 1.2\nBackdoored,10%,46.7 ± 37.8\nPatchSearch,10%,4.4 ± 0.6\n"
+    (tmp_path / "07_evaluation_table2_byol.csv").write_text(byol)
+    general = "configuration,backdoor present,probe ASR (%),clean model ASR (%),PatchSearch defended ASR (%)\n"
+    (tmp_path / "07_generality.csv").write_text(general + "a,True,40.0,5.0,nan\nb,False,9.0,5.0,6.0\n")
+    text = report._defended_planted(tmp_path)
+    assert "ASR 46.7 ± 37.8% before, 4.4 ± 0.6% after PatchSearch, the clean model's 5.2 ± 1.2%" in text
+    assert "`a`" not in text and "`b`" not in text  # a: not retrained; b: nothing planted to remove
+    (tmp_path / "07_generality.csv").write_text(general + "a,True,40.0,5.0,6.5\n")
+    assert "`a`: ASR 40.0% before, 6.5% after PatchSearch, the clean model's 5.0%" in report._defended_planted(tmp_path)
+    (tmp_path / "07_evaluation_table2_byol.csv").write_text(byol.replace("46.7 ± 37.8", "9.0 ± 1.0"))
+    (tmp_path / "07_generality.csv").write_text(general)
+    assert "No training that plants a backdoor has been retrained" in report._defended_planted(tmp_path)
+
+
+def test_the_count_caveat_says_where_the_judged_count_lost(tmp_path):
+    rows = ["configuration,seen,window,count,AUC", "default,True,12,into_vs_flat,0.9", "default,True,12,changed,0.5"]
+    rows += ["s1,False,12,into_vs_flat,0.6", "s1,False,14,into_vs_flat,0.7", "s1,False,12,changed,0.3"]
+    rows += ["s1,False,14,changed,0.3", "b,False,12,into_vs_flat,0.7", "b,False,12,changed,0.8"]
+    (tmp_path / "05_search_score_rules_long.csv").write_text("\n".join(rows) + "\n")
+    text = report._count_judged(tmp_path, "into_vs_flat")
+    assert "0.65 against the paper's count's 0.30 on `s1` and 0.70 against the paper's count's 0.80 on `b`" in text
+    assert "did not beat the paper's count on every configuration" in text and "`default`" not in text

@@ -358,6 +358,38 @@ def _spread(rows: list[dict[str, str]], column: str) -> str:
     return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
 
 
+def _paired(rows: list[dict[str, str]], column: str, against: str) -> str:
+    """The per-row differences ``column - against`` (points): their median and range, and how many are below 0."""
+    from statistics import median
+
+    d = [float(r[column]) - float(r[against]) for r in rows]
+
+    def points(x: float) -> str:
+        return f"{round(x, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+    return (
+        f"{points(median(d))} points in the median ({points(min(d))} to {points(max(d))}; lower on "
+        f"{sum(x < 0 for x in d)} of {len(d)})"
+    )
+
+
+def _fraction(share: float) -> str:
+    """``share`` times w as a fraction with a denominator up to 6 (``2w/3``, ``4w/3``, ``w``), else to two
+    decimals (``0.45w``)."""
+    from fractions import Fraction
+
+    near = Fraction(share).limit_denominator(6)
+    if abs(float(near) - share) > 1e-3:
+        return f"{share:.2f}w"
+    top = "w" if near.numerator == 1 else f"{near.numerator}w"
+    return top if near.denominator == 1 else f"{top}/{near.denominator}"
+
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
 def _percent(share: float) -> str:
     return f"{100 * share:.3g}%"
 
@@ -376,6 +408,18 @@ def _window_caveat(figures: Path, rule: str) -> str:
         "- **Which window.** Each defense's window side w (the square it cuts around a heatmap's peak) was chosen "
         f"from the data, without the ground truth, by the profile's rule, {RULE_WORDS[rule]}: {chosen}."
     )
+    if rule == "pooled":  # is each pick clear of the other sides over the rule's draws?
+        for method, used, _ in picks:
+            rows = [r for r in sweep if r["method"] == method and r["window"] != used["window"]]
+            floor = float(used["pooled"]) - float(used["pooled sd"])
+            near = [r for r in rows if float(r["pooled"]) >= floor]
+            if near:
+                text += (
+                    f" {method}'s pick is within the draws' noise: at "
+                    f"{_and([r['window'] + ' px' for r in near])} the pooled statistic is within one sd of the pick's "
+                    f"({float(used['pooled']):.3f} ± {float(used['pooled sd']):.3f} over its draws), and top-20 "
+                    f"accuracy there is {_and([_percent(float(r[top])) for r in near])}."
+                )
     if rule != "rsd":
         paper = " and ".join(f"{r['window']} px for {m} ({_percent(float(r[top]))})" for m, _, r in picks)
         text += f" The paper's rule, RSD, picks {paper} ({_link(figures, '05_search_window_sweep.md')})."
@@ -383,6 +427,9 @@ def _window_caveat(figures: Path, rule: str) -> str:
         seeds = _rows(figures, "07_generality_seeds_blind_window")
         held = [r for r in general if r[_column(r, rule, "held out")] == "True"]
         ours, theirs = _column(general[0], rule, _within(general)), _column(general[0], "rsd", _within(general))
+        counts = {row["quantity"]: row["value"] for row in _rows(figures, "01_attack_counts")}
+        chance = float(counts["poisoned_fraction_of_train"])  # every configuration poisons one class of ten
+        weak = [r["configuration"] for r in general if float(r["best top-20 (%)"]) <= 200 * chance]
         text += (
             f" The {RULE_WORDS[rule]} rule was chosen after seeing this profile's results. Over {len(general)} "
             f"attack configurations (this one and {len(general) - 1} more), PatchSearch's pick is "
@@ -393,7 +440,14 @@ def _window_caveat(figures: Path, rule: str) -> str:
                 else "(every one was in view when it was chosen)"
             )
             + f" and on {_count(general, theirs)} "
-            f"with RSD ({_link(figures, '07_generality_blind_window.md')}). On {len(seeds)} backdoored models "
+            f"with RSD ({_link(figures, '07_generality_blind_window.md')})"
+            + (
+                f"; on {len(weak)} of them ({', '.join(f'`{r}`' for r in weak)}) even the best side reaches at most "
+                f"twice chance (chance is {100 * chance:.0f}%), where being close to it says little"
+                if weak
+                else ""
+            )
+            + f". On {len(seeds)} backdoored models "
             f"trained with other SSL seeds after the rule was fixed, it is {_within(seeds)} on "
             f"{_count(seeds, _column(seeds[0], rule, _within(seeds)))} of {len(seeds)} "
             f"({_link(figures, '07_generality_seeds_blind_window.md')})."
@@ -414,8 +468,34 @@ def _count_caveat(figures: Path, record: dict) -> str:
         f"on the score study of this configuration ({', '.join(f'`{n}`' for n in seen.split(', '))}) and judged "
         f"on {judged_words} "
         f"({_link(figures, '05_search_score_rules.md')}): its rows above are not a blind result."
+        + _count_judged(figures, count)
         + _poisoncam_after_rules(figures)
         + "\n"
+    )
+
+
+def _count_judged(figures: Path, count: str) -> str:
+    """What the score study's unseen configurations said: the count's mean AUC over the sides against the paper's
+    ``changed``, from ``05_search_score_rules_long``."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for r in _rows(figures, "05_search_score_rules_long"):
+        if r["seen"] == "False":
+            sums.setdefault((r["configuration"], r["count"]), []).append(float(r["AUC"]))
+    names = list(dict.fromkeys(name for name, _ in sums))
+    if not names:
+        return ""
+
+    def mean(name: str, c: str) -> float:
+        return sum(sums[name, c]) / len(sums[name, c])
+
+    return (
+        " Mean AUC over the sides where it was judged: "
+        + _and([f"{mean(n, count):.2f} against the paper's count's {mean(n, 'changed'):.2f} on `{n}`" for n in names])
+        + (
+            "."
+            if all(mean(n, count) > mean(n, "changed") for n in names)
+            else ": it did not beat the paper's count on every configuration it was judged on."
+        )
     )
 
 
@@ -450,6 +530,7 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
 
     profile = params_mod.from_dict(record["params"], "the published record")
     own = next((n for n in removal.VARIANTS if removal.variant_params(profile, n) == profile), None)
+    paper_scale = removal.VARIANTS["paper"]["paste_scale"]
 
     def removes(row: dict[str, str]) -> str:
         return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
@@ -465,7 +546,10 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         if own not in rows or variant not in rows:
             continue
         head = head or (
-            f"- **False removals.** With the profile's poison classifier (the paper's recipe), {base} "
+            f"- **False removals.** With the profile's poison classifier (`{own}`: the paper's recipe, but pasted "
+            f"sides drawn from [{_fraction(profile.classifier.paste_scale[0])}, "
+            f"{_fraction(profile.classifier.paste_scale[1])}) where the paper draws them from "
+            f"[{_fraction(paper_scale[0])}, {_fraction(paper_scale[1])})), {base} "
             f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
             "profile's, on the same search:"
         )
@@ -488,12 +572,11 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         if not held:
             parts.append(text + "; it has not run on a configuration made after that yet.")
             continue
-        fewer = sum(float(r[f"{label} clean removed (%)"]) < float(r[f"{base} clean removed (%)"]) for r in held)
+        removed = _paired(held, f"{label} clean removed (%)", f"{base} clean removed (%)")
+        recall = _paired(held, f"{label} recall (%)", f"{base} recall (%)")
         parts.append(
-            text + f"; on the {len(held)} configurations run after that, fewer clean images removed on {fewer} "
-            f"({_spread(held, f'{label} clean removed (%)')} against {_spread(held, f'{base} clean removed (%)')}), "
-            f"recall {_spread(held, f'{label} recall (%)')} against {_spread(held, f'{base} recall (%)')} "
-            f"({_link(figures, '07_generality.md')})."
+            text + f"; on the {len(held)} configurations run after that, the clean images removed differ from the "
+            f"profile's classifier's by {removed} and recall by {recall} ({_link(figures, '07_generality.md')})."
         )
     return head + "".join(parts) + "\n" if parts else ""
 
@@ -529,9 +612,44 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
         f"configurations, {planting} {'plants' if planting == 1 else 'plant'} one "
         f"({_link(figures, '07_generality.md')})"
         + (f"; where one is planted: {defended}. " if defended else ". ")
-        + f"Every table above comes from one SSL training (seed {seed}): "
-        "the claim that a defense removes the backdoor rests on that training." + _other_seeds_detection(figures) + "\n"
+        + f"Every table above comes from one SSL training (seed {seed}), "
+        + (
+            "so the claim that a defense removes the backdoor rests on that training."
+            if planted
+            else "which plants no backdoor by that rule: its tables show what the defenses find and what they cost, "
+            "not that they remove a planted backdoor."
+        )
+        + _defended_planted(figures)
+        + _other_seeds_detection(figures)
+        + "\n"
     )
+
+
+def _defended_planted(figures: Path) -> str:
+    """The trainings that plant a backdoor and were retrained on a defense's filtered list (Table 2's BYOL rows,
+    the generality table's defended ASR): the ASR before and after, beside the clean model's."""
+    from .. import evaluate
+
+    found = []
+    byol = {r["model"]: r for r in _rows(figures, "07_evaluation_table2_byol") if r["labels"] == "10%"}
+    if {"Clean", "Backdoored", "PatchSearch"} <= set(byol):
+        mean = {k: float(v["ASR (%)"].split(" ± ")[0]) for k, v in byol.items()}
+        if evaluate.backdoor_planted(mean["Backdoored"] / 100, mean["Clean"] / 100):
+            found.append(
+                f"BYOL (the profile's `byol` variant, 10% labels): ASR {byol['Backdoored']['ASR (%)']}% before, "
+                f"{byol['PatchSearch']['ASR (%)']}% after PatchSearch, the clean model's {byol['Clean']['ASR (%)']}% "
+                f"({_link(figures, '07_evaluation_table2_byol.md')})"
+            )
+    for r in _rows(figures, "07_generality"):
+        defended = r.get("PatchSearch defended ASR (%)", "nan")
+        if r["backdoor present"] == "True" and defended not in ("", "nan"):
+            found.append(
+                f"`{r['configuration']}`: ASR {r['probe ASR (%)']}% before, {defended}% after PatchSearch, the clean "
+                f"model's {r['clean model ASR (%)']}%"
+            )
+    if not found:
+        return " No training that plants a backdoor has been retrained on a defense's filtered list yet."
+    return f" Retrained on a defense's filtered list where a backdoor is planted: {'; '.join(found)}."
 
 
 def _other_seeds_detection(figures: Path) -> str:
