@@ -504,7 +504,8 @@ def _poisoncam_after_rules(figures: Path) -> str:
     fixed, from the published generality table; empty where it has not run on them."""
     from ..studies import generality
 
-    rows = [r for r in _rows(figures, "07_generality") if r["configuration"] in generality.CONFIGS_AFTER_RULES]
+    after = generality.CONFIGS_AFTER_RULES | generality.CONFIGS_AFTER_TOWARD  # both made after the count and rule
+    rows = [r for r in _rows(figures, "07_generality") if r["configuration"] in after]
     rows = [r for r in rows if r.get("PoisonCAM w") not in (None, "", "nan")]
     if not rows:
         return ""
