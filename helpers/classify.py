@@ -371,6 +371,16 @@ def detection_metrics(
 ENSEMBLES = ("mean", "unanimous")
 
 
+def cluster_vote(removed: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """The removals the defense's own clusters second: an image stays removed only where the ensemble removes
+    more than half of its k-means cluster (``clustering.npz``'s ``assignment``, the clusters the search ran on).
+    Not the paper's. The poisons gather in a few clusters that the classifier removes almost whole; its false
+    removals are scattered over clusters it mostly keeps. A poison in a cluster of clean images is kept."""
+    counts = np.bincount(assignment)
+    share = np.bincount(assignment, weights=removed.astype(float), minlength=len(counts)) / np.maximum(counts, 1)
+    return removed & (share[assignment] > 0.5)
+
+
 def ensemble_removed(logits: np.ndarray, rule: str) -> np.ndarray:
     """Which images an ensemble removes, from its members' ``M x N x 2`` logits (``classifier.npz``)."""
     margins = logits[..., 1] - logits[..., 0]  # > 0: that member calls the image poison

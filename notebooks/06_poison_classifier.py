@@ -344,6 +344,56 @@ for label in METHODS.values():
     )
 
 # %% [markdown]
+# ## A vote of the clusters
+# The ensemble judges each image alone. The search's clusters (notebook 03) give a second opinion the defender
+# already has: the poisons gather in a few clusters that the ensemble removes almost whole, while its false
+# removals may be scattered over clusters it mostly keeps (the readout below counts them). The
+# **cluster vote**, not the paper's, keeps an image removed only where the ensemble removes more than half
+# of its cluster (`classify.cluster_vote`); it needs no new parameter, only the clustering the search ran
+# on. Its price: a poison in a cluster of clean images is kept. Ground truth below, for evaluation only.
+#
+# It was fixed after computing it on the cached removals of five configurations (the default among them:
+# notebook 07's generality table names them); the configurations run after that judge it there.
+
+# %% tags=["hide-input"]
+assignment = np.load(cluster.cluster_stage(P, "poisoned") / "clustering.npz")["assignment"]
+rows = []
+for m, path in stages.items():
+    logits = np.load(path / "classifier.npz")["logits"]
+    for rule in classify.ENSEMBLES:
+        removed = classify.ensemble_removed(logits, rule)
+        for vote, kept in (("none", removed), ("cluster vote", classify.cluster_vote(removed, assignment))):
+            rows.append(
+                {
+                    "method": METHODS[m],
+                    "ensemble": rule,
+                    "vote": vote,
+                    "removed": int(kept.sum()),
+                    "recall (%)": 100 * kept[poison].mean(),
+                    "clean removed (%)": 100 * kept[~poison].mean(),
+                    "poisons kept in clean clusters": int((removed & ~kept & poison).sum()),
+                    "clusters with a clean removal": len(np.unique(assignment[removed & ~poison])),
+                    "of which voted out": len(np.unique(assignment[removed & ~poison & ~kept])),
+                }
+            )
+votes = pd.DataFrame(rows).round(2)
+plotting.save_table(votes, P.profile, NB, "cluster_vote")
+notebook.show_markdown(
+    "\n".join(
+        f"- {label}, paper's mean: {v.loc['none', 'clean removed (%)']:.1f}% of the clean images removed at recall "
+        f"{v.loc['none', 'recall (%)']:.1f}%; with the cluster vote {v.loc['cluster vote', 'clean removed (%)']:.2f}% "
+        f"at recall {v.loc['cluster vote', 'recall (%)']:.1f}% ("
+        f"{'meets' if v.loc['cluster vote', 'clean removed (%)'] <= 2 and v.loc['cluster vote', 'recall (%)'] >= 95 else 'misses'}"
+        f" the goal: at most 2% at recall at least 95%). Its clean removals lie in "
+        f"{v.loc['none', 'clusters with a clean removal']} of the {assignment.max() + 1} clusters; in "
+        f"{v.loc['none', 'of which voted out']} of them the ensemble removes at most half the cluster."
+        for label in METHODS.values()
+        for v in [votes[(votes["method"] == label) & (votes["ensemble"] == "mean")].set_index("vote")]
+    )
+)
+votes
+
+# %% [markdown]
 # ## A pasted square is not a trigger: natural negatives
 # The classifier is taught "a top-k patch was pasted" against "nothing was pasted". Any pasted square breaks
 # the image around it, so the classifier can learn the square itself (its edges, its contrast) instead of

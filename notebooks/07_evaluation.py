@@ -717,6 +717,21 @@ if general_path.is_file():
             f"{sum(meets(r, m) for _, r in ran[ran['backdoor present']].iterrows())} of "
             f"{int(ran['backdoor present'].sum())} planted."
         )
+    if "PatchSearch recall, cluster vote (%)" in general:  # the removals the clusters second (notebook 06)
+        for m in ("PatchSearch", "PoisonCAM"):
+            voted = planted[np.isfinite(planted[f"{m} recall, cluster vote (%)"])]
+            voted = voted.assign(
+                **{
+                    f"{m} recall (%)": voted[f"{m} recall, cluster vote (%)"],
+                    f"{m} clean removed (%)": voted[f"{m} clean removed, cluster vote (%)"],
+                }
+            )
+            held = voted[voted["cluster vote held out"]]
+            summary.append(
+                f"{m} with the cluster vote: the goal met on {sum(meets(r, m) for _, r in voted.iterrows())} of the "
+                f"{len(voted)} planted configurations it has run on ({sum(meets(r, m) for _, r in held.iterrows())} of "
+                f"the {len(held)} held out from its choice)."
+            )
     summary.append(
         "The search reads the SSL model's clusters, not the probe: a trigger that gathers its images into "
         "clusters is found even where the probe shows no backdoor, so top-20 can be high on a configuration "
@@ -759,6 +774,7 @@ if general_path.is_file():
     for columns in (  # what a reader compares: detection, the unanimous ensemble, where the windows fall
         ["w", "top-20 (%)", "recall (%)", "clean removed (%)", "clean set removed (%)", "defended ASR (%)"],
         ["recall, unanimous (%)", "clean removed, unanimous (%)", "clean set removed, unanimous (%)", "held out"],
+        ["recall, cluster vote (%)", "clean removed, cluster vote (%)", "clean set removed, cluster vote (%)"],
         ["trigger hit (%)", "centre hit (%)", "random hit (%)"],
     ):
         notebook.show_table(per_method[["configuration", "method", *[c for c in columns if c in per_method]]])

@@ -123,3 +123,15 @@ def test_the_filtered_icutmix_model_uses_the_plain_defense(monkeypatch):
 
 def _raise():
     raise KeyError("stop")
+
+
+def test_the_cluster_vote_keeps_the_removals_of_clusters_removed_by_a_majority():
+    """Cluster 0 is removed 3 of 4 (kept: a majority), cluster 1 exactly half (dropped: not more than half),
+    cluster 2 one of 3 (dropped); what the ensemble kept stays kept."""
+    assignment = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    removed = np.array([1, 1, 1, 0, 1, 0, 1, 0, 0], dtype=bool)
+    voted = classify.cluster_vote(removed, assignment)
+    assert voted.tolist() == [True, True, True, False, False, False, False, False, False]
+    assert not (voted & ~removed).any()
+    # a cluster number with no image (k-means left it empty) divides by nothing
+    assert classify.cluster_vote(np.array([True, True]), np.array([2, 2])).tolist() == [True, True]

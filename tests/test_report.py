@@ -232,3 +232,22 @@ def test_the_count_caveat_says_where_the_judged_count_lost(tmp_path):
     text = report._count_judged(tmp_path, "into_vs_flat")
     assert "0.65 against the paper's count's 0.30 on `s1` and 0.70 against the paper's count's 0.80 on `b`" in text
     assert "did not beat the paper's count on every configuration" in text and "`default`" not in text
+
+
+def test_the_cluster_vote_caveat_reports_here_and_on_the_configurations_held_out(tmp_path):
+    assert report._cluster_vote_caveat(tmp_path) == ""  # notebook 06 has not published it
+    rows = "method,ensemble,vote,recall (%),clean removed (%)\nPatchSearch,mean,none,99.9,4.56\n"
+    rows += "PatchSearch,mean,cluster vote,97.7,0.02\nPatchSearch,unanimous,cluster vote,95.0,0.0\n"
+    (tmp_path / "06_poison_classifier_cluster_vote.csv").write_text(rows)
+    for linked in ("06_poison_classifier_cluster_vote.md", "07_generality.md"):
+        (tmp_path / linked).write_text("| |\n")
+    general = 'configuration,backdoor present,cluster vote held out,"PatchSearch recall, cluster vote (%)",'
+    general += '"PatchSearch clean removed, cluster vote (%)"\n'
+    (tmp_path / "07_generality.csv").write_text(general + "default,False,False,97.7,0.02\n")
+    text = report._cluster_vote_caveat(tmp_path)
+    assert "Here: PatchSearch 0.02% of the clean images at recall 97.7%." in text
+    assert "it has not run on a configuration made after that yet" in text
+    (tmp_path / "07_generality.csv").write_text(general + "default,False,False,97.7,0.02\nc,True,True,93.0,0.10\n")
+    assert "on the 1 configuration run after it, PatchSearch: `c` (planted) 0.10% at recall 93.0%" in (
+        report._cluster_vote_caveat(tmp_path)
+    )

@@ -71,6 +71,8 @@ def test_configurations_made_after_the_toward_count_judge_it_on_a_new_trigger():
     (its seed) no earlier configuration drew."""
     after = generality.CONFIGS_AFTER_TOWARD
     assert after and not set(generality.CHOSEN_ON["toward-count"]) & set(after)
+    # the cluster vote was fixed on the configurations cached then: these two, not cached, judge it
+    assert not {"size-14px", *after} & set(generality.CHOSEN_ON["cluster-vote"])
     base = params.load(params.paths.PARAMS_DIR / "cifar10.yaml").attack.trigger_seed
     earlier_seeds = {c.get("trigger_seed", base) for n, c in generality.CONFIGS.items() if n not in after}
     for name, config in after.items():

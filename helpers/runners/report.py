@@ -582,6 +582,45 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
     return head + "".join(parts) + "\n" if parts else ""
 
 
+def _cluster_vote_caveat(figures: Path) -> str:
+    """The cluster vote (``classify.cluster_vote``, not the paper's) on this configuration, where it was chosen,
+    and on the generality configurations held out from its choice; empty before notebook 06 publishes it."""
+    if not (figures / "06_poison_classifier_cluster_vote.csv").is_file():
+        return ""
+    from ..studies import generality
+
+    rows = [r for r in _rows(figures, "06_poison_classifier_cluster_vote") if r["ensemble"] == "mean"]
+    here = "; ".join(
+        f"{r['method']} {float(r['clean removed (%)']):.2f}% of the clean images at recall "
+        f"{float(r['recall (%)']):.1f}%"
+        for r in rows
+        if r["vote"] == "cluster vote"
+    )
+    seen = [f"`{n}`" for n in generality.CHOSEN_ON["cluster-vote"]]
+    column = "PatchSearch recall, cluster vote (%)"
+    held = [
+        r
+        for r in _rows(figures, "07_generality")
+        if r.get("cluster vote held out") == "True" and r.get(column) not in (None, "", "nan")
+    ]
+    judged = (
+        f"; on the {len(held)} configuration{'s' if len(held) != 1 else ''} run after it, PatchSearch: "
+        + "; ".join(
+            f"`{r['configuration']}` ({'planted' if r['backdoor present'] == 'True' else 'not planted'}) "
+            f"{float(r['PatchSearch clean removed, cluster vote (%)']):.2f}% at recall {float(r[column]):.1f}%"
+            for r in held
+        )
+        + f" ({_link(figures, '07_generality.md')})."
+        if held
+        else "; it has not run on a configuration made after that yet."
+    )
+    return (
+        "- **A vote of the clusters.** Not the paper's: an image stays removed only where the ensemble removes more "
+        f"than half of its k-means cluster ({_link(figures, '06_poison_classifier_cluster_vote.md')}). Here: "
+        f"{here}. Chosen after computing it on {_and(seen)}" + judged + "\n"
+    )
+
+
 def _backdoor_caveat(figures: Path, record: dict) -> str:
     from .. import evaluate
 
@@ -748,6 +787,7 @@ def _caveats(figures: Path, record: dict) -> str:
         _window_caveat(figures, record["params"]["search"]["window_rule"])
         + _count_caveat(figures, record)
         + _classifier_caveat(figures, record)
+        + _cluster_vote_caveat(figures)
         + _backdoor_caveat(figures, record)
         + _gpu_caveat()
     )

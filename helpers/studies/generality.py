@@ -181,6 +181,7 @@ def config_row(name: str, base: Path) -> dict:
         "probe ASR (%)": 100 * asr,
         "clean model ASR (%)": 100 * asr_clean,
         "backdoor present": evaluate.backdoor_planted(asr, asr_clean),
+        "cluster vote held out": name not in CHOSEN_ON["cluster-vote"],
     }
     defenses = [(label, with_method(params, method), None) for method, label in METHODS.items()]
     defenses += [
@@ -196,6 +197,7 @@ def config_row(name: str, base: Path) -> dict:
         boxes = attack.boxes_of(np.flatnonzero(found["scored"] & poison))
         m = detection_metrics(found, ensemble_removed(logits, "mean"), poison, boxes, size)
         unanimous = ensemble_removed(logits, "unanimous")
+        voted = _voted(pm, "poisoned", ensemble_removed(logits, "mean"))
         clean_dir = _cached(pm, "classifier_clean")
         clean_logits = np.load(clean_dir / "classifier.npz")["logits"] if clean_dir else None
         row |= {
@@ -210,11 +212,36 @@ def config_row(name: str, base: Path) -> dict:
             f"{label} recall, unanimous (%)": 100 * unanimous[poison].mean(),
             f"{label} clean removed, unanimous (%)": 100 * unanimous[~poison].mean(),
             f"{label} clean set removed, unanimous (%)": _removed_pct(clean_logits, "unanimous"),
+            f"{label} recall, cluster vote (%)": 100 * voted[poison].mean() if voted is not None else float("nan"),
+            f"{label} clean removed, cluster vote (%)": (
+                100 * voted[~poison].mean() if voted is not None else float("nan")
+            ),
+            f"{label} clean set removed, cluster vote (%)": _vote_pct(
+                pm, None if clean_logits is None else ensemble_removed(clean_logits, "mean")
+            ),
         }
         row[f"{label} defended ASR (%)"] = 100 * filtered_probe_asr(pm)  # nan where not retrained
         if variant is not None:  # was this configuration in view when the variant was chosen?
             row[f"{label} held out"] = name not in CHOSEN_ON[variant]
     return row
+
+
+def _voted(params: params_mod.Params, data: str, removed: np.ndarray) -> np.ndarray | None:
+    """``classify.cluster_vote`` of ``removed`` over the clusters the search of ``data`` ran on (computed from
+    the cached model where the clustering itself is not cached: seconds; None where the model is not cached)."""
+    from ..classify import cluster_vote
+    from ..cluster import cluster_stage
+
+    if _cached(params, f"ssl_{data}") is None:
+        return None
+    folder = cluster_stage(params, data, progress=False)
+    return cluster_vote(removed, np.load(folder / "clustering.npz")["assignment"])
+
+
+def _vote_pct(params: params_mod.Params, removed: np.ndarray | None) -> float:
+    """% of the clean set removed under the cluster vote (nan where the clean set's stages are not cached)."""
+    voted = None if removed is None else _voted(params, "clean", removed)
+    return float("nan") if voted is None else 100 * voted.mean()
 
 
 def _removed_pct(logits: np.ndarray | None, rule: str) -> float:
@@ -243,6 +270,9 @@ CHOSEN_ON = {
     # written after recounting one side of automobile-21's search from its flip destinations
     # (helpers.studies.flip_test's SEEN)
     "toward-count": ("automobile-21",),
+    # classify.cluster_vote, fixed after computing it from the cached removals of every configuration cached
+    # then (its recall and clean removals with both ensembles); size-14px and cat-14px were not cached
+    "cluster-vote": ("default", "automobile-21", "x-on-red-png", "size-8px", "size-10px"),
 }
 
 
@@ -302,6 +332,11 @@ def publish(
         table = pd.concat([old_table[old_table["configuration"].isin(kept)], table], ignore_index=True)
         sweep = pd.concat([old_sweep[old_sweep["configuration"].isin(kept)], sweep], ignore_index=True)
         names = kept + names
+        order = {name: i for i, name in enumerate(ALL_CONFIGS)}  # rows in the order the configurations were made
+        table, sweep = (
+            t.sort_values("configuration", key=lambda c: c.map(order), kind="stable", ignore_index=True)
+            for t in (table, sweep)
+        )
     save_table(table, profile, "07", table_name, published=True)
     save_table(sweep, profile, "07", f"{table_name}_window_sweep", published=True)
     picks = []
