@@ -726,7 +726,7 @@ if general_path.is_file():
                     f"{m} clean removed (%)": voted[f"{m} clean removed, cluster vote (%)"],
                 }
             )
-            held = voted[voted["cluster vote held out"]]
+            held = voted[voted["cluster vote held out"].astype(bool)]  # rows older than the vote have no mark
             summary.append(
                 f"{m} with the cluster vote: the goal met on {sum(meets(r, m) for _, r in voted.iterrows())} of the "
                 f"{len(voted)} planted configurations it has run on ({sum(meets(r, m) for _, r in held.iterrows())} of "
