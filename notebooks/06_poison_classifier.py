@@ -386,7 +386,7 @@ notebook.show_markdown(
         f"{'meets' if v.loc['cluster vote', 'clean removed (%)'] <= 2 and v.loc['cluster vote', 'recall (%)'] >= 95 else 'misses'}"
         f" the goal: at most 2% at recall at least 95%). Its clean removals lie in "
         f"{v.loc['none', 'clusters with a clean removal']} of the {assignment.max() + 1} clusters; in "
-        f"{v.loc['none', 'of which voted out']} of them the ensemble removes at most half the cluster."
+        f"{v.loc['cluster vote', 'of which voted out']} of them the ensemble removes at most half the cluster."
         for label in METHODS.values()
         for v in [votes[(votes["method"] == label) & (votes["ensemble"] == "mean")].set_index("vote")]
     )
