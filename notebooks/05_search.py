@@ -191,7 +191,7 @@ notebook.show_table(  # what each side reaches (ground truth) and which rule pic
     )
 )
 
-# %%
+# %% tags=["hide-input"]
 lines = []
 for label in METHODS.values():
     t = sweep[sweep["method"] == label].set_index("window")

@@ -117,10 +117,8 @@ def test_readme_results_are_the_published_tables(published):
         for r in report._rows(paths.published_dir("cifar10"), "06_false_removals")
         if r["method"] == "patchsearch" and r["ensemble"] == "mean"
     }
-    if ("natural-negatives", "clean") in removals:
-        clean = float(removals["natural-negatives", "clean"])
-        own = float(removals["paste-2/3", "clean"])
-        assert f"(no trigger: paper Table 10), {clean:.1f}% against the profile's {own:.1f}%" in block
+    if ("natural-negatives", "poisoned") in removals:  # named in the README, its numbers left to notebook 06
+        assert "`natural-negatives`" in block
 
 
 def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
@@ -139,8 +137,8 @@ def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
     for linked in ("06_false_removals.md", "07_generality.md"):
         (tmp_path / linked).write_text("| |\n")
     text = report._classifier_caveat(tmp_path, record)
-    assert "removes 4.6% of the clean images at recall 99.9%" in text and "removes 0.7%" in text
-    assert "has not run on a configuration made after that yet" in text and "exclude-top-clusters" not in text
+    assert "removes 4.6% of the clean images at recall 99.9%" in text and "`natural-negatives`" in text
+    assert "exclude-top-clusters" not in text  # not in the removal study's table yet
     with (tmp_path / "06_false_removals.csv").open("a") as f:
         f.write("patchsearch,exclude-top-clusters,mean,poisoned,1200,100.0,1.96\n")
     v = "PatchSearch, top clusters excluded"
@@ -151,13 +149,8 @@ def test_the_false_removal_caveat_waits_for_the_variant(tmp_path):
     with (tmp_path / "07_generality.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     text = report._classifier_caveat(tmp_path, record)
-    assert "`exclude-top-clusters` (the top-k candidates' clusters left out of the pool too)" in text
-    assert "on the 2 configurations run after that, the clean images removed differ from the profile's " in text
-    assert (
-        "classifier's by -0.4 points in the median (-1.8 to +1.0; lower on 1 of 2)" in text
-    )  # paired: 3.0-4.8, 6.0-5.0
-    assert "and recall by" in text and "(+9.0 to +12.1; lower on 0 of 2)" in text
-    assert "pasted sides drawn from [2w/3, 4w/3) where the paper draws them from [w/3, 4w/3)" in text
+    assert "(`natural-negatives` and `exclude-top-clusters`)" in text  # their numbers: notebook 06, generality
+    assert "pasted sides in [2w/3, 4w/3), the paper's [w/3, 4w/3))" in text
 
 
 def test_readme_block_is_rewritten_in_place_and_only_there(tmp_path, published):

@@ -427,9 +427,6 @@ def _window_caveat(figures: Path, rule: str) -> str:
         seeds = _rows(figures, "07_generality_seeds_blind_window")
         held = [r for r in general if r[_column(r, rule, "held out")] == "True"]
         ours, theirs = _column(general[0], rule, _within(general)), _column(general[0], "rsd", _within(general))
-        counts = {row["quantity"]: row["value"] for row in _rows(figures, "01_attack_counts")}
-        chance = float(counts["poisoned_fraction_of_train"])  # every configuration poisons one class of ten
-        weak = [r["configuration"] for r in general if float(r["best top-20 (%)"]) <= 200 * chance]
         text += (
             f" The {RULE_WORDS[rule]} rule was chosen after seeing this profile's results. Over {len(general)} "
             f"attack configurations (this one and {len(general) - 1} more), PatchSearch's pick is "
@@ -440,14 +437,7 @@ def _window_caveat(figures: Path, rule: str) -> str:
                 else "(every one was in view when it was chosen)"
             )
             + f" and on {_count(general, theirs)} "
-            f"with RSD ({_link(figures, '07_generality_blind_window.md')})"
-            + (
-                f"; on {len(weak)} of them ({', '.join(f'`{r}`' for r in weak)}) even the best side reaches at most "
-                f"twice chance (chance is {100 * chance:.0f}%), where being close to it says little"
-                if weak
-                else ""
-            )
-            + f". On {len(seeds)} backdoored models "
+            f"with RSD ({_link(figures, '07_generality_blind_window.md')})" + f". On {len(seeds)} backdoored models "
             f"trained with other SSL seeds after the rule was fixed, it is {_within(seeds)} on "
             f"{_count(seeds, _column(seeds[0], rule, _within(seeds)))} of {len(seeds)} "
             f"({_link(figures, '07_generality_seeds_blind_window.md')})."
@@ -547,10 +537,9 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
         if own not in rows or variant not in rows:
             continue
         head = head or (
-            f"- **False removals.** With the profile's poison classifier (`{own}`: the paper's recipe, but pasted "
-            f"sides drawn from [{_fraction(profile.classifier.paste_scale[0])}, "
-            f"{_fraction(profile.classifier.paste_scale[1])}) where the paper draws them from "
-            f"[{_fraction(paper_scale[0])}, {_fraction(paper_scale[1])})), {base} "
+            f"- **False removals.** With the profile's poison classifier (`{own}`: pasted sides in "
+            f"[{_fraction(profile.classifier.paste_scale[0])}, {_fraction(profile.classifier.paste_scale[1])}), the "
+            f"paper's [{_fraction(paper_scale[0])}, {_fraction(paper_scale[1])})), {base} "
             f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
             "profile's, on the same search:"
         )
@@ -579,7 +568,17 @@ def _classifier_caveat(figures: Path, record: dict) -> str:
             text + f"; on the {len(held)} configurations run after that, the clean images removed differ from the "
             f"profile's classifier's by {removed} and recall by {recall} ({_link(figures, '07_generality.md')})."
         )
-    return head + "".join(parts) + "\n" if parts else ""
+    # the variants' own numbers (``parts``) stay in notebook 06 and the generality table: the README is short
+    names = " and ".join(
+        f"`{v}`" for _, v in generality.CLASSIFIER_VARIANTS.values() if v in {r["variant"] for r in removals}
+    )
+    return (
+        head.removesuffix(" Variants that are not the profile's, on the same search:")
+        + f" Variants that are not the profile's ({names}), and the configurations each was judged on: notebook 06"
+        f" and {_link(figures, '07_generality.md')}.\n"
+        if parts
+        else ""
+    )
 
 
 def _cluster_vote_caveat(figures: Path) -> str:
@@ -660,7 +659,6 @@ def _backdoor_caveat(figures: Path, record: dict) -> str:
             "not that they remove a planted backdoor."
         )
         + _defended_planted(figures)
-        + _other_seeds_detection(figures)
         + "\n"
     )
 
@@ -787,7 +785,6 @@ def _caveats(figures: Path, record: dict) -> str:
         _window_caveat(figures, record["params"]["search"]["window_rule"])
         + _count_caveat(figures, record)
         + _classifier_caveat(figures, record)
-        + _cluster_vote_caveat(figures)
         + _backdoor_caveat(figures, record)
         + _gpu_caveat()
     )
