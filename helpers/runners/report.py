@@ -358,21 +358,6 @@ def _spread(rows: list[dict[str, str]], column: str) -> str:
     return f"{values[0]:.1f}-{values[-1]:.1f}%" if len(values) > 1 else f"{values[0]:.1f}%"
 
 
-def _paired(rows: list[dict[str, str]], column: str, against: str) -> str:
-    """The per-row differences ``column - against`` (points): their median and range, and how many are below 0."""
-    from statistics import median
-
-    d = [float(r[column]) - float(r[against]) for r in rows]
-
-    def points(x: float) -> str:
-        return f"{round(x, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
-
-    return (
-        f"{points(median(d))} points in the median ({points(min(d))} to {points(max(d))}; lower on "
-        f"{sum(x < 0 for x in d)} of {len(d)})"
-    )
-
-
 def _fraction(share: float) -> str:
     """``share`` times w as a fraction with a denominator up to 6 (``2w/3``, ``4w/3``, ``w``), else to two
     decimals (``0.45w``)."""
@@ -513,71 +498,31 @@ def _poisoncam_after_rules(figures: Path) -> str:
 
 
 def _classifier_caveat(figures: Path, record: dict) -> str:
-    """The profile's false removals beside each classifier variant that is not the profile's, where the removal
-    study published it: on this configuration, on the clean set, and on the generality configurations run
-    after it was kept."""
+    """The profile's false removals, its pasted sides beside the paper's, and the names of the classifier variants
+    the removal study published (their numbers: notebook 06 and the generality table; the README is short)."""
     from .. import params as params_mod
     from ..studies import generality, removal
 
     profile = params_mod.from_dict(record["params"], "the published record")
     own = next((n for n in removal.VARIANTS if removal.variant_params(profile, n) == profile), None)
     paper_scale = removal.VARIANTS["paper"]["paste_scale"]
-
-    def removes(row: dict[str, str]) -> str:
-        return f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}%"
-
-    removals = [r for r in _rows(figures, "06_false_removals") if r["ensemble"] == "mean"]
-    general: list[dict[str, str]] | None = None  # the generality table, read where a variant is published
-    head, parts = "", []
+    removals = [r for r in _rows(figures, "06_false_removals") if r["ensemble"] == "mean" and r["data"] == "poisoned"]
+    shown, first = [], None  # first: (method's label, the profile's row) of the first method shown
     for label, (method, variant) in generality.CLASSIFIER_VARIANTS.items():
-        base = label.split(",")[0]  # the method's own columns: the profile's classifier on the same search
-        table = [r for r in removals if r["method"] == method]
-        rows = {r["variant"]: r for r in table if r["data"] == "poisoned"}
-        clean = {r["variant"]: float(r["clean removed (%)"]) for r in table if r["data"] == "clean"}
-        if own not in rows or variant not in rows:
-            continue
-        head = head or (
-            f"- **False removals.** With the profile's poison classifier (`{own}`: pasted sides in "
-            f"[{_fraction(profile.classifier.paste_scale[0])}, {_fraction(profile.classifier.paste_scale[1])}), the "
-            f"paper's [{_fraction(paper_scale[0])}, {_fraction(paper_scale[1])})), {base} "
-            f"removes {removes(rows[own])} ({_link(figures, '06_false_removals.md')}). Variants that are not the "
-            "profile's, on the same search:"
-        )
-        general = _rows(figures, "07_generality") if general is None else general
-        text = f" `{variant}` ({removal.DESCRIPTIONS[variant]}) removes {removes(rows[variant])}"
-        if own in clean and variant in clean:  # the clean set said in full once, then short
-            text += (
-                f"; from the clean set, {clean[variant]:.1f}% against {clean[own]:.1f}%"
-                if parts
-                else f"; from the clean set (no trigger: paper Table 10), {clean[variant]:.1f}% "
-                f"against the profile's {clean[own]:.1f}%"
-            )
-        seen = [f"`{n}`" for n in generality.CHOSEN_ON[variant]]
-        text += ". Tried after seeing " + (", ".join(seen[:-1]) + " and " if len(seen) > 1 else "") + seen[-1]
-        held = [
-            r
-            for r in general
-            if r.get(f"{label} held out") == "True" and r.get(f"{label} clean removed (%)") not in (None, "", "nan")
-        ]
-        if not held:
-            parts.append(text + "; it has not run on a configuration made after that yet.")
-            continue
-        removed = _paired(held, f"{label} clean removed (%)", f"{base} clean removed (%)")
-        recall = _paired(held, f"{label} recall (%)", f"{base} recall (%)")
-        parts.append(
-            text + f"; on the {len(held)} configurations run after that, the clean images removed differ from the "
-            f"profile's classifier's by {removed} and recall by {recall} ({_link(figures, '07_generality.md')})."
-        )
-    # the variants' own numbers (``parts``) stay in notebook 06 and the generality table: the README is short
-    names = " and ".join(
-        f"`{v}`" for _, v in generality.CLASSIFIER_VARIANTS.values() if v in {r["variant"] for r in removals}
-    )
+        rows = {r["variant"]: r for r in removals if r["method"] == method}
+        if own in rows and variant in rows:
+            shown.append(f"`{variant}`")
+            first = first or (label.split(",")[0], rows[own])
+    if not shown:
+        return ""
+    base, row = first
     return (
-        head.removesuffix(" Variants that are not the profile's, on the same search:")
-        + f" Variants that are not the profile's ({names}), and the configurations each was judged on: notebook 06"
-        f" and {_link(figures, '07_generality.md')}.\n"
-        if parts
-        else ""
+        f"- **False removals.** With the profile's poison classifier (`{own}`: pasted sides in "
+        f"[{_fraction(profile.classifier.paste_scale[0])}, {_fraction(profile.classifier.paste_scale[1])}), the "
+        f"paper's [{_fraction(paper_scale[0])}, {_fraction(paper_scale[1])})), {base} removes "
+        f"{float(row['clean removed (%)']):.1f}% of the clean images at recall {float(row['recall (%)']):.1f}% "
+        f"({_link(figures, '06_false_removals.md')}). Variants that are not the profile's ({' and '.join(shown)}), "
+        f"and the configurations each was judged on: notebook 06 and {_link(figures, '07_generality.md')}.\n"
     )
 
 
@@ -688,19 +633,6 @@ def _defended_planted(figures: Path) -> str:
     if not found:
         return " No training that plants a backdoor has been retrained on a defense's filtered list yet."
     return f" Retrained on a defense's filtered list where a backdoor is planted: {'; '.join(found)}."
-
-
-def _other_seeds_detection(figures: Path) -> str:
-    """PatchSearch's detection on the backdoored models of the other SSL seeds (``07_generality_seeds``)."""
-    rows = [r for r in _rows(figures, "07_generality_seeds") if r.get("PatchSearch w")]
-    if not rows:
-        return ""
-    planted = sum(r["backdoor present"] == "True" for r in rows)
-    return (
-        f" On {len(rows)} other SSL trainings ({planted} planted), PatchSearch's top-20 accuracy is "
-        f"{_spread(rows, 'PatchSearch top-20 (%)')}, recall {_spread(rows, 'PatchSearch recall (%)')} "
-        f"({_link(figures, '07_generality_seeds.md')})."
-    )
 
 
 def _gpu_caveat() -> str:
