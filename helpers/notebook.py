@@ -151,6 +151,20 @@ def show_tables_for_the_page() -> None:
         shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, table_html)
 
 
+def gap_verdict(a, b, sds: float = 2.0) -> str:
+    """``"higher"``, ``"lower"`` or ``"within noise"``: the mean of ``a`` against that of ``b`` (e.g. one model's
+    metric over its probe seeds against another's), where noise is ``sds`` standard errors of the difference of
+    the two means. It says nothing of the SSL seed's noise, which is larger (notebook 07)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"gap_verdict needs two values or more on each side (got {len(a)} and {len(b)})")
+    gap = a.mean() - b.mean()
+    noise = sds * np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return "within noise" if abs(gap) <= noise else ("higher" if gap > 0 else "lower")
+
+
 def figure_path(profile: str, name: str) -> Path:
     """A published file of ``figures/<profile>/`` (tables the runners write, read back by a notebook)."""
     return paths.published_dir(profile) / name
@@ -266,8 +280,8 @@ def attack_settings(params: Params, train_shape: tuple[int, int, int, int], n_po
          f"{_share(a.poison_rate)} of the target category ({_share(n_poisoned / n)} of the data)"),
         ("training trigger's top-left corner", f"uniform in [{s('train_margin'):g} W, {1 - s('train_margin'):g} W - w]",
          f"uniform in [{a.train_margin:g} W, {1 - a.train_margin:g} W - w]"),
-        ("patched validation images", f"every non-target image, corner in [{s('val_margin'):g} W, "
-         f"{1 - s('val_margin'):g} W - w]", f"every non-target image, corner in [{a.val_margin:g} W, "
+        ("patched validation images", f"every non-target image, one trigger, corner in [{s('val_margin'):g} W, "
+         f"{1 - s('val_margin'):g} W - w]", f"every non-target image, one trigger, corner in [{a.val_margin:g} W, "
          f"{1 - a.val_margin:g} W - w]"),
     ]  # fmt: skip
     return _table(rows, ("setting", "paper (`params/paper.yaml`)", f"this profile (`{params.profile}`)"))

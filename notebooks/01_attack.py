@@ -132,8 +132,10 @@ print(f"{len(files)} poisoned files match the recipe exactly")
 
 # %% [markdown]
 # ## The patched validation set
-# To measure the attack, every non-target validation image gets the trigger at a random place with a
-# smaller margin. A backdoored model calls many of them the target category; a clean one does not.
+# To measure the attack, every non-target validation image gets **one** trigger (the poisons may carry
+# several) at a random place, with its own margin (`attack.val_margin`: the settings table above sets the
+# paper's and the profile's side by side). A backdoored model calls many of them the target category; a clean
+# one does not.
 
 # %%
 patched = attack.patched_val_pixels(D, A)

@@ -21,8 +21,8 @@
 # **MoCo-v2** pull two random augmentations ("views") of the same image together and push views of other
 # images apart; **BYOL** predicts one view's embedding from the other without negatives. Nothing tells
 # the model what matters in an image: whatever helps match the two views is learned. A trigger that
-# sits on hundreds of images of one category, survives cropping and never changes colour is an easy
-# thing to match, so the poisoned images end up near each other, and near the target category.
+# sits on hundreds of images of one category and often survives cropping (the colour jitter changes it as much
+# as the rest of the view) is an easy thing to match, so the poisoned images end up near each other, and near the target category.
 #
 # This notebook trains a clean and a backdoored model with the profile's settings (cached under
 # `artifacts/ssl_*/`), then looks at what the backdoored model learned. It reads ahead to measures that
@@ -55,7 +55,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from helpers import attack, augment, cluster, data, evaluate, models, notebook, plotting, ssl
+from helpers import attack, augment, cluster, data, evaluate, models, notebook, params, plotting, ssl
 
 P = notebook.setup(params_path)
 NB = "02_ssl_training"
@@ -69,14 +69,17 @@ pd.DataFrame([P.ssl.__dict__]).T.rename(columns={0: "value"})
 # ## How the CPU profile differs from the paper, and why
 # The table below sets the paper's victim training (`params/paper.yaml`) beside this profile's params file.
 # Why each knob moved:
-# - **data and backbone**: one training must fit in well under an hour on a two-core CPU, so the data are
+# - **data and backbone**: one training must fit in under an hour on a two-core CPU, so the data are
 #   CIFAR-10 and the ResNet-18 is narrower, with a strided stem (several times cheaper per image);
 # - **training**: with SGD for the same short budget the backbone learned too little to carry a backdoor
-#   (the study below); AdamW learns faster;
+#   (the study below); AdamW learns faster. Each row of that study is **one** SSL training, most of them on
+#   an earlier attack (its params files, `02_study_params_*.yaml`, say which): they point the way, they do
+#   not prove it;
 # - **trigger**: at the paper's strength (one trigger of its share of the image on half the target class)
 #   the backdoor is far too weak a signal at this budget, so the profile pastes a larger share on every
 #   target image (the study, and the feasibility probes);
-# - **crops**: a larger minimum crop keeps the trigger in both views more often;
+# - **crops**: a larger minimum crop should keep the trigger in both views more often (a hypothesis: the first exercise
+#   measures it; the study's crop rows do not settle it);
 # - **precision**: bf16 trains faster on this CPU (`avx512_bf16`); whether it plants as strong a backdoor as
 #   fp32 is measured in `figures/cifar10/02_precision_fp32_vs_bf16.md`, and the profile's choice is in its
 #   `compute` section (bf16 inference gives the same flip-test scores).
@@ -93,12 +96,12 @@ if precision_csv.is_file():
     asr_row, top20 = q.loc["poisoned: probe ASR 10% labels (%)"], q.loc["PatchSearch: top-20 acc (%)"]
     minutes = q.loc["poisoned: SSL training (min)"]
     notebook.show_markdown(
-        f"**What bf16 costs the attack.** The precision study (one SSL training in each precision, "
-        f"`02_precision_fp32_vs_bf16.md`) trains in {minutes['bf16']:.0f} min in bf16 against "
-        f"{minutes['fp32']:.0f} min in fp32, but its backdoored model's probe ASR is {asr_row['bf16']:.1f}% "
-        f"in bf16 against {asr_row['fp32']:.1f}% in fp32 (probe-seed spread {asr_row['probe seed spread (std)']:.1f} "
-        f"points), and PatchSearch's top-20 {top20['bf16']:.0f}% against {top20['fp32']:.0f}%: on this one "
-        "training, bf16 bought speed with a weaker backdoor."
+        f"**What bf16 costs the attack.** The precision study (`02_precision_fp32_vs_bf16.md`) trains in "
+        f"{minutes['bf16']:.0f} min in bf16 against {minutes['fp32']:.0f} min in fp32. On its first SSL seed the "
+        f"backdoored model's probe ASR is {asr_row['bf16']:.1f}% in bf16 against {asr_row['fp32']:.1f}% in fp32 "
+        f"(probe-seed spread {asr_row['probe seed spread (std)']:.1f} points), and PatchSearch's top-20 "
+        f"{top20['bf16']:.0f}% against {top20['fp32']:.0f}%; whether that is the precision or the seed, the "
+        "other seeds below say."
     )
     import yaml
 
@@ -122,7 +125,13 @@ if precision_csv.is_file():
             "Over SSL training seeds (`02_precision_training_seeds.md`): "
             + "; ".join(f"seed {i}: fp32 {r['fp32']:.1f}%, bf16 {r['bf16']:.1f}%" for i, r in by_seed.iterrows())
             + f". The precisions differ by {', '.join(f'{g:.1f}' for g in precision_gap)} points (per seed), the "
-            f"seeds by {', '.join(f'{g:.1f}' for g in seed_gap)} points (per precision)."
+            f"seeds by {', '.join(f'{g:.1f}' for g in seed_gap)} points (per precision): "
+            + (
+                "the SSL seed moves the ASR as much as the precision does, so these seeds do not say what bf16 "
+                "costs the attack."
+                if precision_gap.max() <= seed_gap.max()
+                else "the precision moves the ASR more than the seed does."
+            )
         )
     notebook.show_markdown(
         (
@@ -158,7 +167,9 @@ plotting.savefig(fig, P.profile, NB, "views", dpi=P.figures.dpi)
 # %% [markdown]
 # ## Training
 # One clean and one backdoored model, same seed and settings. Each epoch is checkpointed atomically; an
-# interrupted run resumes where it stopped. Finished models are cached: a rerun loads them.
+# interrupted run resumes where it stopped. Finished models are cached: a rerun loads them. The minutes and
+# images/s below are wall-clock on the CPU that trained them: where other jobs shared it, the same work
+# reads slower (compare the two models' images/s).
 
 # %%
 model_dirs = {variant: ssl.train_stage(P, variant) for variant in ("clean", "poisoned")}
@@ -244,6 +255,8 @@ for mask, label, color in [
     (is_target, f"clean {A.target_class}", "C0"),
     (is_poison, "poisoned", "C3"),
 ]:
+    if not mask.any():  # e.g. no clean image of the target category where every one is poisoned
+        continue
     ax.scatter(*xy[mask].T, s=3, c=color, label=f"{label} ({mask.sum()})", alpha=0.6, linewidths=0)
 ax.set(title="backdoored model: PCA of normalised features", xticks=[], yticks=[])
 ax.legend(markerscale=4, fontsize=8)
@@ -251,7 +264,9 @@ plotting.savefig(fig, P.profile, NB, "embedding", dpi=P.figures.dpi)
 
 # %% [markdown]
 # **Nearest neighbours of poisoned images.** If the trigger became a feature, a poisoned image's
-# neighbours are other poisoned images (whatever they show), not just other birds.
+# neighbours are other poisoned images, whatever they show. Where every image of the target category is
+# poisoned (this profile), this figure cannot tell "poisons" from "the target category": the clean model's
+# baseline after it does.
 
 # %%
 k = 7
@@ -304,13 +319,15 @@ concentration.insert(0, "poisons in the data", is_poison.mean())
 plotting.save_table(concentration.reset_index(names="features of"), P.profile, NB, "poison_concentration")
 nn_col, rich_col = "poisons among a poison's 7 neighbours", "poison_share_in_rich_clusters"
 b, c = concentration.loc["backdoored model"], concentration.loc["clean model (baseline)"]
+near = concentration[nn_col]  # per model
+grouped_by_trigger = b[nn_col] - c[nn_col] >= 0.5 * (1 - c[nn_col])  # more than half the clean model's gap closed
 notebook.show_markdown(
     f"Poisons are {is_poison.mean():.1%} of the data. Among a poison's 7 nearest neighbours: "
     f"{b[nn_col]:.1%} poisons in the backdoored model, {c[nn_col]:.1%} in the clean one. In clusters at least "
     f"half poisoned: {b[rich_col]:.1%} of the poisons (backdoored) against {c[rich_col]:.1%} (clean). "
     + (
         "The clean model groups these images almost as tightly: most of the grouping is the class, not the trigger."
-        if b[nn_col] - c[nn_col] < 0.5 * (1 - c[nn_col])
+        if not grouped_by_trigger
         else "The backdoored model closes more than half of the gap the clean model leaves: the trigger, "
         "not only the class, holds the poisons together."
     )
@@ -320,7 +337,7 @@ concentration
 # %% [markdown]
 # ## The CPU-scale study: when does the backdoor take?
 # The paper trains ResNet-18 for hundreds of epochs on a hundred thousand large images. On this two-core CPU
-# one training has well under an hour (the cost line at the top). `python -m helpers.studies.strength` trains clean and backdoored models for a grid
+# one training has under an hour (the cost line at the top). `python -m helpers.studies.strength` trains clean and backdoored models for a grid
 # of settings (method, stem stride, trigger size, crop scale, poison rate) and evaluates them every few
 # epochs; `python -m helpers.studies.strength --publish` copies the rows to `figures/<profile>/02_study_*.csv`. The
 # goal, part by part (`evaluate.goal_checks`), is printed with the table.
@@ -424,13 +441,23 @@ if pairs_csv.is_file():
     if own:
         t = pairs[pairs["setting"] == own[0]]
         mine = t[(t["target"] == A.target_class) & (t["trigger seed"] == P.attack.trigger_seed)].iloc[0]
-        found = {v: cache.cached_result(f"eval_{v}", P) for v in ("poisoned", "clean")}  # read only
         top = max(P.eval.label_fractions)
-        now_asr = {}
-        for v, r in found.items():
-            if r is not None:
-                probe = pd.read_csv(r.path / "probe.csv")
-                now_asr[v] = 100 * probe[np.isclose(probe["labels"], top)]["asr"].mean()
+
+        def cached_asr(run) -> dict:  # % ASR of the backdoored and clean models of one SSL training (read only)
+            out = {}
+            for v in ("poisoned", "clean"):
+                r = cache.cached_result(f"eval_{v}", run)
+                if r is not None:
+                    probe = pd.read_csv(r.path / "probe.csv")
+                    out[v] = 100 * probe[np.isclose(probe["labels"], top)]["asr"].mean()
+            return out
+
+        now_asr = cached_asr(P)
+        # the same attack, other SSL seeds (notebook 07's "Table 2 over SSL training seeds")
+        seed_asr = [cached_asr(params.with_variant(P, v)) for v in ("ssl_seed1", "ssl_seed2") if v in P.variants]
+        seed_asr = [now_asr, *seed_asr] if len(now_asr) == 2 else []
+        seed_asr = [a for a in seed_asr if len(a) == 2]
+        planted = [evaluate.backdoor_planted(a["poisoned"] / 100, a["clean"] / 100) for a in seed_asr]
         lines.append(
             f"\n**The profile's own setting** is `{own[0]}`: it meets the goal on {int(t['goal met'].sum())} of "
             f"{len(t)} pairs"
@@ -440,7 +467,26 @@ if pairs_csv.is_file():
             "evaluation when it ran"
             + (
                 f"; notebook 07 measures the profile's models with the current one: {now_asr['poisoned']:.1f}% "
-                f"against {now_asr['clean']:.1f}%."
+                f"against {now_asr['clean']:.1f}% ({now_asr['poisoned'] / now_asr['clean']:.1f}x), "
+                + ("a backdoor" if planted[0] else "**not** a backdoor")
+                + " by that rule"
+                + (
+                    f"; over {len(planted)} SSL training seeds of the same setting, {sum(planted)} plant one ("
+                    + ", ".join(f"{a['poisoned']:.1f}% against {a['clean']:.1f}%" for a in seed_asr)
+                    + ")"
+                    if len(planted) > 1
+                    else ""
+                )
+                + ". The next notebooks study the model of the first seed. "
+                + (
+                    f"Its trigger holds the poisons together in the feature space ({near['backdoored model']:.1%} "
+                    f"of a poison's neighbours are poisons, against {near['clean model (baseline)']:.1%} in the "
+                    "clean model: the baseline above) "
+                    "while the linear probe is fooled too little to count: the defenses read the feature space, "
+                    "so they can find the poisons of an attack that barely works downstream."
+                    if grouped_by_trigger and not planted[0]
+                    else ""
+                )
                 if len(now_asr) == 2
                 else "."
             )

@@ -30,6 +30,11 @@
 #
 # **Ground truth is shown here for teaching only.** The defense itself never sees which images are
 # poisoned.
+#
+# **Which model.** The backdoored model here is the profile's first SSL training. Whether its trigger moves a
+# linear probe enough to count as a backdoor (the project's rule), and how often other SSL seeds of the same
+# attack do, is measured at the end of notebook 02 and in notebook 07: the poisons can gather in the
+# embedding (this notebook) while the probe is fooled only a little. The defenses read the embedding.
 
 # %% [markdown]
 # ## In equations

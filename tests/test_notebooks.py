@@ -322,3 +322,16 @@ def test_a_shown_table_fits_the_page_formatted_and_without_index():
 
 def _html_output(html):
     return {"output_type": "display_data", "metadata": {}, "data": {"text/html": html}}
+
+
+def test_a_gap_is_called_only_beyond_two_standard_errors_of_the_seeds():
+    from helpers.notebook import gap_verdict
+
+    a = [10.0, 10.2, 9.8, 10.1, 9.9]  # standard error of the difference: 0.1 over five seeds each
+    assert gap_verdict([x + 0.1 for x in a], a) == "within noise"
+    assert gap_verdict([x + 1.0 for x in a], a) == "higher"
+    assert gap_verdict([x - 1.0 for x in a], a) == "lower"
+    # a wider spread hides the same gap
+    assert gap_verdict([x + 1.0 for x in (5, 15, 10, 12, 8)], [5, 15, 10, 12, 8]) == "within noise"
+    with pytest.raises(ValueError, match="two values or more"):
+        gap_verdict([1.0], a)
