@@ -732,6 +732,23 @@ if general_path.is_file():
                 f"{len(voted)} planted configurations it has run on ({sum(meets(r, m) for _, r in held.iterrows())} of "
                 f"the {len(held)} held out from its choice)."
             )
+        # the vote's blind test: every configuration held out from its choice, planted or not (recall and clean
+        # removals without the vote -> with it, for each defense that ran there)
+        unseen = general[general["cluster vote held out"].fillna(False).astype(bool)]
+        judged = [
+            f"`{r['configuration']}` {m}: recall {r[f'{m} recall (%)']:.1f}% -> "
+            f"{r[f'{m} recall, cluster vote (%)']:.1f}%, clean images removed {r[f'{m} clean removed (%)']:.1f}% -> "
+            f"{r[f'{m} clean removed, cluster vote (%)']:.1f}%"
+            for _, r in unseen.iterrows()
+            for m in LABELS
+            if f"{m} recall, cluster vote (%)" in r and np.isfinite(r[f"{m} recall, cluster vote (%)"])
+        ]
+        if judged:
+            summary.append(
+                "**The cluster vote, held out** (configurations made or run after it was fixed): "
+                + "; ".join(judged)
+                + "."
+            )
     summary.append(
         "The search reads the SSL model's clusters, not the probe: a trigger that gathers its images into "
         "clusters is found even where the probe shows no backdoor, so top-20 can be high on a configuration "
