@@ -534,11 +534,10 @@ def _cluster_vote_caveat(figures: Path) -> str:
     from ..studies import generality
 
     rows = [r for r in _rows(figures, "06_poison_classifier_cluster_vote") if r["ensemble"] == "mean"]
-    here = "; ".join(
-        f"{r['method']} {float(r['clean removed (%)']):.2f}% of the clean images at recall "
+    here = "; ".join(  # "of the clean images" once
+        f"{r['method']} {float(r['clean removed (%)']):.2f}%{' of the clean images' if i == 0 else ''} at recall "
         f"{float(r['recall (%)']):.1f}%"
-        for r in rows
-        if r["vote"] == "cluster vote"
+        for i, r in enumerate(r for r in rows if r["vote"] == "cluster vote")
     )
     seen = [f"`{n}`" for n in generality.CHOSEN_ON["cluster-vote"]]
     column = "PatchSearch recall, cluster vote (%)"
@@ -559,8 +558,8 @@ def _cluster_vote_caveat(figures: Path) -> str:
         else "; it has not run on a configuration made after that yet."
     )
     return (
-        "- **A vote of the clusters.** Not the paper's: an image stays removed only where the ensemble removes more "
-        f"than half of its k-means cluster ({_link(figures, '06_poison_classifier_cluster_vote.md')}). Here: "
+        "- **A vote of the clusters** (not the paper's: a removal stands only where the ensemble removes more than "
+        f"half of its k-means cluster; {_link(figures, '06_poison_classifier_cluster_vote.md')}). Here: "
         f"{here}. Chosen after computing it on {_and(seen)}" + judged + "\n"
     )
 
@@ -717,6 +716,7 @@ def _caveats(figures: Path, record: dict) -> str:
         _window_caveat(figures, record["params"]["search"]["window_rule"])
         + _count_caveat(figures, record)
         + _classifier_caveat(figures, record)
+        + _cluster_vote_caveat(figures)
         + _backdoor_caveat(figures, record)
         + _gpu_caveat()
     )
