@@ -154,12 +154,13 @@ def show_tables_for_the_page() -> None:
 def gap_verdict(a, b, sds: float = 2.0) -> str:
     """``"higher"``, ``"lower"`` or ``"within noise"``: the mean of ``a`` against that of ``b`` (e.g. one model's
     metric over its probe seeds against another's), where noise is ``sds`` standard errors of the difference of
-    the two means. It says nothing of the SSL seed's noise, which is larger (notebook 07)."""
+    the two means; ``"undecided (one seed)"`` where a side has one value. It says nothing of the SSL seed's
+    noise, which is larger (notebook 07)."""
     import numpy as np
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"gap_verdict needs two values or more on each side (got {len(a)} and {len(b)})")
+    if len(a) < 2 or len(b) < 2:  # one seed (e.g. the smoke profile's probe) has no spread to judge a gap by
+        return "undecided (one seed)"
     gap = a.mean() - b.mean()
     noise = sds * np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     return "within noise" if abs(gap) <= noise else ("higher" if gap > 0 else "lower")
