@@ -255,10 +255,10 @@ FINETUNED = {
     "PatchSearch": (PS, "filtered", False),
     "PatchSearch + i-CutMix": (PS, "filtered", True),
 }
-rows4 = []
+rows4, tuned = [], {}  # tuned: each model's finetuned evaluation
 for name, (p, variant, icutmix) in FINETUNED.items():
-    tuned = finetune.finetune_stage(p, variant, icutmix)[1]
-    for evaluation, probe in (("linear", reference[name]), ("finetuned", tuned)):
+    tuned[name] = finetune.finetune_stage(p, variant, icutmix)[1]
+    for evaluation, probe in (("linear", reference[name]), ("finetuned", tuned[name])):
         for f in P.eval.label_fractions:
             published = published_at({name: v[evaluation == "finetuned"] for name, v in PAPER_T4.items()}, name, f, 2)
             r = row(name, probe, f, evaluation=evaluation, labels=f"{f:.0%}")
@@ -270,7 +270,6 @@ t4_acc = table4[table4["labels"] == f"{TOP:.0%}"].set_index(["model", "evaluatio
 lowers = t4["Backdoored", "finetuned"] < t4["Backdoored", "linear"]
 removes = t4["Backdoored", "finetuned"] <= CLEAN_LEVEL
 combo = t4["PatchSearch + i-CutMix", "finetuned"]
-tuned = {name: finetune.finetune_stage(p, v, i)[1] for name, (p, v, i) in FINETUNED.items()}  # cached: read again
 # "they add up": each defense added to finetuning lowers the ASR further, beyond the probe seeds' noise
 steps = [("Backdoored", "PatchSearch"), ("PatchSearch", "PatchSearch + i-CutMix")]
 added = {b: notebook.gap_verdict(per_seed(tuned[b], "asr"), per_seed(tuned[a], "asr")) for a, b in steps}
