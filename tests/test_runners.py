@@ -57,7 +57,11 @@ def test_configurations_made_after_the_rules_were_seen_by_no_rule():
     assert len(after) >= 4
     for rule in ("agreement", "pooled", "natural-negatives"):  # fixed before those were made
         assert not set(generality.CHOSEN_ON[rule]) & set(after), rule
-    earlier = [c for name, c in generality.CONFIGS.items() if name not in after | generality.CONFIGS_AFTER_TOWARD]
+    earlier = [
+        c
+        for name, c in generality.CONFIGS.items()
+        if name not in after | generality.CONFIGS_AFTER_TOWARD | generality.CONFIGS_AFTER_JUDGING
+    ]
     targets = {c.get("target_class", "bird") for c in earlier}
     for name, config in after.items():
         new = config.get("target_class") not in targets or any(
@@ -77,6 +81,18 @@ def test_configurations_made_after_the_toward_count_judge_it_on_a_new_trigger():
     earlier_seeds = {c.get("trigger_seed", base) for n, c in generality.CONFIGS.items() if n not in after}
     for name, config in after.items():
         assert config.get("trigger", "random") == "random" and config["trigger_seed"] not in earlier_seeds, name
+
+
+def test_configurations_made_after_the_judging_were_seen_by_no_rule_and_draw_new_triggers():
+    """Made after the toward count and the cluster vote were judged: no rule or variant was chosen on them, and
+    each draws a trigger seed no earlier configuration drew."""
+    after = generality.CONFIGS_AFTER_JUDGING
+    assert len(after) >= 2
+    for rule, seen in generality.CHOSEN_ON.items():
+        assert not set(seen) & set(after), rule
+    base = params.load(params.paths.PARAMS_DIR / "cifar10.yaml").attack.trigger_seed
+    earlier_seeds = {c.get("trigger_seed", base) for n, c in generality.CONFIGS.items() if n not in after}
+    assert {c["trigger_seed"] for c in after.values()}.isdisjoint(earlier_seeds)
 
 
 def test_profile_spreads_its_triggers():

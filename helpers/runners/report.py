@@ -479,7 +479,8 @@ def _poisoncam_after_rules(figures: Path) -> str:
     fixed, from the published generality table; empty where it has not run on them."""
     from ..studies import generality
 
-    after = generality.CONFIGS_AFTER_RULES | generality.CONFIGS_AFTER_TOWARD  # both made after the count and rule
+    # every configuration made after the count and the window rule were fixed
+    after = generality.CONFIGS_AFTER_RULES | generality.CONFIGS_AFTER_TOWARD | generality.CONFIGS_AFTER_JUDGING
     rows = [r for r in _rows(figures, "07_generality") if r["configuration"] in after]
     rows = [r for r in rows if r.get("PoisonCAM w") not in (None, "", "nan")]
     if not rows:

@@ -68,6 +68,16 @@ CONFIGS_AFTER_TOWARD: dict[str, dict] = {
     "cat-14px": {"trigger_size": 0.4375, "target_class": "cat", "trigger_seed": 141},
 }
 CONFIGS |= CONFIGS_AFTER_TOWARD
+# Made after the toward count and the cluster vote were judged on size-14px and cat-14px (b319705), before
+# anything was run on them: two more blind judges of every rule above (the pooled window, PoisonCAM's count,
+# the toward count, the cluster vote), each with a trigger seed no earlier configuration drew, at the side
+# (14 px) that planted a backdoor on horse, on a target tried before only with a PNG (dog) or at 12 px
+# (automobile, planted there).
+CONFIGS_AFTER_JUDGING: dict[str, dict] = {
+    "dog-14px": {"trigger_size": 0.4375, "target_class": "dog", "trigger_seed": 161},
+    "automobile-14px": {"trigger_size": 0.4375, "target_class": "automobile", "trigger_seed": 171},
+}
+CONFIGS |= CONFIGS_AFTER_JUDGING
 
 # name -> overrides of other sections: the same attack, another SSL training. Made after the pooled window
 # rule was fixed (issue 22): they judge it blind (``python -m helpers.studies.generality --table generality_seeds``).
