@@ -52,6 +52,28 @@ def setup(params_path: str | Path, overrides: dict | None = None, cache_hits: bo
     return params
 
 
+def live_precision(params: Params) -> str:
+    """The precision of the network passes a notebook runs itself, outside any stage (features to draw,
+    heatmaps to show, one readable flip test): the profile's, except bf16 on a CPU without native bf16. There
+    bf16 is emulated, 20x slower for features and far more for PoisonCAM's masked passes (2026-12-08, an AVX2
+    CPU: one of notebook 04's 50 batches took over six minutes), and rounds otherwise anyway, so these passes
+    run in fp32 and their numbers may differ in the last digits from the published run's. The stages keep
+    the profile's precision: their keys are the shipped ones, so they come from the cache."""
+    from .compute import cpu_has_native_bf16, device_for_run
+
+    precision = params.compute.precision
+    if precision == "bf16" and device_for_run().type == "cpu" and not cpu_has_native_bf16():
+        return "fp32"
+    return precision
+
+
+def live(params: Params) -> Params:
+    """``params`` with ``live_precision`` for the notebook's own passes (never for a stage: its key would change)."""
+    import dataclasses
+
+    return dataclasses.replace(params, compute=dataclasses.replace(params.compute, precision=live_precision(params)))
+
+
 def _rich_display():
     """IPython's ``display`` module where a notebook runs this, else None (plain text: print)."""
     try:

@@ -241,7 +241,7 @@ image_size = D.train.pixels.shape[-1]
 cfg = ssl.augment_config(P.ssl, image_size)
 backbone = ssl.load_backbone(P, model_dirs["poisoned"], image_size)
 features = models.extract_features(
-    backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True, precision=P.compute.precision
+    backbone, poisoned_pixels, cfg.mean, cfg.std, P.eval.batch_size, progress=True, precision=notebook.live_precision(P)
 )
 is_poison = A.poison_mask(len(features))
 is_target = (D.train.labels == A.target_index) & ~is_poison
@@ -310,7 +310,7 @@ clean_features = models.extract_features(
     cfg.mean,
     cfg.std,
     P.eval.batch_size,
-    precision=P.compute.precision,
+    precision=notebook.live_precision(P),
 )
 concentration = pd.DataFrame(
     {"backdoored model": grouping(features, is_poison), "clean model (baseline)": grouping(clean_features, is_poison)}

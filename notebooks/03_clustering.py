@@ -79,7 +79,8 @@ Z = np.load(stage / "clustering.npz")
 assignment, k = Z["assignment"], P.cluster.k
 summary = json.loads((stage / "summary.json").read_text())
 kmeans_by = summary.get("kmeans", "faiss")  # the stage's k-means: faiss, or torch where faiss is missing
-features = Z["features"] if "features" in Z.files else cluster.training_features(P, "poisoned")  # shipped: left out
+# the shipped clustering leaves its features out: extracted again here, in notebook.live_precision
+features = Z["features"] if "features" in Z.files else cluster.training_features(notebook.live(P), "poisoned")
 print(f"{len(assignment)} images, k = {k} clusters, {summary['seconds']:.1f} s (features + k-means, when computed)")
 
 # %% [markdown]

@@ -77,7 +77,8 @@ NB = "04_trigger_localization"
 notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
-ctx = search.defense_context(P, "poisoned")
+ctx = search.defense_context(P, "poisoned")  # the stages: the model, its clustering, the training set
+ctx.model.precision = notebook.live_precision(P)  # the passes below are this notebook's own, never cached
 poison = A.poison_mask(len(ctx.pixels))
 side = int(A.poison_boxes[0, 0, 2])
 print(f"trigger side: {side} px on {ctx.size} px images (unknown to the defender)")
@@ -200,7 +201,7 @@ def poisoncam_readable(model, image, cluster, masks, mean_distance, std_distance
 
 # %% [markdown]
 # The readable versions against the stage's batched kernels on four poisoned images of the sample (the
-# network runs in the profile's precision, so one image at a time and a batch may round differently):
+# network runs in `notebook.live_precision`, so one image at a time and a batch may round differently):
 
 # %%
 x4 = ctx.normalise(ctx.pixels[sample_p[:4]])
@@ -217,7 +218,7 @@ for j, (i, image) in enumerate(zip(sample_p[:4], x4, strict=True)):
         diff[m] = max(diff[m], float((readable[m].cpu() - maps[m]["poisoned"][j]).abs().max()))
 notebook.show_markdown(
     f"Largest difference between the readable and the batched heatmaps (maps in [0, 1]): Grad-CAM "
-    f"{diff['patchsearch']:.2g}, PoisonCAM {diff['poisoncam']:.2g} (precision: {P.compute.precision})."
+    f"{diff['patchsearch']:.2g}, PoisonCAM {diff['poisoncam']:.2g} (precision: {ctx.model.precision})."
 )
 
 # %% [markdown]

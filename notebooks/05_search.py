@@ -278,6 +278,7 @@ def search_round_readable(alive, queues, best, score_of, s, r):
 lines = []
 for m, f in found.items():
     ctx = search.defense_context(search.with_method(P, m), "poisoned", progress=False)
+    ctx.model.precision = notebook.live_precision(P)  # one readable flip test, not cached
     w, top = int(f["window"]), int(f["ranking"][0])
     flip = torch.as_tensor(ctx.flip_idx)
     corners = search.paste_locations(ctx.ids[[top]], len(flip), ctx.size, ctx.size, w, P.search.seed)[0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import cache, io, paths
+from helpers import cache, compute, io, paths
 from helpers.io import CheckpointError
 from helpers.params import load, with_resolved_root
 from helpers.runners import checkpoints
@@ -162,6 +162,30 @@ def test_the_shipped_checkpoints_are_what_this_code_computes(monkeypatch):
     # 70 MiB: the variants' models that notebooks only evaluate are not shipped (a finished evaluation needs
     # no model); with them it was 119 MiB
     assert size < 80 * 2**20, f"shipped checkpoints take {size / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs the shared CIFAR-10 copy")
+@pytest.mark.parametrize("profile", ["cifar10", "cifar10-gpu"])
+def test_the_shipped_keys_are_every_cpus_with_or_without_native_bf16(monkeypatch, profile):
+    """On 2026-12-08 a CPU with AVX2 only resolved ``precision: auto`` to fp32 and refused 62 of the 66 shipped
+    stages (every one but the SSL models, whose precision was asked for outright): a fresh clone would have
+    recomputed them for hours. The shipped profiles now ask for bf16 outright, so every shipped key is the one
+    a CPU computes, whether it has native bf16 or not."""
+    monkeypatch.delenv("PATCHSEARCH_FIGURES")  # the repository's figures/
+    monkeypatch.setattr(compute, "device_for_run", lambda: torch.device("cpu"))
+    for native in (True, False):
+        monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda native=native: native)
+        params = with_resolved_root(load(paths.PARAMS_DIR / f"{profile}.yaml"))
+        assert (params.compute.precision, params.compute.ssl_precision) == ("bf16", "bf16")
+        lines = checkpoints.verify(params)
+        assert len(lines) == len(checkpoints.read_manifest(profile)["stages"]) > 0
+        refused = [line for line in lines if "key ok" not in line]
+        assert not refused, f"native bf16 {native}: " + "\n".join(refused[:3])
+    # the check can fail: a profile that left the precision to the machine is refused on one of the two
+    monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: False)
+    auto = with_resolved_root(load(paths.PARAMS_DIR / f"{profile}.yaml"))
+    auto = dataclasses.replace(auto, compute=dataclasses.replace(auto.compute, precision="fp32"))
+    assert any("compute.precision: 'bf16' shipped, 'fp32' here" in line for line in checkpoints.verify(auto))
 
 
 def test_the_opening_states_the_cost_with_and_without_the_shipped_checkpoints(tiny_params, shipped):

@@ -1,5 +1,6 @@
 """Notebook pairs agree, and every notebook runs end to end on the smoke profile (papermill)."""
 
+import dataclasses
 import json
 import re
 
@@ -7,6 +8,7 @@ import jupytext
 import nbformat
 import pandas as pd
 import pytest
+import torch
 
 from helpers import notebook, params, paths
 from helpers.runners import reproduce
@@ -156,6 +158,29 @@ def test_setup_overrides_change_one_key_and_refuse_unknown_ones():
         notebook.setup("params/smoke.yaml", overrides={"cluster": {"kk": 7}})
     with pytest.raises(ValueError, match="'clusters' is not a section"):
         notebook.setup("params/smoke.yaml", overrides={"clusters": {"k": 7}})
+
+
+def test_a_notebooks_own_passes_run_fp32_only_where_bf16_would_be_emulated(monkeypatch):
+    """The profile's bf16 keys its stages on every machine (the shipped ones); a notebook's own uncached passes
+    run in ``live_precision``: bf16 where the CPU has it natively, fp32 where it would be emulated (notebook 04's
+    PoisonCAM sample went from seconds to hours there), and never change a stage's key."""
+    from helpers import compute
+
+    monkeypatch.setattr(compute, "device_for_run", lambda: torch.device("cpu"))
+    p = params.load(paths.PARAMS_DIR / "cifar10.yaml")
+    fp32 = dataclasses.replace(p, compute=dataclasses.replace(p.compute, precision="fp32"))
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda native=native: native)
+        assert notebook.live_precision(p) == expected and notebook.live(p).compute.precision == expected
+        assert notebook.live_precision(fp32) == "fp32"
+        assert notebook.live(p).compute.ssl_precision == "bf16"  # the SSL model it loads keeps its key
+        assert params.stage_hash(notebook.live(p), "ssl_poisoned") == params.stage_hash(p, "ssl_poisoned")
+    # every notebook's own network pass goes through it
+    for source in paths.notebooks():
+        text = source.read_text()
+        assert "precision=P.compute.precision" not in text, source.name
+        for line in re.findall(r"^ *(\w+) = search\.defense_context\(.*$", text, flags=re.M):
+            assert f"{line}.model.precision = notebook.live_precision(P)" in text, source.name
 
 
 def test_outputs_never_go_to_the_published_folder_by_default(monkeypatch):
