@@ -173,7 +173,7 @@ def test_the_whole_queue_runs_on_a_cpu_and_ships_every_job(tmp_path, monkeypatch
     # a reader's run installs them all and computes none of them
     report = checkpoints.install(params)
     assert not report.refused and len(report.installed) == len(manifest["stages"])
-    assert "bench" in (gpu.shipped_dir(params.profile) / "logs" / "J2" / "bench.md").read_text().lower()
+    assert "bench" in (gpu.shipped_dir(params.profile) / "logs" / "J3" / "bench.md").read_text().lower()
     assert json.loads((paths.artifacts_dir() / "ssl_poisoned" / ssl["key"] / "stage.json").read_text())["shipped"]
     # the queue's report: every job done, and the backdoor's verdict computed from the shipped probes
     report = (gpu.shipped_dir(params.profile).parent / gpu.REPORT_NAME).read_text()

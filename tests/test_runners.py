@@ -148,13 +148,15 @@ def test_the_gpu_profile_runs_only_what_the_queue_has_shipped():
     from helpers.runners import gpu
     from helpers.runners.reproduce import gpu_refusal
 
-    j1, j2, j3 = gpu.JOBS[:3]
+    j1, j2, j3, j4 = gpu.JOBS[:4]  # the models; the stronger attack; both defenses; what comes after them
+    assert "defense_patchsearch_poisoned" in j3.phases[0]
     assert "no GPU job has shipped" in gpu_refusal(j1, None)
     assert "no GPU job has shipped" in gpu_refusal(j1, ["01", "02"])
-    assert 'ONLY="01 02"' in gpu_refusal(j2, None)  # the models alone: the defenses take hours here
-    assert 'ONLY="01 02"' in gpu_refusal(j2, ["01", "03"])
-    assert gpu_refusal(j2, ["01", "02"]) is None and gpu_refusal(j2, ["02"]) is None
-    assert gpu_refusal(j3, None) is None and gpu_refusal(None, None) is None
+    for before_the_defenses in (j2, j3):
+        assert 'ONLY="01 02"' in gpu_refusal(before_the_defenses, None)  # the models alone: defenses take hours
+        assert 'ONLY="01 02"' in gpu_refusal(before_the_defenses, ["01", "03"])
+        assert gpu_refusal(before_the_defenses, ["01", "02"]) is None and gpu_refusal(j2, ["02"]) is None
+    assert gpu_refusal(j4, None) is None and gpu_refusal(None, None) is None
 
 
 def test_a_kept_rows_commit_is_read_from_either_form_of_the_record(monkeypatch, tmp_path):

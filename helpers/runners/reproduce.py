@@ -364,7 +364,8 @@ def gpu_refusal(next_job, only) -> str | None:
     next job (None when all are done); ``only``: the notebooks asked for."""
     from . import gpu
 
-    if next_job is None or gpu.JOBS.index(next_job) >= 2:  # J1 and J2: the models and both defenses
+    defenses = next(i for i, job in enumerate(gpu.JOBS) if "defense_patchsearch_poisoned" in job.phases[0])
+    if next_job is None or gpu.JOBS.index(next_job) > defenses:  # the models and both defenses are shipped
         return None
     shipped_models = next_job is not gpu.JOBS[0]
     if shipped_models and only and all(name.startswith(GPU_MODEL_NOTEBOOKS) for name in only):
