@@ -178,6 +178,10 @@ def test_the_whole_queue_runs_on_a_cpu_and_ships_every_job(tmp_path, monkeypatch
     # the queue's report: every job done, and the backdoor's verdict computed from the shipped probes
     report = (gpu.shipped_dir(params.profile).parent / gpu.REPORT_NAME).read_text()
     assert all(f"| {job.name} | done | " in report for job in gpu.JOBS)
+    # every evaluated variant of the attack gets its own table: J2's stronger attack and J5's pairs
+    for name in ("strong", "pair2", "pair3"):
+        assert f"**The backdoor of the variant `{name}` (attack." in report, name
+    assert "attack.poison_rate = 1.0, attack.trigger_size = 0.3125" in report
     verdict = gpu.backdoor_verdict(params.profile, 0.1)
     assert (
         f"10% labels: ASR {100 * verdict['asr']:.1f}% against the clean model's {100 * verdict['clean_asr']:.1f}%"

@@ -699,12 +699,13 @@ def install(folder: Path, params_path: Path = PARAMS, work: Path | None = None) 
 REPORT_NAME = "QUEUE.md"  # beside the checkpoints: figures/<profile>/QUEUE.md
 
 
-def shipped_evaluations(profile: str) -> dict[str, Path]:
-    """The shipped evaluations of the profile's own models (no variant): ``{"eval_poisoned": folder, ...}``."""
+def shipped_evaluations(profile: str, variant: dict | None = None) -> dict[str, Path]:
+    """The shipped evaluations of the profile's own models (``variant`` None) or of one variant's (its overrides,
+    as the manifest records them): ``{"eval_poisoned": folder, ...}``."""
     return {
         e["stage"]: shipped_dir(profile) / e["stage"] / e["key"]
         for e in read_manifest(profile)["stages"]
-        if e["stage"].startswith("eval_") and not e.get("variant") and not e.get("method")
+        if e["stage"].startswith("eval_") and (e.get("variant") or {}) == (variant or {}) and not e.get("method")
     }
 
 
@@ -767,16 +768,26 @@ def queue_report(params_path: Path = PARAMS) -> str:
             f"{max(rates):,.0f} img/s per epoch beside the clean model on one {first['device']['gpu']}, its loss "
             f"{history[0]['loss']:.2f} after the first epoch and {history[-1]['loss']:.2f} after the last.",
         ]
-    evals = shipped_evaluations(params.profile)
     names = {"eval_poisoned": "backdoored (no defense)", "eval_clean": "clean"}
-    if set(names) <= set(evals):
+    attacks = [(None, "")] + [  # the profile's attack, then every variant of the attack that has been evaluated
+        (overrides, f" of the variant `{name}` ({_overrides_text(overrides)}; the clean model with its trigger)")
+        for name, overrides in params.variants.items()
+        if set(overrides) == {"attack"}
+    ]
+    for overrides, which in attacks:
+        evals = shipped_evaluations(params.profile, overrides)
+        if not set(names) <= set(evals):
+            continue
         probes = {stage: pd.read_csv(evals[stage] / "probe.csv") for stage in names}
         knns = {stage: json.loads((evals[stage] / "knn.json").read_text()) for stage in names}
         fractions = params.eval.label_fractions
         table = pd.DataFrame(
             [table2_row(name, probes[stage], knns[stage], f) for f in fractions for stage, name in names.items()]
         )
-        lines += ["", "**The backdoor** (the paper's Table 2: linear probe, mean ± sd over probe seeds; one SSL seed):"]
+        lines += [
+            "",
+            f"**The backdoor{which}** (the paper's Table 2: linear probe, mean ± sd over probe seeds; one SSL seed):",
+        ]
         lines += ["", markdown_table(table).rstrip("\n"), ""]
         for fraction in fractions:
             v = _verdict(probes, fraction)
@@ -786,6 +797,13 @@ def queue_report(params_path: Path = PARAMS) -> str:
                 f"{'planted' if v['planted'] else 'not planted'} by the project's rule ({planted_rule()})."
             )
     return "\n".join(lines) + "\n"
+
+
+def _overrides_text(overrides: dict) -> str:
+    """``{"attack": {"poison_rate": 1.0}}`` -> ``attack.poison_rate = 1.0``."""
+    return ", ".join(
+        f"{section}.{key} = {value}" for section, values in overrides.items() for key, value in values.items()
+    )
 
 
 # ------------------------------------------------------------------- the tree that travels (git index only)
