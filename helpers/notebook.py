@@ -59,10 +59,10 @@ def live_precision(params: Params) -> str:
     CPU: one of notebook 04's 50 batches took over six minutes), and rounds otherwise anyway, so these passes
     run in fp32 and their numbers may differ in the last digits from the published run's. The stages keep
     the profile's precision: their keys are the shipped ones, so they come from the cache."""
-    from .compute import cpu_has_native_bf16, device_for_run
+    from .compute import resolve_precision
 
     precision = params.compute.precision
-    if precision == "bf16" and device_for_run().type == "cpu" and not cpu_has_native_bf16():
+    if precision == "bf16" and resolve_precision("auto") != "bf16":  # this device has no native bf16 (CPU or GPU)
         return "fp32"
     return precision
 

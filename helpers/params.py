@@ -579,13 +579,14 @@ def with_resolved_root(params: Params) -> Params:
 def _warn_if_bf16_is_emulated(profile: str) -> None:
     """Said once a process and profile: the shipped profiles ask for bf16 outright (not ``auto``), so that every
     machine's cache keys are those of the stages they ship; a CPU without AVX512-BF16 or AMX emulates it."""
-    from .compute import cpu_has_native_bf16, device_for_run
+    from .compute import resolve_precision
 
-    if device_for_run().type == "cpu" and not cpu_has_native_bf16():
+    if resolve_precision("auto") != "bf16":  # what auto would choose here: no native bf16
         logging.getLogger(__name__).warning(
-            f"profile {profile!r} runs networks in bf16 and this CPU has no native bf16 (no avx512_bf16 or "
-            "amx_bf16 flag): its shipped stages are used as they are and the notebooks' own passes run in fp32 "
-            "(notebook.live_precision), but a stage computed here emulates bf16, 20-26x slower than fp32 on an "
+            f"profile {profile!r} runs networks in bf16 and this machine has no native bf16 (on a CPU: no "
+            "avx512_bf16 or amx_bf16 flag): its shipped stages are used as they are and the notebooks' own "
+            "passes run in fp32 (notebook.live_precision), but a stage computed here emulates bf16, 20-26x slower "
+            "than fp32 on an "
             "AVX2 CPU (measured 2026-12-08); for fp32 speed there, set compute.precision and "
             "compute.ssl_precision to fp32 in a copy of the profile (other cache keys, other numbers)"
         )
