@@ -791,9 +791,10 @@ def queue_report(params_path: Path = PARAMS) -> str:
         lines += ["", markdown_table(table).rstrip("\n"), ""]
         for fraction in fractions:
             v = _verdict(probes, fraction)
+            ratio = f"{v['asr'] / v['clean_asr']:.1f}x" if v["clean_asr"] > 0 else "no ratio: the clean model's is 0"
             lines.append(
                 f"- {fraction:.0%} labels: ASR {100 * v['asr']:.1f}% against the clean model's "
-                f"{100 * v['clean_asr']:.1f}% ({v['asr'] / v['clean_asr']:.1f}x): "
+                f"{100 * v['clean_asr']:.1f}% ({ratio}): "
                 f"{'planted' if v['planted'] else 'not planted'} by the project's rule ({planted_rule()})."
             )
     return "\n".join(lines) + "\n"
