@@ -54,11 +54,12 @@ def setup(params_path: str | Path, overrides: dict | None = None, cache_hits: bo
 
 def live_precision(params: Params) -> str:
     """The precision of the network passes a notebook runs itself, outside any stage (features to draw,
-    heatmaps to show, one readable flip test): the profile's, except bf16 on a CPU without native bf16. There
-    bf16 is emulated, 20x slower for features and far more for PoisonCAM's masked passes (2026-12-08, an AVX2
-    CPU: one of notebook 04's 50 batches took over six minutes), and rounds otherwise anyway, so these passes
-    run in fp32 and their numbers may differ in the last digits from the published run's. The stages keep
-    the profile's precision: their keys are the shipped ones, so they come from the cache."""
+    heatmaps to show, one readable flip test): the profile's, except bf16 on a device without native bf16 (where
+    ``auto`` would choose fp32). There bf16 is emulated, 20x slower for features on an AVX2 CPU and far more for
+    PoisonCAM's masked passes (2026-12-08: one of notebook 04's 50 batches took over six minutes), and it
+    rounds otherwise than native bf16 anyway, so these passes run in fp32 and their numbers may differ in the
+    last digits from the published run's. The stages keep the profile's precision: their keys are the shipped
+    ones, so they come from the cache."""
     from .compute import resolve_precision
 
     precision = params.compute.precision

@@ -586,8 +586,7 @@ def _warn_if_bf16_is_emulated(profile: str) -> None:
             f"profile {profile!r} runs networks in bf16 and this machine has no native bf16 (on a CPU: no "
             "avx512_bf16 or amx_bf16 flag): its shipped stages are used as they are and the notebooks' own "
             "passes run in fp32 (notebook.live_precision), but a stage computed here emulates bf16, 20-26x slower "
-            "than fp32 on an "
-            "AVX2 CPU (measured 2026-12-08); for fp32 speed there, set compute.precision and "
+            "than fp32 on an AVX2 CPU (measured 2026-12-08); for fp32 speed there, set compute.precision and "
             "compute.ssl_precision to fp32 in a copy of the profile (other cache keys, other numbers)"
         )
 
