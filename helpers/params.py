@@ -323,6 +323,9 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
 # why where it is not plain; a list's range holds for each of its items; null passes where the key allows it.
 # ``tests/test_params.py`` walks the schema and fails on a numeric key missing here.
 POSITIVE, COUNT, SEED, SHARE = "(0, inf)", "[1, inf)", "[0, inf)", "(0, 1]"
+# Under 8 first-stage channels (one AVX2 register of fp32), oneDNN's channels-last 1x1 convolution backward
+# corrupted memory on an AVX2 CPU (torch 2.14.1, 2026-12-08: a segfault, a double free, or a hang)
+NARROW = "fewer channels crash oneDNN's convolutions on an AVX2 CPU"
 RANGES: dict[str, str | tuple[str, str]] = {
     "data.image_size": COUNT,
     "data.train_per_class": COUNT,
@@ -337,7 +340,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "attack.train_margin": ("[0, 0.5)", "a fraction of the image side on each border"),
     "attack.val_margin": ("[0, 0.5)", "a fraction of the image side on each border"),
     "attack.seed": SEED,
-    "ssl.width": COUNT,
+    "ssl.width": ("[8, inf)", NARROW),
     "ssl.stem_stride": COUNT,
     "ssl.vit_patch": COUNT,
     "ssl.vit_dim": COUNT,
@@ -384,7 +387,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "classifier.top_k": COUNT,
     "classifier.exclude_top": ("[0, 1)", "a share of the ranking"),
     "classifier.n_models": COUNT,
-    "classifier.width": COUNT,
+    "classifier.width": ("[8, inf)", NARROW),
     "classifier.stem_stride": COUNT,
     "classifier.batch_size": COUNT,
     "classifier.max_iters": COUNT,

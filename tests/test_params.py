@@ -217,3 +217,13 @@ def test_the_score_rules_params_accepts_are_the_ones_the_search_counts():
     from helpers import search
 
     assert params.SCORE_RULES == search.SCORE_RULES
+
+
+def test_networks_narrower_than_one_avx2_register_are_refused_with_why():
+    """Under 8 first-stage channels, oneDNN's channels-last 1x1 convolution backward corrupted memory on an AVX2
+    CPU (2026-12-08): a segfault, a double free or a hang, never an error. The params refuse it in one line."""
+    for section in ("ssl", "classifier"):
+        with pytest.raises(params.ParamsError, match=rf"'{section}\.width' = 4 is out of range: must be in \[8, inf\) "
+                           r"\(fewer channels crash oneDNN's convolutions on an AVX2 CPU\)"):  # fmt: skip
+            params.from_dict({"profile": "x", section: {"width": 4}}, "src")
+        assert getattr(params.from_dict({"profile": "x", section: {"width": 8}}, "src"), section).width == 8
