@@ -78,7 +78,6 @@ notebook.show_markdown(notebook.opening(P, NB))  # where it sits, what it costs
 D = data.load_data(P)
 A = attack.run_attack(P, D)
 ctx = search.defense_context(P, "poisoned")  # the stages: the model, its clustering, the training set
-ctx.model.precision = notebook.live_precision(P)  # the passes below are this notebook's own, never cached
 poison = A.poison_mask(len(ctx.pixels))
 side = int(A.poison_boxes[0, 0, 2])
 print(f"trigger side: {side} px on {ctx.size} px images (unknown to the defender)")
@@ -97,6 +96,7 @@ n = min(P.figures.localization_sample, int(poison.sum()))
 sample_p = np.sort(rng.choice(np.flatnonzero(poison), n, replace=False))
 sample_c = np.sort(rng.choice(np.flatnonzero(~poison), n, replace=False))
 boxes = A.boxes_of(sample_p)[:, :, :3]  # images x copies x (x, y, side)
+ctx.model.precision = notebook.live_precision(P)  # this notebook's own passes, never cached
 maps, seconds = {}, {}
 for method in ("patchsearch", "poisoncam"):
     start = time.perf_counter()
