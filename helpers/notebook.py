@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -70,8 +71,6 @@ def live_precision(params: Params) -> str:
 
 def live(params: Params) -> Params:
     """``params`` with ``live_precision`` for the notebook's own passes (never for a stage: its key would change)."""
-    import dataclasses
-
     return dataclasses.replace(params, compute=dataclasses.replace(params.compute, precision=live_precision(params)))
 
 
